@@ -1,0 +1,79 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file cpu/backend.hpp
+/// The CPU backend handle, passed first to every CPU operation (like
+/// `thrust::cuda::par.on(stream)` on the GPU side), and the one parallel loop the CPU
+/// code uses.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+#include "../config.hpp"
+
+HSAE_NAMESPACE_BEGIN
+
+/// CPU execution resources.
+///
+/// Every CPU operation in hsae gives bitwise-identical results for any `num_threads`:
+/// work is split so that each output element is produced by one thread in a fixed
+/// order, and every reduction sums per-row or per-latent partials in index order.
+struct cpu_backend {
+  /// Threads for hsae's own loops; 0 = OpenMP's default (`omp_get_max_threads()`).
+  /// Without OpenMP everything runs on the calling thread.
+  int num_threads = 0;
+  /// Upper bound on the staging buffer of the decoder-gradient pass (bytes). The
+  /// buffer holds one D-vector per (row, rank) pair of a chunk of rows, so peak memory
+  /// stays flat in k_max: larger k_max means smaller chunks, not a larger buffer.
+  std::size_t scratch_bytes = std::size_t(64) << 20;
+
+  int threads() const {
+#if defined(_OPENMP)
+    return num_threads > 0 ? num_threads : omp_get_max_threads();
+#else
+    return 1;
+#endif
+  }
+};
+
+namespace cpu::detail {
+
+/// Runs `fn(i)` for i in [0, n) over the backend's threads. `fn` must only write
+/// data owned by index i. `Dynamic` selects dynamic scheduling (uneven work per i);
+/// the results never depend on the schedule.
+template <bool Dynamic = false, class Fn>
+void parallel_for(const cpu_backend& be, std::ptrdiff_t n, Fn&& fn) {
+  if (n <= 0) return;
+#if defined(_OPENMP)
+  const int t = int(std::min<std::ptrdiff_t>(be.threads(), n));
+  if (t > 1) {
+    if constexpr (Dynamic) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(t)
+      for (std::ptrdiff_t i = 0; i < n; ++i) fn(i);
+    } else {
+#pragma omp parallel for schedule(static) num_threads(t)
+      for (std::ptrdiff_t i = 0; i < n; ++i) fn(i);
+    }
+    return;
+  }
+#else
+  (void)be;
+#endif
+  for (std::ptrdiff_t i = 0; i < n; ++i) fn(i);
+}
+
+/// Runs `fn(begin, end)` over contiguous blocks of [0, n) of at least `grain` items.
+template <class Fn>
+void parallel_blocks(const cpu_backend& be, std::ptrdiff_t n, std::ptrdiff_t grain, Fn&& fn) {
+  if (n <= 0) return;
+  grain = std::max<std::ptrdiff_t>(grain, 1);
+  const std::ptrdiff_t blocks = (n + grain - 1) / grain;
+  parallel_for(be, blocks, [&](std::ptrdiff_t b) { fn(b * grain, std::min(n, (b + 1) * grain)); });
+}
+
+}  // namespace cpu::detail
+
+HSAE_NAMESPACE_END

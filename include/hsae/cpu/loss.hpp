@@ -1,0 +1,243 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file cpu/loss.hpp
+/// The weighted k-schedule (HierarchicalTopK) loss on the CPU: forward, decoder-side
+/// backward, and the sparse encoder backward. Formulas: ../shared/docs/OBJECTIVE.md.
+///
+/// Cost. Forward and backward stream over the ranks of each row, keeping one running
+/// residual and one running suffix sum (O(D) per row, never a [B, K, D] tensor):
+/// forward `r_j = r_{j-1} + v_j e_j`, backward from `r_K` with `S_t = S_{t+1} + g_t`,
+/// `dL/dv_t = <e_t, S_t>` and `r_{t-1} = r_t - v_t e_t`. Work is O(B*K*D) for any
+/// schedule, the same order as decoding the top-K code; a level's squared error costs
+/// one extra O(D) pass only at the scheduled ranks. The decoder gradient
+/// `dL/de_f = sum v_t S_t` is staged for a chunk of rows at a time (bounded by
+/// `cpu_backend::scratch_bytes`, so memory is flat in K) and summed per latent.
+/// Every reduction runs in index order: results are bitwise identical for any thread
+/// count.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../error.hpp"
+#include "../k_schedule.hpp"
+#include "../matrix.hpp"
+#include "../model.hpp"
+#include "../sparse_code.hpp"
+#include "backend.hpp"
+#include "encode.hpp"
+#include "latent_pairs.hpp"
+
+HSAE_NAMESPACE_BEGIN
+
+/// What one evaluation of the schedule loss measured.
+struct loss_stats {
+  /// The loss L = 1/(B*D*W) sum_b sum_l w_l ||x_b - xhat_{b,k_l}||^2.
+  double loss = 0;
+  /// Per schedule level l: k_l and sum_b ||x_b - xhat_{b,k_l}||^2.
+  std::vector<int> level_k;
+  std::vector<double> level_sse;
+  std::int64_t rows = 0;
+  int d_model = 0;
+  /// Mean squared error per element at level l (MSE@k_l).
+  double mse(std::size_t l) const { return level_sse[l] / (double(rows) * double(d_model)); }
+};
+
+/// Buffers reused across calls (no allocation once sizes settle).
+template <cpu_scalar T>
+struct loss_workspace {
+  /// dL/dv [B, code.k()] after a backward call: the gradient w.r.t. each selected
+  /// value, whatever the value (the ReLU mask is applied by `encoder_backward`).
+  row_matrix<T> grad_values;
+  /// x - xhat_K [B, D], the final residual (AuxK's target).
+  row_matrix<T> residual;
+  /// Per row S_1 (decoder-side b_dec gradient) [B, D].
+  row_matrix<T> bias_rows;
+  /// Per row and level squared error [B, levels].
+  Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> level_err;
+  /// Staged v_t S_t vectors of one chunk of rows.
+  std::vector<T> staging;
+  cpu::latent_pairs pairs;
+  std::vector<std::int64_t> cursor;
+};
+
+namespace cpu::detail {
+
+template <class T, int F, class S>
+void check_loss_inputs(const sae<T, F>& m, cref<T> x, const sparse_code<T>& code, const S& schedule) {
+  check_batch(m, x);
+  ::hsae::detail::expects<shape_error>(code.rows() == x.rows(), "the code has ", code.rows(),
+                                       " rows but the batch has ", x.rows());
+  ::hsae::detail::expects<config_error>(schedule.k_max() <= code.k(), "the k-schedule's k_max=", schedule.k_max(),
+                                        " exceeds the code's k=", code.k());
+  ::hsae::detail::expects<config_error>(schedule.k_max() <= m.d_sae(), "the k-schedule's k_max=", schedule.k_max(),
+                                        " exceeds d_sae=", m.d_sae());
+  ::hsae::detail::expects<shape_error>(
+      (code.indices.array() >= 0).all() && (code.indices.array() < m.d_sae()).all(),
+      "the code holds a latent index outside [0, d_sae=", m.d_sae(), ")");
+}
+
+/// One pass over the rows; `Backward` adds the decoder-side gradients.
+template <bool Backward, class T, int F, class S>
+loss_stats schedule_loss(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
+                         const S& schedule, sae_gradients<T, F>* grads, loss_workspace<T>& ws) {
+  check_loss_inputs(m, x, code, schedule);
+  const Eigen::Index B = x.rows();
+  const int D = m.d_model(), K = schedule.k_max(), kc = code.k();
+  const std::size_t levels = schedule.size();
+  const std::vector<double> omega = normalized_rank_weights<double>(schedule);
+  std::vector<int> level_of(std::size_t(K), -1);
+  for (std::size_t l = 0; l < levels; ++l) level_of[std::size_t(schedule.k(l) - 1)] = int(l);
+  const double c = 2.0 / (double(B) * double(D));
+
+  ws.level_err.resize(B, Eigen::Index(levels));
+  ws.residual.resize(B, D);
+  if constexpr (Backward) {
+    ::hsae::detail::expect_shape("W_dec gradient", grads->W_dec.rows(), grads->W_dec.cols(), m.d_sae(), D);
+    ::hsae::detail::expects<shape_error>(grads->b_dec.size() == D, "b_dec gradient has ", grads->b_dec.size(),
+                                         " entries, expected d_model=", D);
+    ws.grad_values.setZero(B, kc);
+    ws.bias_rows.resize(B, D);
+    ws.pairs.build(code.indices, m.d_sae());
+    ws.cursor.assign(ws.pairs.offsets.begin(), ws.pairs.offsets.end() - 1);
+  }
+  const std::size_t per_row = std::size_t(K) * std::size_t(D);
+  const Eigen::Index chunk = Backward ? std::max<Eigen::Index>(
+                                            1, std::min<Eigen::Index>(B, Eigen::Index(be.scratch_bytes / (per_row * sizeof(T)))))
+                                      : B;
+  if constexpr (Backward) ws.staging.resize(std::size_t(chunk) * per_row);
+
+  for (Eigen::Index b0 = 0; b0 < B; b0 += chunk) {
+    const Eigen::Index b1 = std::min(B, b0 + chunk);
+    parallel_for(be, b1 - b0, [&](std::ptrdiff_t rb) {
+      const Eigen::Index b = b0 + rb;
+      thread_local vector<T> r, s;
+      r = m.b_dec - x.row(b).transpose();  // r_0 = xhat_0 - x
+      for (int t = 0; t < K; ++t) {
+        const T v = code.values(b, t);
+        if (v != T(0)) r.noalias() += v * m.W_dec.row(code.indices(b, t)).transpose();
+        if (level_of[std::size_t(t)] >= 0) ws.level_err(b, level_of[std::size_t(t)]) = double(r.squaredNorm());
+      }
+      ws.residual.row(b) = -r.transpose();
+      if constexpr (Backward) {
+        s.setZero(D);
+        T* stage = ws.staging.data() + std::size_t(rb) * per_row;
+        for (int t = K - 1; t >= 0; --t) {
+          if (omega[std::size_t(t)] > 0) s.noalias() += T(c * omega[std::size_t(t)]) * r;
+          const T v = code.values(b, t);
+          const auto e = m.W_dec.row(code.indices(b, t)).transpose();
+          ws.grad_values(b, t) = e.dot(s);
+          Eigen::Map<vector<T>> u(stage + std::size_t(t) * std::size_t(D), D);
+          if (v != T(0)) {
+            u.noalias() = v * s;
+            r.noalias() -= v * e;
+          }
+        }
+        ws.bias_rows.row(b) = s.transpose();
+      }
+    });
+    if constexpr (Backward) {
+      // dL/de_f += sum over this chunk's pairs of latent f of v_t S_t, in row order.
+      const std::int64_t p_end = std::int64_t(b1) * kc;
+      parallel_for(be, m.d_sae(), [&](std::ptrdiff_t f) {
+        std::int64_t& cur = ws.cursor[std::size_t(f)];
+        const std::int64_t end = ws.pairs.end(index_t(f));
+        auto g = grads->W_dec.row(f);
+        for (; cur < end && ws.pairs.pairs[std::size_t(cur)] < p_end; ++cur) {
+          const std::int64_t p = ws.pairs.pairs[std::size_t(cur)];
+          const Eigen::Index b = Eigen::Index(p / kc);
+          const int t = int(p % kc);
+          if (t >= K || code.values(b, t) == T(0)) continue;
+          g.noalias() += Eigen::Map<const vector<T>>(
+                             ws.staging.data() + std::size_t(b - b0) * per_row + std::size_t(t) * std::size_t(D), D)
+                             .transpose();
+        }
+      });
+    }
+  }
+
+  loss_stats st;
+  st.rows = B;
+  st.d_model = D;
+  st.level_k.resize(levels);
+  st.level_sse.assign(levels, 0.0);
+  for (std::size_t l = 0; l < levels; ++l) st.level_k[l] = schedule.k(l);
+  for (Eigen::Index b = 0; b < B; ++b)
+    for (std::size_t l = 0; l < levels; ++l) st.level_sse[l] += ws.level_err(b, Eigen::Index(l));
+  double wsum = 0;
+  for (std::size_t l = 0; l < levels; ++l) wsum += schedule.weight(l);
+  for (std::size_t l = 0; l < levels; ++l)
+    st.loss += schedule.weight(l) / wsum * st.level_sse[l] / (double(B) * double(D));
+  if constexpr (Backward) grads->b_dec.noalias() += ws.bias_rows.colwise().sum().transpose();
+  return st;
+}
+
+}  // namespace cpu::detail
+
+/// The schedule loss (forward only), with the squared error of every level.
+/// \throws hsae::shape_error / hsae::config_error on inconsistent shapes, a code with
+///         fewer than k_max columns, or latent indices out of range.
+template <cpu_scalar T, int F, k_schedule_like S>
+loss_stats hierarchical_loss(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
+                             const S& schedule, loss_workspace<T>& ws) {
+  return cpu::detail::schedule_loss<false>(be, m, x, code, schedule, static_cast<sae_gradients<T, F>*>(nullptr), ws);
+}
+
+/// The schedule loss and its decoder-side backward. Adds dL/dW_dec to `grads.W_dec`
+/// and the decoder-side dL/db_dec to `grads.b_dec`; leaves dL/dv [B, code.k()] in
+/// `ws.grad_values` (zero beyond k_max) and x - xhat_K in `ws.residual`. Follow with
+/// `encoder_backward(be, m, x, code, ws.grad_values, grads, ws.pairs)`.
+template <cpu_scalar T, int F, k_schedule_like S>
+loss_stats hierarchical_loss_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x,
+                                      const sparse_code<T>& code, const S& schedule, sae_gradients<T, F>& grads,
+                                      loss_workspace<T>& ws) {
+  return cpu::detail::schedule_loss<true>(be, m, x, code, schedule, &grads, ws);
+}
+
+/// Sparse encoder backward: with `dpre_{b,t} = grad_values(b,t)` where
+/// `code.values(b,t) > 0` and 0 elsewhere (ReLU and top-k; indices carry no gradient),
+/// adds `W_enc[f] += sum dpre (x_b - b_dec)`, `b_enc[f] += sum dpre` and the pre-bias
+/// term `b_dec -= sum dpre W_enc[f]`. Only the B*k selected pairs are visited
+/// (O(B*k*D), no dense [B,F] x [B,D] product). `pairs` is (re)built from the code.
+template <cpu_scalar T, int F>
+void encoder_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
+                      cref<T> grad_values, sae_gradients<T, F>& grads, cpu::latent_pairs& pairs) {
+  cpu::detail::check_batch(m, x);
+  detail::expect_shape("grad_values", grad_values.rows(), grad_values.cols(), code.rows(), code.k());
+  detail::expects<shape_error>(code.rows() == x.rows(), "the code has ", code.rows(), " rows but the batch has ",
+                               x.rows());
+  detail::expect_shape("W_enc gradient", grads.W_enc.rows(), grads.W_enc.cols(), m.d_sae(), m.d_model());
+  detail::expects<shape_error>((code.indices.array() >= 0).all() && (code.indices.array() < m.d_sae()).all(),
+                               "the code holds a latent index outside [0, d_sae=", m.d_sae(), ")");
+  const int kc = code.k(), D = m.d_model();
+  pairs.build(code.indices, m.d_sae());
+  vector<T> gsum = vector<T>::Zero(m.d_sae());
+  cpu::detail::parallel_for(be, m.d_sae(), [&](std::ptrdiff_t f) {
+    T acc = 0;
+    auto g = grads.W_enc.row(f);
+    for (std::int64_t q = pairs.begin(index_t(f)); q < pairs.end(index_t(f)); ++q) {
+      const std::int64_t p = pairs.pairs[std::size_t(q)];
+      const Eigen::Index b = Eigen::Index(p / kc);
+      const int t = int(p % kc);
+      if (!(code.values(b, t) > T(0))) continue;
+      const T gv = grad_values(b, t);
+      if (gv == T(0)) continue;
+      g.noalias() += gv * x.row(b);
+      acc += gv;
+    }
+    if (acc != T(0)) {
+      g.noalias() -= acc * m.b_dec.transpose();
+      grads.b_enc[f] += acc;
+      gsum[f] = acc;
+    }
+  });
+  std::vector<index_t> touched;
+  for (index_t f = 0; f < m.d_sae(); ++f)
+    if (gsum[f] != T(0)) touched.push_back(f);
+  cpu::detail::parallel_blocks(be, D, 64, [&](std::ptrdiff_t lo, std::ptrdiff_t hi) {
+    auto seg = grads.b_dec.segment(lo, hi - lo);
+    for (index_t f : touched) seg.noalias() -= gsum[f] * m.W_enc.row(f).segment(lo, hi - lo).transpose();
+  });
+}
+
+HSAE_NAMESPACE_END

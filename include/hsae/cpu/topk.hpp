@@ -1,0 +1,187 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file cpu/topk.hpp
+/// Sorted per-row top-k on the CPU.
+///
+/// Order: values descending; equal values rank by the lower index first; -0.0 equals
+/// +0.0; NaN ranks below every number (it is chosen only when a row has fewer than k
+/// non-NaN entries). When a row has fewer than k positive entries the result still
+/// holds k distinct indices: the zero (or negative) entries with the lowest indices.
+///
+/// Method (../shared/docs/TOPK.md, 5.8): a row with n >= 32 k is scanned once with a
+/// running threshold. The first threshold is the "delegate" bound, the minimum over k
+/// block maxima (at least k entries reach it); survivors go to a candidate buffer of
+/// max(8k, 2048) entries that is trimmed back to k by `nth_element` when full, after
+/// which the threshold is the current k-th value and the filter is strict. Candidates
+/// are 64-bit composite keys (order-preserving value bits, inverted index), so one
+/// integer comparison implements the tie rule. Guard: a row whose survivors exceed
+/// n/8 (e.g. an ascending row) switches to one `nth_element` over the whole row, so no
+/// input costs more than a constant times a plain selection. Narrow rows (n < 32 k)
+/// take that path directly. Cost: O(n) per row plus O(k log k) for the final sort.
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../config.hpp"
+#include "../error.hpp"
+#include "../matrix.hpp"
+#include "backend.hpp"
+
+HSAE_NAMESPACE_BEGIN
+
+namespace cpu {
+
+namespace detail {
+
+/// Order-preserving unsigned key of a float: a > b  <=>  key(a) > key(b); -0.0 maps to
+/// +0.0's key and every NaN to 0 (below -inf).
+HSAE_HOST_DEVICE inline std::uint32_t ordered_key(float v) {
+  if (v != v) return 0u;
+  v += 0.0f;  // -0.0 -> +0.0
+  std::uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+HSAE_HOST_DEVICE inline std::uint64_t ordered_key(double v) {
+  if (v != v) return 0u;
+  v += 0.0;
+  std::uint64_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+}
+
+/// A candidate: larger compares as better. Float packs value key and inverted index
+/// into one 64-bit word; double needs a pair.
+template <class T>
+struct candidate;
+
+template <>
+struct candidate<float> {
+  std::uint64_t bits;
+  static candidate make(float v, index_t i) {
+    return {(std::uint64_t(ordered_key(v)) << 32) | std::uint64_t(0xFFFFFFFFu - std::uint32_t(i))};
+  }
+  index_t index() const { return index_t(0xFFFFFFFFu - std::uint32_t(bits)); }
+  friend bool operator>(const candidate& a, const candidate& b) { return a.bits > b.bits; }
+};
+
+template <>
+struct candidate<double> {
+  std::uint64_t key;
+  std::uint32_t inv;
+  static candidate make(double v, index_t i) { return {ordered_key(v), 0xFFFFFFFFu - std::uint32_t(i)}; }
+  index_t index() const { return index_t(0xFFFFFFFFu - inv); }
+  friend bool operator>(const candidate& a, const candidate& b) {
+    return a.key > b.key || (a.key == b.key && a.inv > b.inv);
+  }
+};
+
+}  // namespace detail
+
+/// Reusable per-thread state for `select_row`; holds the candidate buffer so that
+/// repeated calls do not allocate.
+template <cpu_scalar T>
+class row_selector {
+ public:
+  /// Writes the k largest entries of `row[0, n)` to `values[0, k)` / `indices[0, k)`,
+  /// sorted as documented in this file. Requires 1 <= k <= n.
+  void select(const T* row, index_t n, index_t k, T* values, index_t* indices) {
+    using cand = detail::candidate<T>;
+    const auto better = [](const cand& a, const cand& b) { return a > b; };
+    if (!(std::int64_t(n) >= 32 * std::int64_t(k) && n >= 256) || !filter(row, n, k)) {
+      // Whole-row selection: n composite keys, nth_element, sort the first k.
+      buf_.resize(std::size_t(n));
+      for (index_t i = 0; i < n; ++i) buf_[std::size_t(i)] = cand::make(row[i], i);
+      count_ = std::size_t(n);
+    }
+    if (count_ > std::size_t(k)) std::nth_element(buf_.begin(), buf_.begin() + (k - 1), buf_.begin() + count_, better);
+    std::sort(buf_.begin(), buf_.begin() + k, better);
+    for (index_t t = 0; t < k; ++t) {
+      const index_t i = buf_[std::size_t(t)].index();
+      indices[t] = i;
+      values[t] = row[i];
+    }
+  }
+
+ private:
+  using cand = detail::candidate<T>;
+
+  /// Threshold filter; false when the row needs the whole-row path (NaN blocks or the
+  /// adversarial guard), true with >= k candidates in buf_[0, count_) otherwise.
+  bool filter(const T* row, index_t n, index_t k) {
+    const auto better = [](const cand& a, const cand& b) { return a > b; };
+    // Delegate bound: the minimum of k block maxima.
+    T thr = std::numeric_limits<T>::infinity();
+    const index_t bs = n / k;
+    for (index_t b = 0; b < k; ++b) {
+      const index_t lo = b * bs, hi = (b + 1 == k) ? n : lo + bs;
+      T m = -std::numeric_limits<T>::infinity();
+      for (index_t i = lo; i < hi; ++i) m = row[i] > m ? row[i] : m;
+      thr = m < thr ? m : thr;
+    }
+    if (!(thr > -std::numeric_limits<T>::infinity())) return false;  // a block of NaN / -inf only
+
+    const std::size_t cap = std::max<std::size_t>(std::size_t(8) * std::size_t(k), 2048);
+    const std::size_t guard = std::size_t(n) / 8 + cap;
+    buf_.resize(cap);
+    count_ = 0;
+    std::size_t appended = 0;
+    bool strict = false;
+    constexpr index_t chunk = 64;
+    for (index_t i0 = 0; i0 < n; i0 += chunk) {
+      const index_t i1 = std::min<index_t>(n, i0 + chunk);
+      bool any = false;
+      if (strict)
+        for (index_t i = i0; i < i1; ++i) any |= row[i] > thr;
+      else
+        for (index_t i = i0; i < i1; ++i) any |= row[i] >= thr;
+      if (!any) continue;
+      for (index_t i = i0; i < i1; ++i) {
+        const T v = row[i];
+        if (strict ? !(v > thr) : !(v >= thr)) continue;
+        buf_[count_++] = cand::make(v, i);
+        if (count_ == cap) {
+          appended += cap - std::size_t(k);
+          if (appended > guard) return false;
+          std::nth_element(buf_.begin(), buf_.begin() + (k - 1), buf_.end(), better);
+          count_ = std::size_t(k);
+          // buf_[k-1] is now the k-th best so far; later entries have higher indices, so
+          // they rank above it only with a strictly larger value.
+          thr = row[buf_[std::size_t(k - 1)].index()];
+          strict = true;
+        }
+      }
+    }
+    return count_ >= std::size_t(k);
+  }
+
+  std::vector<cand> buf_;
+  std::size_t count_ = 0;
+};
+
+/// Sorted top-k of every row of `x` [rows, n] into `values` / `indices` [rows, k]
+/// (resized if needed). Rows run in parallel over the backend's threads.
+///
+/// \throws hsae::config_error unless 1 <= k <= n.
+template <cpu_scalar T>
+void topk_rows(const cpu_backend& be, cref<T> x, int k, row_matrix<T>& values, index_matrix& indices) {
+  ::hsae::detail::expects<config_error>(k >= 1 && k <= x.cols(), "top-k: k=", k, " must be in [1, ", x.cols(),
+                                        "] (the row width)");
+  values.resize(x.rows(), k);
+  indices.resize(x.rows(), k);
+  detail::parallel_for<true>(be, x.rows(), [&](std::ptrdiff_t r) {
+    thread_local row_selector<T> sel;
+    sel.select(x.row(r).data(), index_t(x.cols()), index_t(k), values.row(r).data(), indices.row(r).data());
+  });
+}
+
+}  // namespace cpu
+
+HSAE_NAMESPACE_END

@@ -1,0 +1,29 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file hsae.hpp
+/// Umbrella header: everything of hsae's CPU API.
+///
+///   hsae::sae<T, F>                 model (model.hpp), init + geometric median
+///   hsae::k_schedule<Ks...>, ...    k-schedules (k_schedule.hpp)
+///   hsae::encode / decode           cpu/encode.hpp, sorted top-k in cpu/topk.hpp
+///   hsae::hierarchical_loss[...]    cpu/loss.hpp, AuxK in cpu/auxk.hpp
+///   hsae::adam<T, F>                optimizer.hpp
+///   hsae::train_step                train_step.hpp
+#pragma once
+
+#include "config.hpp"
+#include "cpu/auxk.hpp"
+#include "cpu/backend.hpp"
+#include "cpu/encode.hpp"
+#include "cpu/latent_pairs.hpp"
+#include "cpu/loss.hpp"
+#include "cpu/topk.hpp"
+#include "dead_latents.hpp"
+#include "error.hpp"
+#include "k_schedule.hpp"
+#include "matrix.hpp"
+#include "model.hpp"
+#include "optimizer.hpp"
+#include "rng.hpp"
+#include "sparse_code.hpp"
+#include "train_step.hpp"
+#include "version.hpp"

@@ -1,0 +1,211 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file k_schedule.hpp
+/// k-schedules: the prefix sizes (with weights) that the HierarchicalTopK loss averages.
+///
+/// A schedule is a list of levels `(k_l, w_l)` with `1 <= k_1 < ... < k_m = k_max` and
+/// `w_l > 0` (OBJECTIVE.md). Two forms share one concept, `k_schedule_like`:
+///  - compile time: `k_schedule<8, 16, 32, 64>` (uniform weights),
+///    `weighted_k_schedule<Weights, Ks...>` (weights from a `constexpr std::array`),
+///    and the aliases `all_prefixes<K>`, `top_k<K>`, `multi_topk<k>`; violations are
+///    `static_assert`s;
+///  - run time: `dynamic_k_schedule`, validated on construction (throws
+///    hsae::config_error), for schedules read from config files.
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <concepts>
+#include <cstddef>
+#include <initializer_list>
+#include <utility>
+#include <vector>
+
+#include "config.hpp"
+#include "error.hpp"
+
+HSAE_NAMESPACE_BEGIN
+
+/// One level of a schedule: the prefix size `k` and its weight.
+struct schedule_level {
+  int k;
+  double weight;
+  friend bool operator==(const schedule_level&, const schedule_level&) = default;
+};
+
+/// What the loss needs of a schedule: `size()` levels, `k(l)`, `weight(l)`, `k_max()`.
+template <class S>
+concept k_schedule_like = requires(const S& s, std::size_t l) {
+  { s.size() } -> std::convertible_to<std::size_t>;
+  { s.k(l) } -> std::convertible_to<int>;
+  { s.weight(l) } -> std::convertible_to<double>;
+  { s.k_max() } -> std::convertible_to<int>;
+};
+
+namespace detail {
+
+template <std::size_t N>
+constexpr bool strictly_increasing(const std::array<int, N>& a) {
+  for (std::size_t i = 1; i < N; ++i)
+    if (a[i] <= a[i - 1]) return false;
+  return true;
+}
+
+template <class Array>
+constexpr bool all_positive(const Array& a) {
+  for (auto w : a)
+    if (!(w > 0)) return false;
+  return true;
+}
+
+}  // namespace detail
+
+/// Compile-time schedule with uniform weights, e.g. `k_schedule<8, 16, 32, 64>`.
+template <int... Ks>
+struct k_schedule {
+  static_assert(sizeof...(Ks) > 0, "hsae::k_schedule: a schedule needs at least one level");
+  static_assert(((Ks >= 1) && ...), "hsae::k_schedule: every prefix size k must be >= 1");
+  static_assert(detail::strictly_increasing(std::array<int, sizeof...(Ks)>{Ks...}),
+                "hsae::k_schedule: prefix sizes must be strictly increasing");
+
+  HSAE_HOST_DEVICE static constexpr std::size_t size() { return sizeof...(Ks); }
+  HSAE_HOST_DEVICE static constexpr int k(std::size_t l) {
+    constexpr int ks[] = {Ks...};
+    return ks[l];
+  }
+  HSAE_HOST_DEVICE static constexpr double weight(std::size_t) { return 1.0; }
+  HSAE_HOST_DEVICE static constexpr int k_max() { return k(sizeof...(Ks) - 1); }
+};
+
+/// Compile-time schedule with explicit weights: `Weights` is a reference to a
+/// `constexpr std::array<double, sizeof...(Ks)>` (nvcc rejects class-type template
+/// arguments holding arrays, so the array is passed by reference).
+///
+///     inline constexpr std::array<double, 2> w{1.0, 0.125};
+///     using s = hsae::weighted_k_schedule<w, 32, 128>;
+template <const auto& Weights, int... Ks>
+struct weighted_k_schedule {
+  static_assert(sizeof...(Ks) > 0, "hsae::weighted_k_schedule: needs at least one level");
+  static_assert(std::size(Weights) == sizeof...(Ks),
+                "hsae::weighted_k_schedule: one weight per level is required");
+  static_assert(((Ks >= 1) && ...), "hsae::weighted_k_schedule: every k must be >= 1");
+  static_assert(detail::strictly_increasing(std::array<int, sizeof...(Ks)>{Ks...}),
+                "hsae::weighted_k_schedule: prefix sizes must be strictly increasing");
+  static_assert(detail::all_positive(Weights),
+                "hsae::weighted_k_schedule: every weight must be > 0");
+
+  HSAE_HOST_DEVICE static constexpr std::size_t size() { return sizeof...(Ks); }
+  HSAE_HOST_DEVICE static constexpr int k(std::size_t l) {
+    constexpr int ks[] = {Ks...};
+    return ks[l];
+  }
+  HSAE_HOST_DEVICE static constexpr double weight(std::size_t l) { return Weights[l]; }
+  HSAE_HOST_DEVICE static constexpr int k_max() { return k(sizeof...(Ks) - 1); }
+};
+
+namespace detail {
+template <class Seq>
+struct all_prefixes_impl;
+template <int... Is>
+struct all_prefixes_impl<std::integer_sequence<int, Is...>> {
+  using type = k_schedule<(Is + 1)...>;
+};
+}  // namespace detail
+
+/// The paper's schedule: every prefix 1..K, uniform weights.
+template <int K>
+using all_prefixes = typename detail::all_prefixes_impl<std::make_integer_sequence<int, K>>::type;
+
+/// Plain TopK: the single level (K, 1), i.e. ordinary MSE.
+template <int K>
+using top_k = k_schedule<K>;
+
+/// Weights of Multi-TopK (Gao et al. 2024): (k, 1) and (4k, 1/8).
+inline constexpr std::array<double, 2> multi_topk_weights{1.0, 0.125};
+
+/// Multi-TopK: levels (k, 1), (4k, 1/8); k_max = 4k.
+template <int K>
+using multi_topk = weighted_k_schedule<multi_topk_weights, K, 4 * K>;
+
+/// Run-time schedule, validated on construction.
+class dynamic_k_schedule {
+ public:
+  /// \throws hsae::config_error if `levels` is empty, a k is < 1, the ks are not
+  ///         strictly increasing, or a weight is not a positive finite number.
+  explicit dynamic_k_schedule(std::vector<schedule_level> levels) : levels_(std::move(levels)) {
+    validate();
+  }
+  dynamic_k_schedule(std::initializer_list<schedule_level> levels)
+      : dynamic_k_schedule(std::vector<schedule_level>(levels)) {}
+
+  /// Converts any compile-time (or other) schedule.
+  template <k_schedule_like S>
+    requires(!std::same_as<S, dynamic_k_schedule>)
+  static dynamic_k_schedule from(const S& s) {
+    std::vector<schedule_level> lv;
+    for (std::size_t l = 0; l < s.size(); ++l) lv.push_back({int(s.k(l)), double(s.weight(l))});
+    return dynamic_k_schedule(std::move(lv));
+  }
+  /// Every prefix 1..k_max with weight 1 (HierarchicalTopK as in the paper).
+  static dynamic_k_schedule all_prefixes(int k_max) {
+    detail::expects<config_error>(k_max >= 1, "all_prefixes: k_max must be >= 1, got ", k_max);
+    std::vector<schedule_level> lv;
+    lv.reserve(std::size_t(k_max));
+    for (int k = 1; k <= k_max; ++k) lv.push_back({k, 1.0});
+    return dynamic_k_schedule(std::move(lv));
+  }
+  /// The single level (k, 1): plain TopK.
+  static dynamic_k_schedule top_k(int k) { return dynamic_k_schedule({{k, 1.0}}); }
+  /// The given prefix sizes with uniform weights, e.g. {8, 16, 32, 64}.
+  static dynamic_k_schedule subset(const std::vector<int>& ks) {
+    std::vector<schedule_level> lv;
+    for (int k : ks) lv.push_back({k, 1.0});
+    return dynamic_k_schedule(std::move(lv));
+  }
+  /// Powers of two from k_min up to k_max (k_max always included), uniform weights.
+  static dynamic_k_schedule geometric(int k_min, int k_max) {
+    detail::expects<config_error>(k_min >= 1 && k_min <= k_max, "geometric schedule: need 1 <= k_min <= k_max, got k_min=",
+                                  k_min, " k_max=", k_max);
+    std::vector<int> ks;
+    for (long long k = k_min; k < k_max; k *= 2) ks.push_back(int(k));
+    ks.push_back(k_max);
+    return subset(ks);
+  }
+  /// Multi-TopK: (k, 1), (4k, 1/8).
+  static dynamic_k_schedule multi_topk(int k) { return dynamic_k_schedule({{k, 1.0}, {4 * k, 0.125}}); }
+
+  std::size_t size() const { return levels_.size(); }
+  int k(std::size_t l) const { return levels_[l].k; }
+  double weight(std::size_t l) const { return levels_[l].weight; }
+  int k_max() const { return levels_.back().k; }
+  const std::vector<schedule_level>& levels() const { return levels_; }
+
+  friend bool operator==(const dynamic_k_schedule&, const dynamic_k_schedule&) = default;
+
+ private:
+  void validate() const {
+    detail::expects<config_error>(!levels_.empty(), "k-schedule is empty: it needs at least one (k, weight) level");
+    for (std::size_t l = 0; l < levels_.size(); ++l) {
+      const auto& lv = levels_[l];
+      detail::expects<config_error>(lv.k >= 1, "k-schedule level ", l, " has k=", lv.k, "; every k must be >= 1");
+      detail::expects<config_error>(std::isfinite(lv.weight) && lv.weight > 0, "k-schedule level ", l, " (k=", lv.k,
+                                    ") has weight ", lv.weight, "; weights must be positive and finite");
+      if (l > 0)
+        detail::expects<config_error>(lv.k > levels_[l - 1].k, "k-schedule is not strictly increasing: level ", l,
+                                      " has k=", lv.k, " after k=", levels_[l - 1].k);
+    }
+  }
+  std::vector<schedule_level> levels_;
+};
+
+/// Per-rank weights `omega_j / W` for j = 1..k_max (stored at [j-1]): the weight of
+/// the prefix-j squared error in the loss, normalised by the total weight W.
+template <class Acc, k_schedule_like S>
+std::vector<Acc> normalized_rank_weights(const S& s) {
+  std::vector<Acc> omega(std::size_t(s.k_max()), Acc(0));
+  double total = 0;
+  for (std::size_t l = 0; l < s.size(); ++l) total += s.weight(l);
+  for (std::size_t l = 0; l < s.size(); ++l) omega[std::size_t(s.k(l) - 1)] = Acc(s.weight(l) / total);
+  return omega;
+}
+
+HSAE_NAMESPACE_END

@@ -1,0 +1,80 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file train_step.hpp
+/// `train_step` composes the pieces the standard way: check the batch, encode (GEMM,
+/// bias, ReLU, sorted top-K), schedule loss forward and decoder backward, AuxK over
+/// dead latents, sparse encoder backward, dead-latent update, and the constrained Adam
+/// step. Downstream trainers that want another composition call the same pieces.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/auxk.hpp"
+#include "cpu/encode.hpp"
+#include "cpu/loss.hpp"
+#include "dead_latents.hpp"
+#include "error.hpp"
+#include "k_schedule.hpp"
+#include "matrix.hpp"
+#include "model.hpp"
+#include "optimizer.hpp"
+
+HSAE_NAMESPACE_BEGIN
+
+struct step_options {
+  auxk_options auxk{};
+  /// Apply AuxK (when any latent is dead).
+  bool use_auxk = true;
+  /// Reject a batch holding NaN/Inf (one O(B*D) scan).
+  bool check_finite = true;
+};
+
+/// Everything one step reads and writes besides the model and optimizer; reuse it
+/// across steps so that nothing is allocated once the shapes settle.
+template <cpu_scalar T, int F = dynamic>
+struct train_workspace {
+  row_matrix<T> pre;
+  sparse_code<T> code;
+  sae_gradients<T, F> grads;
+  loss_workspace<T> loss;
+  auxk_workspace<T> aux;
+};
+
+struct step_stats {
+  double loss = 0;      ///< schedule loss
+  double aux_loss = 0;  ///< AuxK loss (scaled; 0 when nothing is dead)
+  double grad_norm = 0;
+  double lr = 0;
+  std::int64_t dead = 0;  ///< dead latents before this step's update
+  loss_stats levels;      ///< per-level squared errors of this batch
+};
+
+/// One training step on the batch `x [B, d_model]` under `schedule` (k_max = K).
+/// \throws hsae::shape_error on a batch of the wrong width, hsae::config_error if
+///         K > d_sae, hsae::numeric_error if the batch holds NaN/Inf (nothing is
+///         changed then).
+template <cpu_scalar T, int F, k_schedule_like S>
+step_stats train_step(const cpu_backend& be, sae<T, F>& m, adam<T, F>& opt, dead_latent_tracker& dead, cref<T> x,
+                      const S& schedule, train_workspace<T, F>& ws, const step_options& so = {}) {
+  cpu::detail::check_batch(m, x);
+  const int K = schedule.k_max();
+  detail::expects<config_error>(K <= m.d_sae(), "k_max=", K, " exceeds d_sae=", m.d_sae());
+  if (so.check_finite) detail::expect_finite("training batch", x);
+
+  step_stats st;
+  encode(be, m, x, K, ws.code, ws.pre);
+  ws.grads.zeros_like(m, be);
+  st.levels = hierarchical_loss_backward(be, m, x, ws.code, schedule, ws.grads, ws.loss);
+  st.loss = st.levels.loss;
+  st.dead = dead.num_dead();
+  if (so.use_auxk && st.dead > 0)
+    st.aux_loss =
+        auxk_backward(be, m, x, ws.pre, ws.loss.residual, dead.dead_latents(), so.auxk, ws.grads, ws.aux);
+  encoder_backward(be, m, x, ws.code, ws.loss.grad_values, ws.grads, ws.loss.pairs);
+  dead.update(ws.code);
+  st.grad_norm = opt.step(be, m, ws.grads);
+  st.lr = opt.last_lr();
+  return st;
+}
+
+HSAE_NAMESPACE_END
