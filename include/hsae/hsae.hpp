@@ -17,6 +17,7 @@
 #include "cpu/latent_pairs.hpp"
 #include "cpu/loss.hpp"
 #include "cpu/topk.hpp"
+#include "data/synthetic.hpp"
 #include "dead_latents.hpp"
 #include "error.hpp"
 #include "k_schedule.hpp"
