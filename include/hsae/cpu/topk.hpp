@@ -29,6 +29,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 #include "../config.hpp"
 #include "../error.hpp"
 #include "../matrix.hpp"
@@ -83,6 +87,74 @@ struct candidate<double> {
   }
 };
 
+
+/// Bit l of the result is set when x[l] > thr (Strict) or x[l] >= thr, l < 16; NaN
+/// never sets a bit. Uses AVX-512, AVX2 or SSE2 where the target has them.
+template <bool Strict, class T>
+inline std::uint32_t mask16(const T* x, T thr) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 v = _mm512_loadu_ps(x);
+    return std::uint32_t(_mm512_cmp_ps_mask(v, _mm512_set1_ps(thr), Strict ? _CMP_GT_OQ : _CMP_GE_OQ));
+  }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 t = _mm256_set1_ps(thr);
+    const int lo = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x), t, Strict ? _CMP_GT_OQ : _CMP_GE_OQ));
+    const int hi = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + 8), t, Strict ? _CMP_GT_OQ : _CMP_GE_OQ));
+    return std::uint32_t(lo) | (std::uint32_t(hi) << 8);
+  }
+#elif defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m128 t = _mm_set1_ps(thr);
+    std::uint32_t m = 0;
+    for (int q = 0; q < 4; ++q) {
+      const __m128 v = _mm_loadu_ps(x + 4 * q);
+      m |= std::uint32_t(_mm_movemask_ps(Strict ? _mm_cmpgt_ps(v, t) : _mm_cmpge_ps(v, t))) << (4 * q);
+    }
+    return m;
+  }
+#endif
+  std::uint32_t m = 0;
+  for (int l = 0; l < 16; ++l) m |= std::uint32_t(Strict ? x[l] > thr : x[l] >= thr) << l;
+  return m;
+}
+
+/// max(x[0, n)) ignoring NaN; -inf when n == 0 or all NaN.
+template <class T>
+inline T max_ignoring_nan(const T* x, index_t n) {
+  index_t i = 0;
+  T r = -std::numeric_limits<T>::infinity();
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m512 m = _mm512_set1_ps(r);
+    // NaN in x yields m. (The masked form avoids _mm512_undefined_ps, which trips GCC 12.)
+    for (; i + 16 <= n; i += 16) m = _mm512_mask_max_ps(m, __mmask16(0xFFFF), _mm512_loadu_ps(x + i), m);
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, m);
+    for (float v : lanes) r = v > r ? v : r;
+  }
+#elif defined(__AVX2__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m256 m = _mm256_set1_ps(r);
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(_mm256_loadu_ps(x + i), m);
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    for (float v : lanes) r = v > r ? v : r;
+  }
+#elif defined(__SSE2__)
+  if constexpr (std::is_same_v<T, float>) {
+    __m128 m = _mm_set1_ps(r);
+    for (; i + 4 <= n; i += 4) m = _mm_max_ps(_mm_loadu_ps(x + i), m);
+    alignas(16) float lanes[4];
+    _mm_store_ps(lanes, m);
+    for (float v : lanes) r = v > r ? v : r;
+  }
+#endif
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return r;
+}
+
 }  // namespace detail
 
 /// Reusable per-thread state for `select_row`; holds the candidate buffer so that
@@ -122,8 +194,7 @@ class row_selector {
     const index_t bs = n / k;
     for (index_t b = 0; b < k; ++b) {
       const index_t lo = b * bs, hi = (b + 1 == k) ? n : lo + bs;
-      T m = -std::numeric_limits<T>::infinity();
-      for (index_t i = lo; i < hi; ++i) m = row[i] > m ? row[i] : m;
+      const T m = block_max(row + lo, hi - lo);
       thr = m < thr ? m : thr;
     }
     if (!(thr > -std::numeric_limits<T>::infinity())) return false;  // a block of NaN / -inf only
@@ -134,33 +205,36 @@ class row_selector {
     count_ = 0;
     std::size_t appended = 0;
     bool strict = false;
-    constexpr index_t chunk = 64;
-    for (index_t i0 = 0; i0 < n; i0 += chunk) {
-      const index_t i1 = std::min<index_t>(n, i0 + chunk);
-      bool any = false;
-      if (strict)
-        for (index_t i = i0; i < i1; ++i) any |= row[i] > thr;
-      else
-        for (index_t i = i0; i < i1; ++i) any |= row[i] >= thr;
-      if (!any) continue;
-      for (index_t i = i0; i < i1; ++i) {
-        const T v = row[i];
-        if (strict ? !(v > thr) : !(v >= thr)) continue;
-        buf_[count_++] = cand::make(v, i);
-        if (count_ == cap) {
-          appended += cap - std::size_t(k);
-          if (appended > guard) return false;
-          std::nth_element(buf_.begin(), buf_.begin() + (k - 1), buf_.end(), better);
-          count_ = std::size_t(k);
-          // buf_[k-1] is now the k-th best so far; later entries have higher indices, so
-          // they rank above it only with a strictly larger value.
-          thr = row[buf_[std::size_t(k - 1)].index()];
-          strict = true;
-        }
+    auto append = [&](index_t i) -> bool {  // false: the guard tripped
+      buf_[count_++] = cand::make(row[i], i);
+      if (count_ < cap) return true;
+      appended += cap - std::size_t(k);
+      if (appended > guard) return false;
+      std::nth_element(buf_.begin(), buf_.begin() + (k - 1), buf_.end(), better);
+      count_ = std::size_t(k);
+      // buf_[k-1] is now the k-th best so far; later entries have higher indices, so
+      // they rank above it only with a strictly larger value.
+      thr = row[buf_[std::size_t(k - 1)].index()];
+      strict = true;
+      return true;
+    };
+    index_t i0 = 0;
+    for (; i0 + 16 <= n; i0 += 16) {
+      std::uint32_t mask = strict ? detail::mask16<true>(row + i0, thr) : detail::mask16<false>(row + i0, thr);
+      while (mask) {
+        const index_t i = i0 + index_t(std::countr_zero(mask));
+        mask &= mask - 1;
+        // The threshold may have risen inside this block: re-test.
+        if ((strict ? row[i] > thr : row[i] >= thr) && !append(i)) return false;
       }
     }
+    for (; i0 < n; ++i0)
+      if ((strict ? row[i0] > thr : row[i0] >= thr) && !append(i0)) return false;
     return count_ >= std::size_t(k);
   }
+
+  /// Maximum of x[0, n) ignoring NaN (-inf when none).
+  static T block_max(const T* x, index_t n) { return detail::max_ignoring_nan(x, n); }
 
   std::vector<cand> buf_;
   std::size_t count_ = 0;
