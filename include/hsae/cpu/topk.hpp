@@ -165,7 +165,6 @@ class row_selector {
   /// Writes the k largest entries of `row[0, n)` to `values[0, k)` / `indices[0, k)`,
   /// sorted as documented in this file. Requires 1 <= k <= n.
   void select(const T* row, index_t n, index_t k, T* values, index_t* indices) {
-    using cand = detail::candidate<T>;
     const auto better = [](const cand& a, const cand& b) { return a > b; };
     if (!(std::int64_t(n) >= 32 * std::int64_t(k) && n >= 256) || !filter(row, n, k)) {
       // Whole-row selection: n composite keys, nth_element, sort the first k.
