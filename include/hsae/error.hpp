@@ -61,6 +61,12 @@ inline void expects(bool cond, Args&&... args) {
   }
 }
 
+/// Throws `Error` with the concatenated message.
+template <class Error, class... Args>
+[[noreturn]] inline void throw_error(Args&&... args) {
+  throw Error(concat("hsae: ", std::forward<Args>(args)...));
+}
+
 }  // namespace detail
 
 HSAE_NAMESPACE_END

@@ -6,6 +6,10 @@
 /// row blocks alike.
 #pragma once
 
+#include <bit>
+#include <cstdint>
+#include <type_traits>
+
 #include <Eigen/Core>
 #include <cmath>
 #include <concepts>
@@ -50,9 +54,32 @@ inline void expect_shape(const char* what, Eigen::Index rows, Eigen::Index cols,
 }
 
 /// Throws hsae::numeric_error naming `what` and the first non-finite entry.
+/// True when every entry is finite: one pass over the exponent bits (vectorises;
+/// Eigen's allFinite makes two floating-point passes).
+template <class Derived>
+bool all_finite(const Eigen::MatrixBase<Derived>& m) {
+  using S = typename Derived::Scalar;
+  if constexpr ((std::is_same_v<S, float> || std::is_same_v<S, double>) &&
+                bool(Derived::Flags & Eigen::RowMajorBit) && bool(Derived::Flags & Eigen::DirectAccessBit) &&
+                Derived::InnerStrideAtCompileTime == 1) {
+    using U = std::conditional_t<std::is_same_v<S, float>, std::uint32_t, std::uint64_t>;
+    constexpr U exp_mask = std::is_same_v<S, float> ? U(0x7f800000u) : U(0x7ff0000000000000ull);
+    const auto& d = m.derived();
+    for (Eigen::Index i = 0; i < d.rows(); ++i) {
+      const S* p = d.data() + i * d.outerStride();
+      bool bad = false;
+      for (Eigen::Index j = 0; j < d.cols(); ++j) bad |= (std::bit_cast<U>(p[j]) & exp_mask) == exp_mask;
+      if (bad) return false;
+    }
+    return true;
+  } else {
+    return m.allFinite();
+  }
+}
+
 template <class Derived>
 void expect_finite(const char* what, const Eigen::MatrixBase<Derived>& m) {
-  if (m.allFinite()) [[likely]] return;
+  if (all_finite(m)) [[likely]] return;
   for (Eigen::Index i = 0; i < m.rows(); ++i)
     for (Eigen::Index j = 0; j < m.cols(); ++j)
       if (!std::isfinite(double(m(i, j))))
