@@ -3,10 +3,19 @@
 /// Synthetic activations drawn from a known dictionary, for tests, the demo, and
 /// checking that training recovers the true atoms.
 ///
-/// x = sum_j a_j d_j over a sparse set of true atoms d_j (unit norm, [n_atoms, D]),
-/// atom j active with probability proportional to (j + 1)^(-zipf_exponent) (power-law
-/// feature frequencies, scaled so that on average `mean_active` atoms are active), and
-/// magnitudes a_j = 1 + magnitude_std * |N(0, 1)| drawn per activation.
+/// x = sum_j a_j d_j + noise over a sparse set of true atoms d_j (unit norm).
+/// - Power-law frequencies: root atom j (j < n_atoms) is active with probability
+///   proportional to (j + 1)^(-zipf_exponent), scaled so that on average `mean_active`
+///   roots are active per row; magnitudes a_j = 1 + magnitude_std * |N(0, 1)|.
+/// - Parent/child features: each root has `children_per_atom` children (atoms
+///   n_atoms + j * children_per_atom + c). A child can only fire in a row where its
+///   parent fires, then with probability `child_prob`, with magnitude child_magnitude
+///   times a parent-like draw: children are rarer and weaker than their parent, so a
+///   good code lists the parent first and the prefix order carries the hierarchy.
+///
+/// Rows are generated in parallel; row r of the stream (counting from the start) uses
+/// its own generator seeded from (seed, r), so the stream is the same for any thread
+/// count and any batch size.
 #pragma once
 
 #include <algorithm>
@@ -24,16 +33,25 @@ HSAE_NAMESPACE_BEGIN
 
 struct synthetic_options {
   int d_model = 64;
+  /// Root atoms (the whole dictionary when children_per_atom = 0).
   int n_atoms = 128;
-  /// Expected number of active atoms per row.
+  /// Expected number of active root atoms per row.
   double mean_active = 4.0;
-  /// Power-law exponent of atom frequencies (0: uniform).
+  /// Power-law exponent of root atom frequencies (0: uniform).
   double zipf_exponent = 0.5;
   /// Magnitudes are 1 + magnitude_std * |N(0, 1)|.
   double magnitude_std = 0.5;
   /// Gaussian noise added to every entry.
   double noise_std = 0.0;
+  /// Children per root atom, the probability that a child fires given its parent fires,
+  /// and the children's magnitude relative to a parent's.
+  int children_per_atom = 0;
+  double child_prob = 0.25;
+  double child_magnitude = 0.6;
   std::uint64_t seed = 1;
+
+  /// All atoms: roots and children.
+  int total_atoms() const { return n_atoms * (1 + children_per_atom); }
 
   void validate() const {
     detail::expects<config_error>(d_model >= 1 && n_atoms >= 1, "synthetic: d_model and n_atoms must be >= 1");
@@ -41,6 +59,12 @@ struct synthetic_options {
                                   " must be in (0, n_atoms]");
     detail::expects<config_error>(zipf_exponent >= 0 && magnitude_std >= 0 && noise_std >= 0,
                                   "synthetic: exponents and standard deviations must be >= 0");
+    detail::expects<config_error>(children_per_atom >= 0 && children_per_atom <= 1024,
+                                  "synthetic: children_per_atom=", children_per_atom, " must be in [0, 1024]");
+    detail::expects<config_error>(child_prob >= 0 && child_prob <= 1, "synthetic: child_prob=", child_prob,
+                                  " must be in [0, 1]");
+    detail::expects<config_error>(child_magnitude > 0, "synthetic: child_magnitude=", child_magnitude,
+                                  " must be > 0");
   }
 };
 
@@ -48,37 +72,66 @@ struct synthetic_options {
 template <cpu_scalar T>
 class synthetic_source {
  public:
-  explicit synthetic_source(const synthetic_options& opt) : opt_(opt), gen_(opt.seed) {
+  explicit synthetic_source(const synthetic_options& opt, const cpu_backend& be = {})
+      : opt_(opt), be_(be) {
     opt_.validate();
-    atoms_.resize(opt_.n_atoms, opt_.d_model);
+    rng gen(opt_.seed);
+    atoms_.resize(opt_.total_atoms(), opt_.d_model);
     for (Eigen::Index j = 0; j < atoms_.rows(); ++j) {
-      for (Eigen::Index d = 0; d < atoms_.cols(); ++d) atoms_(j, d) = T(gen_.normal());
+      for (Eigen::Index d = 0; d < atoms_.cols(); ++d) atoms_(j, d) = T(gen.normal());
       atoms_.row(j).normalize();
     }
     prob_.resize(std::size_t(opt_.n_atoms));
     double s = 0;
     for (int j = 0; j < opt_.n_atoms; ++j) s += (prob_[std::size_t(j)] = std::pow(double(j + 1), -opt_.zipf_exponent));
     for (auto& p : prob_) p = std::min(1.0, p * opt_.mean_active / s);
+    stream_seed_ = gen();
   }
 
-  /// The true dictionary [n_atoms, d_model], unit rows.
+  /// The true dictionary [total_atoms, d_model], unit rows: roots, then children
+  /// grouped by parent.
   const row_matrix<T>& atoms() const { return atoms_; }
-  /// Activation probability of each atom.
+  /// Activation probability of each root atom.
   const std::vector<double>& frequencies() const { return prob_; }
+  /// Activation probability of every atom (children: parent's times child_prob).
+  std::vector<double> atom_frequencies() const {
+    std::vector<double> f(prob_);
+    for (int j = 0; j < opt_.n_atoms; ++j)
+      for (int c = 0; c < opt_.children_per_atom; ++c) f.push_back(prob_[std::size_t(j)] * opt_.child_prob);
+    return f;
+  }
+  /// The parent of atom j, or -1 for a root.
+  int parent(int j) const { return j < opt_.n_atoms ? -1 : (j - opt_.n_atoms) / opt_.children_per_atom; }
+  const synthetic_options& options() const { return opt_; }
   int d_model() const { return opt_.d_model; }
+  /// Rows generated so far (the stream position).
+  std::int64_t position() const { return pos_; }
+  /// Moves the stream to row `pos` (rows are independent: this is O(1)).
+  void seek(std::int64_t pos) { pos_ = pos; }
 
-  /// Fills `x` with `rows` fresh rows.
+  /// Fills `x` with the next `rows` rows of the stream.
   void next(Eigen::Index rows, row_matrix<T>& x) {
     x.setZero(rows, opt_.d_model);
-    for (Eigen::Index b = 0; b < rows; ++b) {
-      for (int j = 0; j < opt_.n_atoms; ++j) {
-        if (gen_.uniform() >= prob_[std::size_t(j)]) continue;
-        const T a = T(1.0 + opt_.magnitude_std * std::abs(gen_.normal()));
-        x.row(b).noalias() += a * atoms_.row(j);
+    const std::int64_t base = pos_;
+    const int c = opt_.children_per_atom;
+    cpu::detail::parallel_blocks(be_, rows, 64, [&](std::ptrdiff_t lo, std::ptrdiff_t hi) {
+      for (std::ptrdiff_t b = lo; b < hi; ++b) {
+        rng gen(stream_seed_ ^ (std::uint64_t(base + b) * 0x9E3779B97F4A7C15ull));
+        auto row = x.row(b);
+        for (int j = 0; j < opt_.n_atoms; ++j) {
+          if (gen.uniform() >= prob_[std::size_t(j)]) continue;
+          row.noalias() += T(1.0 + opt_.magnitude_std * std::abs(gen.normal())) * atoms_.row(j);
+          for (int ch = 0; ch < c; ++ch) {
+            if (gen.uniform() >= opt_.child_prob) continue;
+            const double a = opt_.child_magnitude * (1.0 + opt_.magnitude_std * std::abs(gen.normal()));
+            row.noalias() += T(a) * atoms_.row(opt_.n_atoms + j * c + ch);
+          }
+        }
+        if (opt_.noise_std > 0)
+          for (int d = 0; d < opt_.d_model; ++d) row(d) += T(opt_.noise_std * gen.normal());
       }
-      if (opt_.noise_std > 0)
-        for (int d = 0; d < opt_.d_model; ++d) x(b, d) += T(opt_.noise_std * gen_.normal());
-    }
+    });
+    pos_ += rows;
   }
   row_matrix<T> next(Eigen::Index rows) {
     row_matrix<T> x;
@@ -88,9 +141,11 @@ class synthetic_source {
 
  private:
   synthetic_options opt_;
-  rng gen_;
+  cpu_backend be_;
   row_matrix<T> atoms_;
   std::vector<double> prob_;
+  std::uint64_t stream_seed_ = 0;
+  std::int64_t pos_ = 0;
 };
 
 /// Mean over true atoms of the best cosine similarity with any learned decoder row:
