@@ -8,6 +8,7 @@
 ///   hsae::hierarchical_loss[...]    cpu/loss.hpp, AuxK in cpu/auxk.hpp
 ///   hsae::adam<T, F>                optimizer.hpp
 ///   hsae::train_step                train_step.hpp
+///   hsae::trainer, evaluate         trainer.hpp, metrics.hpp
 #pragma once
 
 #include "config.hpp"
@@ -22,9 +23,11 @@
 #include "error.hpp"
 #include "k_schedule.hpp"
 #include "matrix.hpp"
+#include "metrics.hpp"
 #include "model.hpp"
 #include "optimizer.hpp"
 #include "rng.hpp"
 #include "sparse_code.hpp"
 #include "train_step.hpp"
+#include "trainer.hpp"
 #include "version.hpp"

@@ -1,0 +1,341 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file trainer.hpp
+/// The standard training loop over a data source:
+///
+///   held-out evaluation rows -> init sample (geometric median, optional input scale)
+///   -> steps of train_step (encode, schedule loss, AuxK, sparse backward, Adam with
+///   warm-up/decay) with dead-latent tracking -> periodic and final evaluation.
+///
+/// On a terminal it keeps one progress line up to date (step, tokens/s, loss, FVU at
+/// k_max, dead %, ETA); elsewhere it prints that line every `log_every_steps`. With
+/// `metrics_path` set it writes JSON lines: one "step" record per log interval, one
+/// "eval" record per evaluation (every schedule level), and a final "summary".
+///
+/// A source is anything with `int d_model()` and `void next(Eigen::Index rows,
+/// row_matrix<T>& x)` filling the next `rows` rows (synthetic_source, matrix_source,
+/// npy_source, or your own).
+#pragma once
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "cpu/backend.hpp"
+#include "dead_latents.hpp"
+#include "error.hpp"
+#include "k_schedule.hpp"
+#include "matrix.hpp"
+#include "metrics.hpp"
+#include "model.hpp"
+#include "optimizer.hpp"
+#include "train_step.hpp"
+
+HSAE_NAMESPACE_BEGIN
+
+/// What a trainer can read batches from.
+template <class S, class T>
+concept batch_source = requires(S& s, Eigen::Index rows, row_matrix<T>& x) {
+  { s.d_model() } -> std::convertible_to<int>;
+  s.next(rows, x);
+};
+
+enum class progress_mode { automatic, always, never };
+
+struct trainer_options {
+  /// Rows per step.
+  std::int64_t batch_size = 4096;
+  /// Training tokens (rows); the run takes ceil(total_tokens / batch_size) steps.
+  std::int64_t total_tokens = 0;
+  /// Rows drawn first and kept aside for evaluation (never trained on); 0: no evaluation.
+  std::int64_t eval_rows = 16384;
+  /// Evaluate every this many steps (0: only at the end).
+  std::int64_t eval_every_steps = 0;
+  /// Rows drawn for init (geometric median of b_dec, input scale); they are trained on too.
+  std::int64_t init_rows = 16384;
+  /// Initialise the model from the data (false: continue from the model as given).
+  bool initialize = true;
+  /// Scale inputs by one factor s so that E||s x||^2 = d_model (estimated on the init
+  /// sample); `trainer::export_model()` folds s back into the weights.
+  bool normalize_inputs = false;
+  init_options init{};
+  /// Optimizer settings; total_steps = 0 is set to the run's step count.
+  adam_options adam{};
+  step_options step{};
+  /// A latent is dead after this many tokens without firing.
+  std::int64_t dead_after_tokens = 10'000'000;
+  /// Progress line / JSON record interval in steps.
+  std::int64_t log_every_steps = 100;
+  progress_mode progress = progress_mode::automatic;
+  std::FILE* progress_stream = stderr;
+  /// JSON-lines metrics file (truncated at the start of fit); empty: none.
+  std::string metrics_path;
+
+  /// \throws hsae::config_error naming the first invalid field.
+  void validate() const {
+    detail::expects<config_error>(batch_size >= 1, "trainer: batch_size must be >= 1, got ", batch_size);
+    detail::expects<config_error>(total_tokens >= 1, "trainer: total_tokens must be >= 1, got ", total_tokens);
+    detail::expects<config_error>(eval_rows >= 0, "trainer: eval_rows must be >= 0, got ", eval_rows);
+    detail::expects<config_error>(eval_every_steps >= 0, "trainer: eval_every_steps must be >= 0, got ",
+                                  eval_every_steps);
+    detail::expects<config_error>(!initialize || init_rows >= 1, "trainer: init_rows must be >= 1, got ", init_rows);
+    detail::expects<config_error>(dead_after_tokens >= 1, "trainer: dead_after_tokens must be >= 1, got ",
+                                  dead_after_tokens);
+    detail::expects<config_error>(log_every_steps >= 1, "trainer: log_every_steps must be >= 1, got ",
+                                  log_every_steps);
+    adam_options a = adam;
+    if (a.total_steps == 0) a.total_steps = steps();
+    a.validate();
+  }
+  std::int64_t steps() const { return (total_tokens + batch_size - 1) / batch_size; }
+};
+
+/// What one logged step reported (also passed to `trainer::on_step`).
+struct step_record {
+  std::int64_t step = 0;    ///< steps done (1-based after the step)
+  std::int64_t tokens = 0;  ///< tokens trained on so far
+  double loss = 0;          ///< schedule loss of this batch
+  double aux_loss = 0;
+  double fvu_kmax = 0;  ///< this batch's FVU at k_max
+  double dead_fraction = 0;
+  double lr = 0;
+  double grad_norm = 0;
+  double tokens_per_second = 0;
+  double elapsed_seconds = 0;
+};
+
+/// The end of a run.
+struct train_summary {
+  std::int64_t steps = 0;
+  std::int64_t tokens = 0;
+  double seconds = 0;
+  double tokens_per_second = 0;
+  double final_loss = 0;
+  double input_scale = 1;
+  /// Final evaluation on the held-out rows (levels empty when eval_rows = 0).
+  evaluation eval;
+};
+
+template <cpu_scalar T, int F, k_schedule_like S>
+class trainer {
+ public:
+  /// Trains `model` (its shapes fix d_model and d_sae) under `schedule`.
+  /// \throws hsae::config_error on invalid options or k_max > d_sae.
+  trainer(const cpu_backend& be, sae<T, F> model, S schedule, trainer_options opt)
+      : be_(be), model_(std::move(model)), schedule_(std::move(schedule)), opt_(std::move(opt)) {
+    model_.check_shapes();
+    opt_.validate();
+    detail::expects<config_error>(schedule_.k_max() <= model_.d_sae(), "trainer: the schedule's k_max=",
+                                  schedule_.k_max(), " exceeds d_sae=", model_.d_sae());
+    if (opt_.adam.total_steps == 0) opt_.adam.total_steps = opt_.steps();
+    opt_.adam.validate();
+  }
+
+  /// Called after every step with that step's record (logging interval ignored).
+  std::function<void(const step_record&)> on_step;
+  /// Called after every evaluation.
+  std::function<void(std::int64_t step, const evaluation&)> on_eval;
+
+  /// Runs the whole loop on `source`. \throws hsae::shape_error when the source's width
+  /// is not d_model, hsae::numeric_error on NaN/Inf in a batch.
+  template <batch_source<T> Source>
+  train_summary fit(Source& source) {
+    detail::expects<shape_error>(source.d_model() == model_.d_model(), "trainer: the source's d_model=",
+                                 source.d_model(), " differs from the model's d_model=", model_.d_model());
+    open_metrics();
+    const auto t0 = clock::now();
+
+    if (opt_.eval_rows > 0) {
+      source.next(Eigen::Index(opt_.eval_rows), eval_x_);
+      detail::expect_finite("evaluation rows", cref<T>(eval_x_));
+    }
+    row_matrix<T> x;
+    if (opt_.initialize) {
+      source.next(Eigen::Index(opt_.init_rows), x);
+      detail::expect_finite("init sample", cref<T>(x));
+      if (opt_.normalize_inputs) {
+        const double mean_sq = x.template cast<double>().squaredNorm() / double(x.rows());
+        detail::expects<numeric_error>(mean_sq > 0, "trainer: the init sample is all zeros; cannot normalise");
+        scale_ = std::sqrt(double(model_.d_model()) / mean_sq);
+        x *= T(scale_);
+      }
+      init(be_, model_, x, opt_.init);
+    }
+    if (opt_.eval_rows > 0 && scale_ != 1.0) eval_x_ *= T(scale_);
+    opt_state_ = adam<T, F>(model_, opt_.adam);
+    dead_ = dead_latent_tracker(model_.d_sae(), opt_.dead_after_tokens);
+
+    const std::int64_t steps = opt_.steps();
+    const bool tty = opt_.progress == progress_mode::always ||
+                     (opt_.progress == progress_mode::automatic && opt_.progress_stream &&
+                      ::isatty(::fileno(opt_.progress_stream)));
+    const bool quiet = opt_.progress == progress_mode::never || !opt_.progress_stream;
+    auto last_draw = clock::now() - std::chrono::seconds(1);
+    const auto train_start = clock::now();
+    step_record rec;
+    double final_loss = 0;
+    for (std::int64_t s = 0; s < steps; ++s) {
+      const std::int64_t rows = std::min(opt_.batch_size, opt_.total_tokens - tokens_);
+      source.next(Eigen::Index(rows), x);
+      if (scale_ != 1.0) x *= T(scale_);
+      const step_stats st = train_step(be_, model_, opt_state_, dead_, x, schedule_, ws_, opt_.step);
+      ++step_;
+      tokens_ += rows;
+      final_loss = st.loss;
+
+      const double secs = seconds_since(train_start);
+      rec.step = step_;
+      rec.tokens = tokens_;
+      rec.loss = st.loss;
+      rec.aux_loss = st.aux_loss;
+      rec.fvu_kmax = st.levels.level_sse.back() / batch_variance(x);
+      rec.dead_fraction = dead_.dead_fraction();
+      rec.lr = st.lr;
+      rec.grad_norm = st.grad_norm;
+      rec.elapsed_seconds = secs;
+      rec.tokens_per_second = secs > 0 ? double(tokens_) / secs : 0;
+      if (on_step) on_step(rec);
+
+      const bool last = s + 1 == steps;
+      const bool logged = step_ % opt_.log_every_steps == 0 || last;
+      if (logged) write_json(step_json(rec));
+      if (!quiet) {
+        if (tty && (last || seconds_since(last_draw) > 0.2)) {
+          std::fprintf(opt_.progress_stream, "\r%s\x1b[K%s", progress_line(rec, steps).c_str(), last ? "\n" : "");
+          std::fflush(opt_.progress_stream);
+          last_draw = clock::now();
+        } else if (!tty && logged) {
+          std::fprintf(opt_.progress_stream, "%s\n", progress_line(rec, steps).c_str());
+        }
+      }
+      if (opt_.eval_rows > 0 && opt_.eval_every_steps > 0 && step_ % opt_.eval_every_steps == 0 && !last)
+        run_eval();
+    }
+
+    train_summary sum;
+    sum.steps = step_;
+    sum.tokens = tokens_;
+    sum.final_loss = final_loss;
+    sum.input_scale = scale_;
+    const double train_secs = seconds_since(train_start);
+    sum.tokens_per_second = train_secs > 0 ? double(tokens_) / train_secs : 0;
+    if (opt_.eval_rows > 0) sum.eval = run_eval();
+    sum.seconds = seconds_since(t0);
+    write_json({{"type", "summary"},
+                {"steps", sum.steps},
+                {"tokens", sum.tokens},
+                {"seconds", sum.seconds},
+                {"tokens_per_second", sum.tokens_per_second},
+                {"final_loss", sum.final_loss},
+                {"input_scale", sum.input_scale}});
+    metrics_.close();
+    return sum;
+  }
+
+  /// Metrics of the current model on the held-out rows (in the trained input units).
+  evaluation evaluate_held_out() const {
+    detail::expects<config_error>(eval_x_.rows() > 0, "trainer: no held-out rows (eval_rows = 0 or fit not run)");
+    evaluation e = evaluate(be_, model_, cref<T>(eval_x_), schedule_);
+    e.dead_fraction = dead_.dead_fraction();
+    return e;
+  }
+
+  /// The model as trained (inputs multiplied by input_scale()).
+  const sae<T, F>& model() const { return model_; }
+  /// The model for unscaled inputs: with s = input_scale(), pre/s on x equals pre on
+  /// s x, so b_enc and b_dec are divided by s; the unit decoder rows and the top-k
+  /// order are unchanged, and decoded outputs come back in the input's units.
+  sae<T, F> export_model() const {
+    sae<T, F> m = model_;
+    if (scale_ != 1.0) {
+      m.b_enc /= T(scale_);
+      m.b_dec /= T(scale_);
+    }
+    return m;
+  }
+  double input_scale() const { return scale_; }
+  const dead_latent_tracker& dead_latents() const { return dead_; }
+  const adam<T, F>& optimizer() const { return opt_state_; }
+  const S& schedule() const { return schedule_; }
+  const trainer_options& options() const { return opt_; }
+  std::int64_t steps_done() const { return step_; }
+  std::int64_t tokens_done() const { return tokens_; }
+
+ private:
+  using clock = std::chrono::steady_clock;
+  static double seconds_since(clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); }
+
+  static double batch_variance(const row_matrix<T>& x) {
+    const Eigen::RowVectorXd mean = x.template cast<double>().colwise().mean();
+    return std::max((x.template cast<double>().rowwise() - mean).squaredNorm(), 1e-300);
+  }
+
+  evaluation run_eval() {
+    evaluation e = evaluate_held_out();
+    nlohmann::json levels = nlohmann::json::array();
+    for (const auto& l : e.levels) levels.push_back({{"k", l.k}, {"fvu", l.fvu}, {"mse", l.mse}, {"l0", l.l0}});
+    write_json({{"type", "eval"},
+                {"step", step_},
+                {"tokens", tokens_},
+                {"rows", e.rows},
+                {"dead_fraction", e.dead_fraction},
+                {"levels", std::move(levels)}});
+    if (on_eval) on_eval(step_, e);
+    return e;
+  }
+
+  std::string progress_line(const step_record& r, std::int64_t steps) const {
+    const double eta = r.tokens_per_second > 0 ? double(opt_.total_tokens - r.tokens) / r.tokens_per_second : 0;
+    const long eta_s = long(std::lround(eta));
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "step %lld/%lld | %.0f tok/s | loss %.5f | FVU@%d %.4f | dead %.1f%% | ETA %ld:%02ld",
+                  (long long)r.step, (long long)steps, r.tokens_per_second, r.loss, schedule_.k_max(), r.fvu_kmax,
+                  100.0 * r.dead_fraction, eta_s / 60, eta_s % 60);
+    return buf;
+  }
+
+  static nlohmann::json step_json(const step_record& r) {
+    return {{"type", "step"},       {"step", r.step},           {"tokens", r.tokens},
+            {"loss", r.loss},       {"aux_loss", r.aux_loss},   {"fvu_kmax", r.fvu_kmax},
+            {"dead_fraction", r.dead_fraction}, {"lr", r.lr},   {"grad_norm", r.grad_norm},
+            {"tokens_per_second", r.tokens_per_second},         {"elapsed_seconds", r.elapsed_seconds}};
+  }
+
+  void open_metrics() {
+    if (opt_.metrics_path.empty()) return;
+    metrics_.open(opt_.metrics_path, std::ios::out | std::ios::trunc);
+    detail::expects<io_error>(metrics_.good(), "trainer: cannot open the metrics file '", opt_.metrics_path, "'");
+  }
+  void write_json(const nlohmann::json& j) {
+    if (!metrics_.is_open()) return;
+    metrics_ << j.dump() << '\n';
+    metrics_.flush();
+    detail::expects<io_error>(metrics_.good(), "trainer: writing the metrics file '", opt_.metrics_path, "' failed");
+  }
+
+  cpu_backend be_;
+  sae<T, F> model_;
+  S schedule_;
+  trainer_options opt_;
+  adam<T, F> opt_state_;
+  dead_latent_tracker dead_;
+  train_workspace<T, F> ws_;
+  row_matrix<T> eval_x_;
+  double scale_ = 1.0;
+  std::int64_t step_ = 0;
+  std::int64_t tokens_ = 0;
+  std::ofstream metrics_;
+};
+
+HSAE_NAMESPACE_END

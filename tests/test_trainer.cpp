@@ -1,0 +1,267 @@
+// SPDX-License-Identifier: Apache-2.0
+// The trainer loop, its JSON-lines metrics and progress line, the evaluation metrics
+// (against a naive per-k decode), input normalisation and the trainer's errors.
+#include <catch2/catch.hpp>
+#include <hsae/hsae.hpp>
+
+#include <cstdio>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+using namespace hsae;
+
+namespace {
+
+synthetic_options small_data(std::uint64_t seed = 5) {
+  synthetic_options d;
+  d.d_model = 24;
+  d.n_atoms = 48;
+  d.children_per_atom = 1;
+  d.mean_active = 3;
+  d.noise_std = 0.01;
+  d.seed = seed;
+  return d;
+}
+
+trainer_options small_run() {
+  trainer_options o;
+  o.batch_size = 256;
+  o.total_tokens = 256 * 60;
+  o.eval_rows = 1024;
+  o.init_rows = 1024;
+  o.adam.lr = 3e-3;
+  o.adam.warmup_steps = 5;
+  o.log_every_steps = 10;
+  o.progress = progress_mode::never;
+  return o;
+}
+
+// The rows of a fixed matrix in order, cycling; optionally poisoned at some call.
+struct fixed_source {
+  row_matrix<float> data;
+  int calls = 0;
+  int poison_at = -1;
+  Eigen::Index pos = 0;
+  int d_model() const { return int(data.cols()); }
+  void next(Eigen::Index rows, row_matrix<float>& x) {
+    x.resize(rows, data.cols());
+    for (Eigen::Index r = 0; r < rows; ++r, ++pos) x.row(r) = data.row(pos % data.rows());
+    if (calls++ == poison_at) x(rows / 2, 1) = std::numeric_limits<float>::quiet_NaN();
+  }
+};
+
+}  // namespace
+
+TEST_CASE("metrics: FVU, MSE and L0 of every level equal a naive per-k decode", "[metrics]") {
+  const cpu_backend be;
+  synthetic_source<double> src(small_data());
+  sae<double> m(24, 96);
+  const row_matrix<double> x = src.next(300);
+  init(be, m, x);
+  m.b_enc.setConstant(-0.6);  // some rows get fewer than K positives: L0 < k
+  const auto sched = dynamic_k_schedule{{1, 1.0}, {3, 2.0}, {8, 0.5}};
+  const evaluation e = evaluate(be, m, cref<double>(x), sched);
+
+  const sparse_code<double> code = encode(be, m, x, 8);
+  const Eigen::RowVectorXd mean = x.colwise().mean();
+  const double total = (x.rowwise() - mean).squaredNorm();
+  REQUIRE(e.rows == 300);
+  REQUIRE(e.total_variance == Approx(total).epsilon(1e-10));
+  REQUIRE(e.levels.size() == 3);
+  bool some_short = false;
+  for (const int k : {1, 3, 8}) {
+    row_matrix<double> xhat;
+    decode(be, m, code, k, xhat);
+    const double sse = (x - xhat).squaredNorm();
+    const double l0 = (code.values.leftCols(k).array() != 0.0).cast<double>().sum() / 300.0;
+    const level_metrics& l = e.at(k);
+    CHECK(l.k == k);
+    CHECK(l.mse == Approx(sse / (300.0 * 24)).epsilon(1e-10));
+    CHECK(l.fvu == Approx(sse / total).epsilon(1e-10));
+    CHECK(l.explained_variance() == Approx(1 - sse / total).epsilon(1e-10));
+    CHECK(l.l0 == Approx(l0).epsilon(1e-12));
+    some_short |= l0 < k;
+  }
+  CHECK(some_short);
+  REQUIRE_THROWS_AS(e.at(2), config_error);
+}
+
+TEST_CASE("metrics: batches accumulate to the metrics of their union", "[metrics]") {
+  const cpu_backend be;
+  synthetic_source<float> src(small_data(9));
+  sae<float> m(24, 64);
+  const row_matrix<float> x = src.next(500);
+  init(be, m, x);
+  const all_prefixes<4> sched;
+  const evaluation whole = evaluate(be, m, cref<float>(x), sched);
+
+  fixed_source fs{x};
+  const evaluation parts = evaluate(be, m, fs, sched, 500, 128);  // 128+128+128+116 rows
+  REQUIRE(parts.rows == 500);
+  for (std::size_t l = 0; l < 4; ++l) {
+    CHECK(parts.levels[l].fvu == Approx(whole.levels[l].fvu).epsilon(1e-6));
+    CHECK(parts.levels[l].mse == Approx(whole.levels[l].mse).epsilon(1e-6));
+    CHECK(parts.levels[l].l0 == Approx(whole.levels[l].l0).epsilon(1e-12));
+  }
+  metrics_accumulator empty;
+  REQUIRE_THROWS_AS(empty.result(), shape_error);
+}
+
+TEST_CASE("trainer: the loss falls, FVU improves and every level is evaluated", "[trainer]") {
+  const cpu_backend be;
+  synthetic_source<float> src(small_data());
+  trainer_options o = small_run();
+  std::vector<step_record> records;
+  std::vector<std::int64_t> eval_steps;
+  o.eval_every_steps = 20;
+  trainer<float, dynamic, all_prefixes<6>> tr(be, sae<float>(24, 96), all_prefixes<6>{}, o);
+  tr.on_step = [&](const step_record& r) { records.push_back(r); };
+  tr.on_eval = [&](std::int64_t step, const evaluation&) { eval_steps.push_back(step); };
+  const train_summary s = tr.fit(src);
+
+  REQUIRE(records.size() == 60);
+  REQUIRE(s.steps == 60);
+  REQUIRE(s.tokens == 256 * 60);
+  CHECK(records.back().loss < 0.7 * records.front().loss);
+  CHECK(records.back().fvu_kmax < records.front().fvu_kmax);
+  CHECK(records.back().tokens == 256 * 60);
+  REQUIRE(eval_steps == std::vector<std::int64_t>{20, 40, 60});
+  REQUIRE(s.eval.levels.size() == 6);
+  for (std::size_t l = 1; l < 6; ++l) CHECK(s.eval.levels[l].fvu < s.eval.levels[l - 1].fvu);
+  CHECK(s.eval.last().fvu < 0.5);
+  CHECK(s.eval.dead_fraction >= 0.0);
+  // lr warm-up then linear schedule reached the optimizer.
+  CHECK(records[0].lr == Approx(3e-3 / 5));
+  CHECK(records[10].lr == Approx(3e-3));
+}
+
+TEST_CASE("trainer: a partial last batch trains exactly total_tokens", "[trainer]") {
+  const cpu_backend be;
+  synthetic_source<float> src(small_data());
+  trainer_options o = small_run();
+  o.total_tokens = 1000;  // 3 full batches of 256 and one of 232
+  o.eval_rows = 0;
+  trainer<float, dynamic, top_k<4>> tr(be, sae<float>(24, 32), top_k<4>{}, o);
+  const train_summary s = tr.fit(src);
+  CHECK(s.steps == 4);
+  CHECK(s.tokens == 1000);
+  CHECK(s.eval.levels.empty());
+  REQUIRE_THROWS_AS(tr.evaluate_held_out(), config_error);
+}
+
+TEST_CASE("trainer: JSON-lines metrics and the progress line", "[trainer]") {
+  const cpu_backend be;
+  synthetic_source<float> src(small_data());
+  trainer_options o = small_run();
+  const std::string path = "test_trainer_metrics.jsonl";
+  o.metrics_path = path;
+  o.progress = progress_mode::automatic;  // a file is not a terminal: one line per log interval
+  std::FILE* log = std::tmpfile();
+  REQUIRE(log != nullptr);
+  o.progress_stream = log;
+  const auto sched = dynamic_k_schedule::subset({2, 4, 8});
+  trainer<float, dynamic, dynamic_k_schedule> tr(be, sae<float>(24, 64), sched, o);
+  tr.fit(src);
+
+  std::ifstream in(path);
+  std::string line;
+  int steps = 0, evals = 0, summaries = 0;
+  while (std::getline(in, line)) {
+    const nlohmann::json j = nlohmann::json::parse(line);  // every line is one JSON object
+    const std::string type = j.at("type");
+    if (type == "step") {
+      ++steps;
+      CHECK(j.at("step").get<int>() % 10 == 0);
+      CHECK(j.at("loss").get<double>() > 0);
+      CHECK(j.contains("fvu_kmax"));
+      CHECK(j.contains("dead_fraction"));
+      CHECK(j.contains("tokens_per_second"));
+    } else if (type == "eval") {
+      ++evals;
+      REQUIRE(j.at("levels").size() == 3);
+      CHECK(j.at("levels")[2].at("k").get<int>() == 8);
+      CHECK(j.at("levels")[2].at("fvu").get<double>() < j.at("levels")[0].at("fvu").get<double>());
+    } else if (type == "summary") {
+      ++summaries;
+      CHECK(j.at("tokens").get<std::int64_t>() == 256 * 60);
+    }
+  }
+  CHECK(steps == 6);
+  CHECK(evals == 1);
+  CHECK(summaries == 1);
+  std::remove(path.c_str());
+
+  std::rewind(log);
+  std::string text;
+  char buf[512];
+  while (std::fgets(buf, sizeof buf, log)) text += buf;
+  std::fclose(log);
+  CHECK(text.find("step 10/60") != std::string::npos);
+  CHECK(text.find("step 60/60") != std::string::npos);
+  CHECK(text.find("tok/s") != std::string::npos);
+  CHECK(text.find("FVU@8") != std::string::npos);
+  CHECK(text.find("dead") != std::string::npos);
+  CHECK(text.find("ETA") != std::string::npos);
+  CHECK(text.find('\r') == std::string::npos);
+}
+
+TEST_CASE("trainer: input normalisation is folded back by export_model", "[trainer]") {
+  const cpu_backend be;
+  synthetic_options d = small_data();
+  synthetic_source<double> src(d);
+  const row_matrix<double> probe = src.next(256);  // init_rows = 1024: four whole cycles
+  fixed_source scaled{row_matrix<float>((probe * 40.0).cast<float>())};  // activations far from unit scale
+  trainer_options o = small_run();
+  o.normalize_inputs = true;
+  o.total_tokens = 256 * 5;
+  o.eval_rows = 0;
+  trainer<float, dynamic, all_prefixes<4>> tr(be, sae<float>(24, 48), all_prefixes<4>{}, o);
+  tr.fit(scaled);
+  const double s = tr.input_scale();
+  const double mean_sq = scaled.data.cast<double>().squaredNorm() / double(scaled.data.rows());
+  CHECK(s * s * mean_sq == Approx(24.0).epsilon(1e-4));
+
+  const row_matrix<float> x = scaled.data;
+  const row_matrix<float> xs = x * float(s);
+  const sparse_code<float> code_s = encode(be, tr.model(), xs, 4);
+  const sae<float> exported = tr.export_model();
+  const sparse_code<float> code = encode(be, exported, x, 4);
+  row_matrix<float> rec_s, rec;
+  decode(be, tr.model(), code_s, 4, rec_s);
+  decode(be, exported, code, 4, rec);
+  CHECK((code.indices.array() == code_s.indices.array()).all());
+  CHECK((rec - rec_s / float(s)).cwiseAbs().maxCoeff() < 1e-3 * x.cwiseAbs().maxCoeff());
+}
+
+TEST_CASE("trainer: bad settings and bad data raise hsae errors", "[trainer][errors]") {
+  const cpu_backend be;
+  synthetic_source<float> src(small_data());
+
+  trainer_options o = small_run();
+  o.total_tokens = 0;
+  REQUIRE_THROWS_WITH((trainer<float, dynamic, top_k<4>>(be, sae<float>(24, 32), top_k<4>{}, o)),
+                      Catch::Contains("total_tokens"));
+  o = small_run();
+  o.batch_size = 0;
+  REQUIRE_THROWS_WITH((trainer<float, dynamic, top_k<4>>(be, sae<float>(24, 32), top_k<4>{}, o)),
+                      Catch::Contains("batch_size"));
+  o = small_run();
+  REQUIRE_THROWS_WITH((trainer<float, dynamic, top_k<64>>(be, sae<float>(24, 32), top_k<64>{}, o)),
+                      Catch::Contains("exceeds d_sae"));
+
+  trainer<float, dynamic, top_k<4>> wrong_width(be, sae<float>(16, 32), top_k<4>{}, small_run());
+  REQUIRE_THROWS_WITH(wrong_width.fit(src), Catch::Contains("d_model=24") && Catch::Contains("d_model=16"));
+
+  fixed_source poisoned{src.next(300)};
+  poisoned.poison_at = 4;  // eval rows, init rows, then steps: the 3rd training batch
+  trainer<float, dynamic, top_k<4>> tr(be, sae<float>(24, 32), top_k<4>{}, small_run());
+  REQUIRE_THROWS_AS(tr.fit(poisoned), numeric_error);
+  CHECK(tr.steps_done() == 2);
+
+  trainer_options bad_path = small_run();
+  bad_path.metrics_path = "/nonexistent-dir/metrics.jsonl";
+  trainer<float, dynamic, top_k<4>> tp(be, sae<float>(24, 32), top_k<4>{}, bad_path);
+  REQUIRE_THROWS_AS(tp.fit(src), io_error);
+}
