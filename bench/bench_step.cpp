@@ -1,0 +1,141 @@
+// SPDX-License-Identifier: Apache-2.0
+// The full CPU training step against the encoder GEMM alone, and under a single-K
+// schedule against the all-prefix schedule, side by side in one run.
+//
+// Shapes: "big" is B=4096, D=768, F=16384 (the target shape); "small" is a
+// smoke shape. Counts per step at the big shape, K=64:
+//   encoder GEMM          2*B*D*F       = 103.1 GFLOP (the floor of the step)
+//   top-k read of pre     4*B*F bytes   = 268 MB
+//   loss + decoder grad   ~6*B*K*D FLOP = 1.2 GFLOP (streaming, never [B,K,D])
+//   sparse encoder grad   ~4*B*K*D FLOP = 0.8 GFLOP
+//   Adam                  F*D*2 params, ~28 bytes each read+written = 0.7 GB
+// Counters: GFLOP/s of the GEMM FLOPs (so step/GEMM time ratio = GEMM-rate ratio),
+// workspace MiB (all buffers a step keeps between calls, model and optimizer excluded).
+#include <benchmark/benchmark.h>
+#include <hsae/hsae.hpp>
+
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+
+namespace {
+
+using T = float;
+
+struct shape {
+  int B, D, F;
+};
+constexpr shape big{4096, 768, 16384};
+constexpr shape small{256, 64, 1024};
+
+const shape& shape_of(std::int64_t id) { return id == 0 ? big : small; }
+
+struct fixture {
+  hsae::cpu_backend be;
+  hsae::sae<T> model;
+  hsae::row_matrix<T> x;
+  hsae::adam<T> opt;
+  hsae::dead_latent_tracker dead;
+  hsae::train_workspace<T> ws;
+
+  explicit fixture(const shape& s) {
+    if (const char* e = std::getenv("HSAE_BENCH_SCRATCH_MB")) be.scratch_bytes = std::size_t(std::atoll(e)) << 20;
+    hsae::synthetic_options so;
+    so.d_model = s.D;
+    so.n_atoms = 4 * s.D;
+    so.mean_active = 16;
+    so.seed = 7;
+    hsae::synthetic_source<T> src(so, be);
+    model = hsae::sae<T>(s.D, s.F);
+    x = src.next(s.B);
+    hsae::init(be, model, x);
+    opt = hsae::adam<T>(model, hsae::adam_options{.lr = 1e-4, .warmup_steps = 0});
+    dead = hsae::dead_latent_tracker(s.F);
+  }
+};
+
+template <class V>
+std::size_t bytes(const V& v) {
+  return std::size_t(v.size()) * sizeof(typename V::value_type);
+}
+template <class T_>
+std::size_t bytes(const hsae::row_matrix<T_>& m) {
+  return std::size_t(m.size()) * sizeof(T_);
+}
+
+std::size_t workspace_bytes(const hsae::train_workspace<T>& ws) {
+  std::size_t n = bytes(ws.pre) + bytes(ws.code.values) + std::size_t(ws.code.indices.size()) * 4;
+  n += bytes(ws.loss.grad_values) + bytes(ws.loss.residual) + bytes(ws.loss.bias_rows) +
+       std::size_t(ws.loss.level_err.size()) * 8 + bytes(ws.loss.staging) + bytes(ws.loss.pairs.offsets) +
+       bytes(ws.loss.pairs.pairs) + bytes(ws.loss.cursor);
+  n += bytes(ws.aux.code.values) + std::size_t(ws.aux.code.indices.size()) * 4 + bytes(ws.aux.grad_values) +
+       bytes(ws.aux.q) + bytes(ws.aux.row_err) + bytes(ws.aux.pairs.offsets) + bytes(ws.aux.pairs.pairs);
+  return n;
+}
+
+void set_counters(benchmark::State& state, const shape& s, std::size_t ws_bytes = 0) {
+  const double gemm_flops = 2.0 * s.B * s.D * s.F;
+  state.counters["GEMM_GFLOPs"] =
+      benchmark::Counter(gemm_flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["tokens/s"] = benchmark::Counter(double(s.B), benchmark::Counter::kIsIterationInvariantRate);
+  if (ws_bytes) state.counters["workspace_MiB"] = double(ws_bytes) / double(1 << 20);
+}
+
+// pre = (x - b_dec) W_enc^T alone: the floor every step pays.
+void BM_encoder_gemm(benchmark::State& state) {
+  const shape& s = shape_of(state.range(0));
+  fixture f(s);
+  hsae::row_matrix<T> pre;
+  for (auto _ : state) {
+    hsae::cpu::detail::encoder_gemm(f.model, f.x, pre);
+    benchmark::DoNotOptimize(pre.data());
+  }
+  set_counters(state, s);
+}
+
+template <class Schedule>
+void BM_train_step(benchmark::State& state) {
+  const shape& s = shape_of(state.range(0));
+  fixture f(s);
+  const Schedule sched;
+  hsae::train_step(f.be, f.model, f.opt, f.dead, f.x, sched, f.ws);  // warm the workspace
+  for (auto _ : state) {
+    const hsae::step_stats st = hsae::train_step(f.be, f.model, f.opt, f.dead, f.x, sched, f.ws);
+    benchmark::DoNotOptimize(st.loss);
+  }
+  set_counters(state, s, workspace_bytes(f.ws));
+}
+
+// Loss forward + backward alone (encode done once outside the loop).
+template <class Schedule>
+void BM_loss_backward(benchmark::State& state) {
+  const shape& s = shape_of(state.range(0));
+  fixture f(s);
+  const Schedule sched;
+  hsae::encode(f.be, f.model, f.x, sched.k_max(), f.ws.code, f.ws.pre);
+  f.ws.grads.zeros_like(f.model, f.be);
+  for (auto _ : state) {
+    const hsae::loss_stats ls = hsae::hierarchical_loss_backward(f.be, f.model, f.x, f.ws.code, sched, f.ws.grads,
+                                                                 f.ws.loss);
+    hsae::encoder_backward(f.be, f.model, f.x, f.ws.code, f.ws.loss.grad_values, f.ws.grads, f.ws.loss.pairs);
+    benchmark::DoNotOptimize(ls.loss);
+  }
+  set_counters(state, s, workspace_bytes(f.ws));
+}
+
+void big_and_small(benchmark::internal::Benchmark* b) {
+  b->ArgName("shape")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
+}
+
+}  // namespace
+
+BENCHMARK(BM_encoder_gemm)->Apply(big_and_small);
+BENCHMARK_TEMPLATE(BM_train_step, hsae::top_k<64>)->Apply(big_and_small);
+BENCHMARK_TEMPLATE(BM_train_step, hsae::all_prefixes<64>)->Apply(big_and_small);
+BENCHMARK_TEMPLATE(BM_train_step, hsae::top_k<32>)->Apply(big_and_small);
+BENCHMARK_TEMPLATE(BM_train_step, hsae::all_prefixes<32>)->Apply(big_and_small);
+BENCHMARK_TEMPLATE(BM_train_step, hsae::all_prefixes<256>)->Apply(big_and_small);
+BENCHMARK_TEMPLATE(BM_loss_backward, hsae::top_k<64>)->Apply(big_and_small);
+BENCHMARK_TEMPLATE(BM_loss_backward, hsae::all_prefixes<64>)->Apply(big_and_small);
+
+BENCHMARK_MAIN();
