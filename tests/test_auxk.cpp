@@ -6,6 +6,8 @@
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
+#include "test_util.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -15,13 +17,9 @@
 
 namespace {
 
-using namespace hsae;
+using hsae_test::bitwise_equal;
 
-template <class A, class B>
-bool bitwise_equal(const A& a, const B& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(typename A::Scalar) * std::size_t(a.size())) == 0;
-}
+using namespace hsae;
 
 /// A code with the given (value, index) rows.
 sparse_code<float> make_code(const std::vector<std::vector<std::pair<float, int>>>& rows) {

@@ -4,9 +4,13 @@
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
+#include "test_util.hpp"
+
 #include <cstring>
 
 namespace {
+
+using hsae_test::bitwise_equal;
 
 template <class T>
 hsae::sae<T> run(int threads, int steps, std::size_t scratch_bytes = std::size_t(64) << 20) {
@@ -34,11 +38,6 @@ hsae::sae<T> run(int threads, int steps, std::size_t scratch_bytes = std::size_t
     train_step(be, m, opt, dead, x, dynamic_k_schedule::subset({2, 5, 8}), ws);
   }
   return m;
-}
-
-template <class A, class B>
-bool bitwise_equal(const A& a, const B& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), sizeof(typename A::Scalar) * std::size_t(a.size())) == 0;
 }
 
 template <class T>

@@ -4,6 +4,8 @@
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
+#include "test_util.hpp"
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -15,6 +17,8 @@
 #include <vector>
 
 namespace {
+
+using hsae_test::bitwise_equal;
 
 using hsae::index_t;
 using dmat = Eigen::MatrixXd;
@@ -152,12 +156,6 @@ void check_matrix(const char* what, const A& got, const dmat& want, double rel) 
 void check_scalar(const char* what, double got, double want, double rel) {
   INFO(what << ": got " << got << ", want " << want << " (rel err " << std::abs(got - want) / std::abs(want) << ")");
   CHECK(std::abs(got - want) <= rel * std::abs(want));
-}
-
-template <class T>
-bool bitwise_equal(const T& a, const T& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(typename T::Scalar) * std::size_t(a.size())) == 0;
 }
 
 // Forward, backward, and every output against the naive reference.

@@ -4,6 +4,8 @@
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
+#include "test_util.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -15,13 +17,9 @@
 
 namespace {
 
-using namespace hsae;
+using hsae_test::bitwise_equal;
 
-template <class A, class B>
-bool bitwise_equal(const A& a, const B& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(typename A::Scalar) * std::size_t(a.size())) == 0;
-}
+using namespace hsae;
 
 template <class T>
 row_matrix<T> normal_matrix(Eigen::Index rows, Eigen::Index cols, std::uint64_t seed, double scale = 1.0,

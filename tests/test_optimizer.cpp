@@ -5,6 +5,8 @@
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
+#include "test_util.hpp"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -13,13 +15,9 @@
 
 namespace {
 
-using namespace hsae;
+using hsae_test::bitwise_equal;
 
-template <class A, class B>
-bool bitwise_equal(const A& a, const B& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(typename A::Scalar) * std::size_t(a.size())) == 0;
-}
+using namespace hsae;
 
 /// A model with the init recipe (unit decoder rows) plus non-zero biases.
 template <class T, int F = dynamic>
