@@ -9,6 +9,8 @@
 ///   hsae::adam<T, F>                optimizer.hpp
 ///   hsae::train_step                train_step.hpp
 ///   hsae::trainer, evaluate         trainer.hpp, metrics.hpp
+///   hsae::npy_file, write_npy       data/npy.hpp (memory-mapped .npy reading, atomic writing)
+///   hsae::npy_source, matrix_source data/sources.hpp (batch sources, batch_source concept)
 #pragma once
 
 #include "config.hpp"
@@ -18,6 +20,8 @@
 #include "cpu/latent_pairs.hpp"
 #include "cpu/loss.hpp"
 #include "cpu/topk.hpp"
+#include "data/npy.hpp"
+#include "data/sources.hpp"
 #include "data/synthetic.hpp"
 #include "dead_latents.hpp"
 #include "error.hpp"

@@ -1,0 +1,690 @@
+// SPDX-License-Identifier: Apache-2.0
+/// \file data/npy.hpp
+/// NumPy `.npy` files: a memory-mapped reader (`npy_file`) and an atomic writer
+/// (`write_npy`), plus hand-written IEEE binary16 <-> binary32/64 conversions.
+///
+/// Reading: format versions 1.0, 2.0 and 3.0; dtypes little-endian float16, float32 and
+/// float64 (`<f2`, `<f4`, `<f8`; `|` and `=` are read as native little-endian). Any
+/// leading shape is flattened to [N, D] with D the last dimension: shape (2, 3, 5) reads
+/// as [6, 5], a 1-D array of length D as [1, D]. The data need not be aligned. Every
+/// problem (truncated file, bad magic, malformed header, unsupported dtype, Fortran
+/// order, size mismatch, ...) raises hsae::io_error naming the file and the problem.
+///
+/// Writing: version 1.0, C order, shape [rows, cols] (or any shape), written to
+/// `<path>.tmp.<pid>`, fsync'd, then renamed over `path`, so readers never see a
+/// partial file.
+#pragma once
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <cctype>
+#include <cerrno>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <span>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../config.hpp"
+#include "../error.hpp"
+#include "../matrix.hpp"
+
+HSAE_NAMESPACE_BEGIN
+
+/// Element types of the .npy files hsae reads and writes.
+enum class npy_dtype { f16, f32, f64 };
+
+/// Bytes per element.
+constexpr std::size_t npy_itemsize(npy_dtype dt) noexcept {
+  return dt == npy_dtype::f16 ? 2 : dt == npy_dtype::f32 ? 4 : 8;
+}
+
+/// The NumPy `descr` string written for a dtype ("<f2", "<f4", "<f8").
+constexpr const char* npy_descr(npy_dtype dt) noexcept {
+  return dt == npy_dtype::f16 ? "<f2" : dt == npy_dtype::f32 ? "<f4" : "<f8";
+}
+
+// --- IEEE 754 binary16 ---------------------------------------------------------------
+
+/// binary16 bits -> float, exact for every pattern: subnormals are normalised, +-0,
+/// +-Inf kept, NaNs stay NaN with their payload in the top mantissa bits.
+constexpr float half_to_float(std::uint16_t h) noexcept {
+  const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16;
+  const std::uint32_t exp = (h >> 10) & 0x1fu;
+  std::uint32_t mant = h & 0x3ffu;
+  std::uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);  // Inf or NaN (payload preserved)
+  } else if (exp == 0) {
+    if (mant == 0) {
+      bits = sign;  // +-0
+    } else {
+      // Subnormal: value = mant * 2^-24. Shift the leading one up to bit 10.
+      std::uint32_t e = 127 - 15 + 1;
+      while ((mant & 0x400u) == 0) {
+        mant <<= 1;
+        --e;
+      }
+      bits = sign | (e << 23) | ((mant & 0x3ffu) << 13);
+    }
+  } else {
+    bits = sign | ((exp + (127 - 15)) << 23) | (mant << 13);
+  }
+  return std::bit_cast<float>(bits);
+}
+
+/// float -> binary16 bits, rounding to nearest, ties to even. Overflow (|x| >= 65520)
+/// gives +-Inf, underflow gives subnormals or +-0; NaNs stay NaN (top payload bits kept,
+/// a quiet bit set if they would vanish).
+constexpr std::uint16_t float_to_half(float f) noexcept {
+  const std::uint32_t x = std::bit_cast<std::uint32_t>(f);
+  const auto sign = std::uint16_t((x >> 16) & 0x8000u);
+  const std::uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) {  // Inf or NaN
+    if (ax == 0x7f800000u) return std::uint16_t(sign | 0x7c00u);
+    std::uint32_t payload = (ax >> 13) & 0x3ffu;
+    if (payload == 0) payload = 0x200u;
+    return std::uint16_t(sign | 0x7c00u | payload);
+  }
+  if (ax >= 0x477ff000u) return std::uint16_t(sign | 0x7c00u);  // >= 65520: rounds to Inf
+  if (ax < 0x38800000u) {                                      // below 2^-14: subnormal or zero
+    if (ax <= 0x33000000u) return sign;                        // <= 2^-25 (the tie goes to even 0)
+    const std::uint32_t e = ax >> 23;                          // in [102, 112]
+    const std::uint32_t m = (ax & 0x7fffffu) | 0x800000u;
+    const std::uint32_t shift = 126 - e;  // value / 2^-24 = m >> shift, shift in [14, 24]
+    std::uint32_t r = m >> shift;
+    const std::uint32_t rem = m & ((1u << shift) - 1);
+    const std::uint32_t half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1u))) ++r;  // may carry into the smallest normal: fine
+    return std::uint16_t(sign | r);
+  }
+  std::uint32_t r = (ax >> 13) - ((127u - 15u) << 10);  // rebias the exponent
+  const std::uint32_t rem = ax & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;  // carries into the exponent correctly
+  return std::uint16_t(sign | r);
+}
+
+/// double -> binary16 bits, correctly rounded (nearest, ties to even) with no double
+/// rounding: the double is first rounded to float *to odd*, which float_to_half then
+/// rounds exactly as a direct conversion would.
+inline std::uint16_t double_to_half(double d) noexcept {
+  if (std::isnan(d)) {
+    const std::uint64_t b = std::bit_cast<std::uint64_t>(d);
+    std::uint32_t payload = std::uint32_t((b >> 42) & 0x3ffu);
+    if (payload == 0) payload = 0x200u;
+    return std::uint16_t(((b >> 48) & 0x8000u) | 0x7c00u | payload);
+  }
+  float f = static_cast<float>(d);
+  if (std::isfinite(f) && static_cast<double>(f) != d) {
+    if (std::fabs(static_cast<double>(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
+    f = std::bit_cast<float>(std::bit_cast<std::uint32_t>(f) | 1u);
+  }
+  return float_to_half(f);
+}
+
+namespace detail {
+
+inline std::string npy_errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
+
+/// A minimal Python-literal value: what a .npy header dict holds.
+struct npy_pyval {
+  enum kind_t { str, boolean, none, integer, seq } kind = none;
+  std::string s;
+  bool b = false;
+  std::int64_t i = 0;
+  std::vector<npy_pyval> items;
+};
+
+/// Recursive-descent parser for the header dict: `{'key': value, ...}` with string,
+/// True/False/None, integer (optional Python-2 `L` suffix) and tuple/list values;
+/// whitespace anywhere, trailing commas, any key order.
+class npy_header_parser {
+ public:
+  npy_header_parser(std::string_view text, const std::string& where) : t_(text), where_(where) {}
+
+  std::vector<std::pair<std::string, npy_pyval>> parse_dict() {
+    std::vector<std::pair<std::string, npy_pyval>> out;
+    ws();
+    expect('{');
+    for (;;) {
+      ws();
+      if (peek() == '}') {
+        ++p_;
+        break;
+      }
+      npy_pyval key = value(0);
+      if (key.kind != npy_pyval::str) fail("dictionary key is not a string");
+      ws();
+      expect(':');
+      npy_pyval v = value(0);
+      for (const auto& kv : out)
+        if (kv.first == key.s) fail("duplicate key '" + key.s + "'");
+      out.emplace_back(std::move(key.s), std::move(v));
+      ws();
+      if (peek() == ',') {
+        ++p_;
+        continue;
+      }
+      if (peek() == '}') {
+        ++p_;
+        break;
+      }
+      fail("expected ',' or '}'");
+    }
+    ws();
+    if (p_ != t_.size()) fail("unexpected text after the closing '}'");
+    return out;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const {
+    throw_error<io_error>("npy file '", where_, "': malformed header: ", what, " at offset ", p_, " in \"", t_,
+                          "\"");
+  }
+  char peek() const { return p_ < t_.size() ? t_[p_] : '\0'; }
+  void ws() {
+    while (p_ < t_.size() && (t_[p_] == ' ' || t_[p_] == '\t' || t_[p_] == '\n' || t_[p_] == '\r')) ++p_;
+  }
+  void expect(char c) {
+    if (peek() != c) fail(std::string("expected '") + c + "'");
+    ++p_;
+  }
+  bool word(std::string_view w) {
+    if (t_.substr(p_, w.size()) != w) return false;
+    const std::size_t end = p_ + w.size();
+    if (end < t_.size() && (std::isalnum(static_cast<unsigned char>(t_[end])) || t_[end] == '_')) return false;
+    p_ = end;
+    return true;
+  }
+
+  npy_pyval value(int depth) {
+    if (depth > 16) fail("nesting too deep");
+    ws();
+    npy_pyval v;
+    const char c = peek();
+    if (c == '\'' || c == '"') {
+      ++p_;
+      v.kind = npy_pyval::str;
+      while (p_ < t_.size() && t_[p_] != c) {
+        if (t_[p_] == '\\') fail("escape sequences are not supported");
+        v.s += t_[p_++];
+      }
+      if (p_ >= t_.size()) fail("unterminated string");
+      ++p_;
+    } else if (c == '(' || c == '[') {
+      const char close = c == '(' ? ')' : ']';
+      ++p_;
+      v.kind = npy_pyval::seq;
+      for (;;) {
+        ws();
+        if (peek() == close) {
+          ++p_;
+          break;
+        }
+        v.items.push_back(value(depth + 1));
+        ws();
+        if (peek() == ',') {
+          ++p_;
+          continue;
+        }
+        if (peek() == close) {
+          ++p_;
+          break;
+        }
+        fail(std::string("expected ',' or '") + close + "'");
+      }
+    } else if (c == '-' || c == '+' || (c >= '0' && c <= '9')) {
+      v.kind = npy_pyval::integer;
+      bool neg = false;
+      if (c == '-' || c == '+') {
+        neg = c == '-';
+        ++p_;
+      }
+      if (!(peek() >= '0' && peek() <= '9')) fail("expected a digit");
+      std::int64_t x = 0;
+      while (peek() >= '0' && peek() <= '9') {
+        const int dgt = peek() - '0';
+        if (x > (std::numeric_limits<std::int64_t>::max() - dgt) / 10) fail("integer too large");
+        x = x * 10 + dgt;
+        ++p_;
+      }
+      if (peek() == 'L' || peek() == 'l') ++p_;  // Python 2 long
+      v.i = neg ? -x : x;
+    } else if (word("True")) {
+      v.kind = npy_pyval::boolean;
+      v.b = true;
+    } else if (word("False")) {
+      v.kind = npy_pyval::boolean;
+      v.b = false;
+    } else if (word("None")) {
+      v.kind = npy_pyval::none;
+    } else {
+      fail("unexpected character");
+    }
+    return v;
+  }
+
+  std::string_view t_;
+  const std::string& where_;
+  std::size_t p_ = 0;
+};
+
+inline std::uint16_t load_u16le(const unsigned char* p) { return std::uint16_t(p[0] | (p[1] << 8)); }
+inline std::uint32_t load_u32le(const unsigned char* p) {
+  return std::uint32_t(p[0]) | (std::uint32_t(p[1]) << 8) | (std::uint32_t(p[2]) << 16) | (std::uint32_t(p[3]) << 24);
+}
+
+}  // namespace detail
+
+/// A read-only, memory-mapped .npy file viewed as a row-major [rows, cols] matrix.
+/// Move-only; the mapping is released by the destructor (the descriptor is closed as
+/// soon as the file is mapped).
+class npy_file {
+ public:
+  explicit npy_file(std::filesystem::path path) : path_(std::move(path)) {
+    if constexpr (std::endian::native != std::endian::little) fail("big-endian hosts are not supported");
+    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) fail("cannot open: ", detail::npy_errno_text(errno));
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+      const int err = errno;
+      ::close(fd);
+      fail("cannot stat: ", detail::npy_errno_text(err));
+    }
+    if (!S_ISREG(st.st_mode)) {
+      ::close(fd);
+      fail("not a regular file");
+    }
+    size_ = std::size_t(st.st_size);
+    if (size_ < 10) {
+      ::close(fd);
+      fail("file too small (", size_, " bytes) for the .npy magic and header");
+    }
+    void* m = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    const int map_err = errno;
+    ::close(fd);  // the mapping stays valid
+    if (m == MAP_FAILED) fail("mmap failed: ", detail::npy_errno_text(map_err));
+    map_ = m;
+    ::madvise(map_, size_, MADV_SEQUENTIAL);  // advisory only: failure is harmless
+    try {
+      parse();
+    } catch (...) {
+      release();
+      throw;
+    }
+  }
+
+  npy_file(const npy_file&) = delete;
+  npy_file& operator=(const npy_file&) = delete;
+  npy_file(npy_file&& o) noexcept
+      : path_(std::move(o.path_)),
+        map_(std::exchange(o.map_, nullptr)),
+        size_(std::exchange(o.size_, 0)),
+        data_offset_(o.data_offset_),
+        rows_(o.rows_),
+        cols_(o.cols_),
+        dtype_(o.dtype_),
+        major_(o.major_),
+        minor_(o.minor_),
+        shape_(std::move(o.shape_)) {}
+  npy_file& operator=(npy_file&& o) noexcept {
+    if (this != &o) {
+      release();
+      path_ = std::move(o.path_);
+      map_ = std::exchange(o.map_, nullptr);
+      size_ = std::exchange(o.size_, 0);
+      data_offset_ = o.data_offset_;
+      rows_ = o.rows_;
+      cols_ = o.cols_;
+      dtype_ = o.dtype_;
+      major_ = o.major_;
+      minor_ = o.minor_;
+      shape_ = std::move(o.shape_);
+    }
+    return *this;
+  }
+  ~npy_file() { release(); }
+
+  /// Rows after flattening the leading dimensions.
+  std::int64_t rows() const noexcept { return rows_; }
+  /// The last dimension.
+  std::int64_t cols() const noexcept { return cols_; }
+  npy_dtype dtype() const noexcept { return dtype_; }
+  const std::filesystem::path& path() const noexcept { return path_; }
+  /// The shape as stored in the header.
+  const std::vector<std::int64_t>& shape() const noexcept { return shape_; }
+  /// Format version, e.g. {1, 0}.
+  int major_version() const noexcept { return major_; }
+  int minor_version() const noexcept { return minor_; }
+  /// Byte offset of the data, and the file size.
+  std::size_t data_offset() const noexcept { return data_offset_; }
+  std::size_t file_size() const noexcept { return size_; }
+  /// The raw (little-endian, possibly unaligned) element bytes.
+  const std::byte* data() const noexcept { return static_cast<const std::byte*>(map_) + data_offset_; }
+
+  /// Copies rows [first, first + count) into `out` (count * cols() values, row-major),
+  /// converting to T.
+  template <cpu_scalar T>
+  void read_rows(std::int64_t first, std::int64_t count, T* out) const {
+    detail::expects<shape_error>(first >= 0 && count >= 0 && first <= rows_ && count <= rows_ - first,
+                                 "npy file '", path_.string(), "': rows [", first, ", ", first + count,
+                                 ") out of range [0, ", rows_, ")");
+    if (count == 0) return;
+    const std::size_t n = std::size_t(count) * std::size_t(cols_);
+    const auto* src = reinterpret_cast<const unsigned char*>(data()) +
+                      std::size_t(first) * std::size_t(cols_) * npy_itemsize(dtype_);
+    switch (dtype_) {
+      case npy_dtype::f32:
+        if constexpr (std::is_same_v<T, float>) {
+          std::memcpy(out, src, n * sizeof(float));
+        } else {
+          for (std::size_t i = 0; i < n; ++i) {
+            float v;
+            std::memcpy(&v, src + 4 * i, 4);
+            out[i] = T(v);
+          }
+        }
+        break;
+      case npy_dtype::f64:
+        if constexpr (std::is_same_v<T, double>) {
+          std::memcpy(out, src, n * sizeof(double));
+        } else {
+          for (std::size_t i = 0; i < n; ++i) {
+            double v;
+            std::memcpy(&v, src + 8 * i, 8);
+            out[i] = T(v);
+          }
+        }
+        break;
+      case npy_dtype::f16:
+        for (std::size_t i = 0; i < n; ++i) {
+          std::uint16_t h;
+          std::memcpy(&h, src + 2 * i, 2);
+          out[i] = T(half_to_float(h));
+        }
+        break;
+    }
+  }
+  /// Copies row `r` into `out` (cols() values).
+  template <cpu_scalar T>
+  void read_row(std::int64_t r, T* out) const {
+    read_rows(r, 1, out);
+  }
+  /// Rows [first, first + count) as a new matrix.
+  template <cpu_scalar T>
+  row_matrix<T> read_rows(std::int64_t first, std::int64_t count) const {
+    detail::expects<shape_error>(count >= 0, "npy file '", path_.string(), "': negative row count ", count);
+    row_matrix<T> m(count, cols_);
+    read_rows(first, count, m.data());
+    return m;
+  }
+  /// The whole file as a [rows, cols] matrix.
+  template <cpu_scalar T>
+  row_matrix<T> read_all() const {
+    return read_rows<T>(0, rows_);
+  }
+
+ private:
+  template <class... Args>
+  [[noreturn]] void fail(Args&&... args) const {
+    detail::throw_error<io_error>("npy file '", path_.string(), "': ", std::forward<Args>(args)...);
+  }
+
+  void release() noexcept {
+    if (map_ != nullptr) ::munmap(map_, size_);
+    map_ = nullptr;
+    size_ = 0;
+  }
+
+  void parse() {
+    const auto* b = static_cast<const unsigned char*>(map_);
+    static constexpr unsigned char magic[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
+    if (std::memcmp(b, magic, 6) != 0) fail("bad magic (not a .npy file)");
+    major_ = b[6];
+    minor_ = b[7];
+    if (!((major_ == 1 || major_ == 2 || major_ == 3) && minor_ == 0))
+      fail("unsupported format version ", major_, ".", minor_, " (1.0, 2.0 and 3.0 are supported)");
+    std::size_t hlen, hstart;
+    if (major_ == 1) {
+      hlen = detail::load_u16le(b + 8);
+      hstart = 10;
+    } else {
+      if (size_ < 12) fail("file too small (", size_, " bytes) for a version ", major_, ".0 header");
+      hlen = detail::load_u32le(b + 8);
+      hstart = 12;
+    }
+    if (hlen > size_ - hstart)
+      fail("header length ", hlen, " extends beyond the end of the file (", size_, " bytes)");
+    data_offset_ = hstart + hlen;
+    const std::string where = path_.string();
+    const std::string_view text(reinterpret_cast<const char*>(b + hstart), hlen);
+    const auto dict = detail::npy_header_parser(text, where).parse_dict();
+
+    const detail::npy_pyval* descr = nullptr;
+    const detail::npy_pyval* fortran = nullptr;
+    const detail::npy_pyval* shape = nullptr;
+    for (const auto& [k, v] : dict) {
+      if (k == "descr")
+        descr = &v;
+      else if (k == "fortran_order")
+        fortran = &v;
+      else if (k == "shape")
+        shape = &v;
+      else
+        fail("malformed header: unexpected key '", k, "'");
+    }
+    if (descr == nullptr || fortran == nullptr || shape == nullptr)
+      fail("malformed header: missing key '",
+           descr == nullptr ? "descr" : fortran == nullptr ? "fortran_order" : "shape", "'");
+
+    // dtype
+    if (descr->kind != detail::npy_pyval::str)
+      fail("unsupported dtype: structured or non-string descr (only float16/32/64 are supported)");
+    const std::string& d = descr->s;
+    char order = '<';
+    std::string_view code = d;
+    if (!code.empty() && (code[0] == '<' || code[0] == '>' || code[0] == '|' || code[0] == '=')) {
+      order = code[0];
+      code.remove_prefix(1);
+    }
+    if (code == "f2")
+      dtype_ = npy_dtype::f16;
+    else if (code == "f4")
+      dtype_ = npy_dtype::f32;
+    else if (code == "f8")
+      dtype_ = npy_dtype::f64;
+    else
+      fail("unknown dtype '", d, "' (supported: '<f2', '<f4', '<f8')");
+    if (order == '>') fail("dtype '", d, "': big-endian not supported");
+
+    // shape
+    if (shape->kind != detail::npy_pyval::seq) fail("malformed header: 'shape' is not a tuple");
+    shape_.clear();
+    for (const auto& e : shape->items) {
+      if (e.kind != detail::npy_pyval::integer) fail("malformed header: 'shape' holds a non-integer");
+      if (e.i < 0) fail("malformed header: negative dimension ", e.i, " in 'shape'");
+      shape_.push_back(e.i);
+    }
+    if (shape_.empty()) fail("0-d (scalar) array: need at least one dimension");
+    if (std::find(shape_.begin(), shape_.end(), std::int64_t(0)) != shape_.end())
+      fail("shape ", shape_text(), " has a zero dimension (empty array)");
+
+    // fortran_order
+    if (fortran->kind != detail::npy_pyval::boolean) fail("malformed header: 'fortran_order' is not True/False");
+    if (fortran->b && shape_.size() > 1) fail("fortran_order=True is not supported for shape ", shape_text());
+
+    // size
+    cols_ = shape_.back();
+    std::int64_t rows = 1;
+    constexpr auto big = std::numeric_limits<std::int64_t>::max();
+    for (std::size_t i = 0; i + 1 < shape_.size(); ++i) {
+      if (rows > big / shape_[i]) fail("shape ", shape_text(), " is too large");
+      rows *= shape_[i];
+    }
+    rows_ = rows;
+    const auto item = std::int64_t(npy_itemsize(dtype_));
+    if (rows_ > big / cols_ || rows_ * cols_ > big / item) fail("shape ", shape_text(), " is too large");
+    const std::uint64_t want = std::uint64_t(rows_ * cols_ * item);
+    const std::uint64_t have = size_ - data_offset_;
+    if (want != have)
+      fail("data size mismatch: shape ", shape_text(), " of '", d, "' needs ", want, " bytes but the file has ",
+           have, " after the header (", want > have ? "truncated" : "trailing data", ")");
+  }
+
+  std::string shape_text() const {
+    std::string s = "(";
+    for (std::size_t i = 0; i < shape_.size(); ++i) s += (i ? ", " : "") + std::to_string(shape_[i]);
+    return s + (shape_.size() == 1 ? ",)" : ")");
+  }
+
+  std::filesystem::path path_;
+  void* map_ = nullptr;
+  std::size_t size_ = 0;
+  std::size_t data_offset_ = 0;
+  std::int64_t rows_ = 0;
+  std::int64_t cols_ = 0;
+  npy_dtype dtype_ = npy_dtype::f32;
+  int major_ = 0;
+  int minor_ = 0;
+  std::vector<std::int64_t> shape_;
+};
+
+// --- Writing -------------------------------------------------------------------------
+
+namespace detail {
+
+/// Writes all of `n` bytes, retrying on EINTR and short writes.
+inline bool npy_write_all(int fd, const void* p, std::size_t n) {
+  const auto* c = static_cast<const char*>(p);
+  while (n > 0) {
+    const ssize_t w = ::write(fd, c, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    c += w;
+    n -= std::size_t(w);
+  }
+  return true;
+}
+
+/// The version 1.0 preamble and header dict, padded so the data starts on a 64-byte boundary.
+inline std::string npy_header_v1(npy_dtype dt, std::span<const std::int64_t> shape) {
+  std::string dict = std::string("{'descr': '") + npy_descr(dt) + "', 'fortran_order': False, 'shape': (";
+  for (std::size_t i = 0; i < shape.size(); ++i) dict += (i ? ", " : "") + std::to_string(shape[i]);
+  dict += shape.size() == 1 ? ",), }" : "), }";
+  std::size_t total = 10 + dict.size() + 1;  // + the terminating '\n'
+  const std::size_t padded = (total + 63) / 64 * 64;
+  dict.append(padded - total, ' ');
+  dict += '\n';
+  const std::size_t hlen = dict.size();
+  expects<io_error>(hlen <= 0xffff, "write_npy: header too long (", hlen, " bytes) for format 1.0");
+  std::string out("\x93NUMPY\x01\x00", 8);
+  out += char(hlen & 0xff);
+  out += char((hlen >> 8) & 0xff);
+  return out + dict;
+}
+
+}  // namespace detail
+
+/// Writes `data` (row-major, prod(shape) elements) as a version 1.0 .npy file of dtype
+/// `dt` with the given shape, atomically (temporary file, fsync, rename). float16
+/// output rounds to nearest even; float32 output from double rounds to nearest.
+template <cpu_scalar T>
+void write_npy(const std::filesystem::path& path, const T* data, std::span<const std::int64_t> shape,
+               npy_dtype dt = npy_dtype::f32) {
+  std::size_t n = 1;
+  for (const std::int64_t s : shape) {
+    detail::expects<shape_error>(s >= 0, "write_npy '", path.string(), "': negative dimension ", s);
+    n *= std::size_t(s);
+  }
+  detail::expects<shape_error>(n == 0 || data != nullptr, "write_npy '", path.string(), "': null data");
+  const std::string header = detail::npy_header_v1(dt, shape);
+
+  const std::filesystem::path tmp = path.string() + ".tmp." + std::to_string(::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  detail::expects<io_error>(fd >= 0, "write_npy '", path.string(), "': cannot create '", tmp.string(),
+                            "': ", detail::npy_errno_text(errno));
+  const auto fail_io = [&](const char* what, int err) {
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    detail::throw_error<io_error>("write_npy '", path.string(), "': ", what, " '", tmp.string(),
+                                  "' failed: ", detail::npy_errno_text(err));
+  };
+  if (!detail::npy_write_all(fd, header.data(), header.size())) fail_io("write to", errno);
+
+  const std::size_t item = npy_itemsize(dt);
+  constexpr std::size_t chunk = std::size_t(1) << 16;  // elements per write
+  std::vector<unsigned char> buf(std::min(n, chunk) * item);
+  for (std::size_t lo = 0; lo < n; lo += chunk) {
+    const std::size_t m = std::min(chunk, n - lo);
+    for (std::size_t i = 0; i < m; ++i) {
+      const T v = data[lo + i];
+      unsigned char* dst = buf.data() + i * item;
+      if (dt == npy_dtype::f32) {
+        const float f = static_cast<float>(v);
+        std::memcpy(dst, &f, 4);
+      } else if (dt == npy_dtype::f64) {
+        const double x = static_cast<double>(v);
+        std::memcpy(dst, &x, 8);
+      } else {
+        std::uint16_t h;
+        if constexpr (std::is_same_v<T, float>)
+          h = float_to_half(v);
+        else
+          h = double_to_half(v);
+        std::memcpy(dst, &h, 2);
+      }
+    }
+    if (!detail::npy_write_all(fd, buf.data(), m * item)) fail_io("write to", errno);
+  }
+  if (::fsync(fd) != 0) fail_io("fsync of", errno);
+  if (::close(fd) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    detail::throw_error<io_error>("write_npy '", path.string(), "': close of '", tmp.string(),
+                                  "' failed: ", detail::npy_errno_text(err));
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    detail::throw_error<io_error>("write_npy '", path.string(), "': rename from '", tmp.string(),
+                                  "' failed: ", detail::npy_errno_text(err));
+  }
+  // Make the rename durable: fsync the directory (best effort).
+  const std::filesystem::path dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+/// Writes a [rows, cols] row-major array.
+template <cpu_scalar T>
+void write_npy(const std::filesystem::path& path, const T* data, std::int64_t rows, std::int64_t cols,
+               npy_dtype dt = npy_dtype::f32) {
+  const std::int64_t shape[2] = {rows, cols};
+  write_npy(path, data, std::span<const std::int64_t>(shape), dt);
+}
+
+/// Writes a matrix as a [rows, cols] array.
+template <cpu_scalar T>
+void write_npy(const std::filesystem::path& path, const row_matrix<T>& m, npy_dtype dt = npy_dtype::f32) {
+  write_npy(path, m.data(), std::int64_t(m.rows()), std::int64_t(m.cols()), dt);
+}
+
+HSAE_NAMESPACE_END
