@@ -275,9 +275,19 @@ class trainer {
   using clock = std::chrono::steady_clock;
   static double seconds_since(clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); }
 
-  static double batch_variance(const row_matrix<T>& x) {
-    const Eigen::RowVectorXd mean = x.template cast<double>().colwise().mean();
-    return std::max((x.template cast<double>().rowwise() - mean).squaredNorm(), 1e-300);
+  /// sum ||x - mean(x)||^2 of the batch, in double, in one pass and without the two
+  /// [B, D] double temporaries a cast-and-centre expression would allocate every step.
+  double batch_variance(const row_matrix<T>& x) {
+    col_sum_.setZero(x.cols());
+    double sq = 0;
+    for (Eigen::Index b = 0; b < x.rows(); ++b) {
+      const T* r = x.row(b).data();
+      for (Eigen::Index d = 0; d < x.cols(); ++d) {
+        col_sum_[d] += double(r[d]);
+        sq += double(r[d]) * double(r[d]);
+      }
+    }
+    return std::max(sq - col_sum_.squaredNorm() / double(x.rows()), 1e-300);
   }
 
   evaluation run_eval() {
@@ -332,6 +342,7 @@ class trainer {
   dead_latent_tracker dead_;
   train_workspace<T, F> ws_;
   row_matrix<T> eval_x_;
+  Eigen::VectorXd col_sum_;  // batch_variance scratch
   double scale_ = 1.0;
   std::int64_t step_ = 0;
   std::int64_t tokens_ = 0;
