@@ -37,16 +37,6 @@ std::int64_t parse_int(const char* s, const char* argv0) {
   return v;
 }
 
-// Best cosine similarity of each true atom with any decoder row.
-std::vector<double> best_cosines(const hsae::row_matrix<float>& learned, const hsae::row_matrix<float>& truth) {
-  const Eigen::MatrixXd a = learned.cast<double>().rowwise().normalized();
-  const Eigen::MatrixXd b = truth.cast<double>().rowwise().normalized();
-  const Eigen::MatrixXd c = b * a.transpose();
-  std::vector<double> best(std::size_t(b.rows()));
-  for (Eigen::Index j = 0; j < b.rows(); ++j) best[std::size_t(j)] = c.row(j).maxCoeff();
-  return best;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -117,7 +107,7 @@ int main(int argc, char** argv) {
     for (const auto& l : ev.levels)
       std::printf("%5d %9.4f %9.2f%% %11.3e %7.2f\n", l.k, l.fvu, 100.0 * l.explained_variance(), l.mse, l.l0);
 
-    const std::vector<double> best = best_cosines(tr.model().W_dec, src.atoms());
+    const std::vector<double> best = best_cosines<T>(be, tr.model().W_dec, src.atoms());
     double parents = 0, children = 0;
     int parents_found = 0, children_found = 0;
     for (int j = 0; j < data.total_atoms(); ++j) {

@@ -148,11 +148,11 @@ class synthetic_source {
   std::int64_t pos_ = 0;
 };
 
-/// Mean over true atoms of the best cosine similarity with any learned decoder row:
-/// 1 means every true atom is matched exactly. `learned` [F, D], `truth` [n, D].
+/// For every true atom (row of `truth` [n, D]) its best cosine similarity with any
+/// learned decoder row (`learned` [F, D]).
 template <cpu_scalar T>
-double mean_max_cosine(const cpu_backend& be, cref<T> learned, cref<T> truth) {
-  detail::expects<shape_error>(learned.cols() == truth.cols(), "mean_max_cosine: widths differ (", learned.cols(),
+std::vector<double> best_cosines(const cpu_backend& be, cref<T> learned, cref<T> truth) {
+  detail::expects<shape_error>(learned.cols() == truth.cols(), "best_cosines: the learned and true dictionaries have different widths (", learned.cols(),
                                " vs ", truth.cols(), ")");
   const Eigen::MatrixXd a = learned.template cast<double>().rowwise().normalized();
   const Eigen::MatrixXd b = truth.template cast<double>().rowwise().normalized();
@@ -160,6 +160,14 @@ double mean_max_cosine(const cpu_backend& be, cref<T> learned, cref<T> truth) {
   cpu::detail::parallel_for(be, b.rows(), [&](std::ptrdiff_t j) {
     best[std::size_t(j)] = (a * b.row(j).transpose()).maxCoeff();
   });
+  return best;
+}
+
+/// Mean over true atoms of the best cosine similarity with any learned decoder row:
+/// 1 means every true atom is matched exactly. `learned` [F, D], `truth` [n, D].
+template <cpu_scalar T>
+double mean_max_cosine(const cpu_backend& be, cref<T> learned, cref<T> truth) {
+  const std::vector<double> best = best_cosines<T>(be, learned, truth);
   double s = 0;
   for (double v : best) s += v;
   return s / double(best.size());
