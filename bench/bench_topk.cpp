@@ -44,27 +44,12 @@ void BM_hsae_filter(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * std::int64_t(n) * 4);
 }
 
-// Baseline: nth_element + sort over (value, index) pairs, the usual portable answer.
-void BM_nth_element_pairs(benchmark::State& state) {
-  const int n = int(state.range(0)), k = int(state.range(1));
-  const auto x = make_rows(kRows, n, int(state.range(2)));
-  std::vector<std::pair<float, int>> buf(static_cast<std::size_t>(n));
-  const auto better = [](const auto& a, const auto& b) { return a.first > b.first || (a.first == b.first && a.second < b.second); };
-  int r = 0;
-  for (auto _ : state) {
-    const float* row = x.data() + std::size_t(r) * std::size_t(n);
-    for (int i = 0; i < n; ++i) buf[std::size_t(i)] = {row[i], i};
-    std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), better);
-    std::sort(buf.begin(), buf.begin() + k, better);
-    benchmark::DoNotOptimize(buf.data());
-    r = (r + 1) % kRows;
-  }
-  state.SetItemsProcessed(state.iterations());
-  state.SetBytesProcessed(state.iterations() * std::int64_t(n) * 4);
-}
+// Standard-library baselines over (value, index) pairs, with hsae's ordering
+// (descending value, ties to the lower index).
+enum baseline { nth_element_then_sort, partial_sort };
 
-// Baseline: partial_sort over an index array.
-void BM_partial_sort_pairs(benchmark::State& state) {
+template <baseline How>
+void BM_baseline(benchmark::State& state) {
   const int n = int(state.range(0)), k = int(state.range(1));
   const auto x = make_rows(kRows, n, int(state.range(2)));
   std::vector<std::pair<float, int>> buf(static_cast<std::size_t>(n));
@@ -73,13 +58,20 @@ void BM_partial_sort_pairs(benchmark::State& state) {
   for (auto _ : state) {
     const float* row = x.data() + std::size_t(r) * std::size_t(n);
     for (int i = 0; i < n; ++i) buf[std::size_t(i)] = {row[i], i};
-    std::partial_sort(buf.begin(), buf.begin() + k, buf.end(), better);
+    if constexpr (How == nth_element_then_sort) {
+      std::nth_element(buf.begin(), buf.begin() + (k - 1), buf.end(), better);
+      std::sort(buf.begin(), buf.begin() + k, better);
+    } else {
+      std::partial_sort(buf.begin(), buf.begin() + k, buf.end(), better);
+    }
     benchmark::DoNotOptimize(buf.data());
     r = (r + 1) % kRows;
   }
   state.SetItemsProcessed(state.iterations());
   state.SetBytesProcessed(state.iterations() * std::int64_t(n) * 4);
 }
+void BM_nth_element_pairs(benchmark::State& state) { BM_baseline<nth_element_then_sort>(state); }
+void BM_partial_sort_pairs(benchmark::State& state) { BM_baseline<partial_sort>(state); }
 
 void shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"n", "k", "input"});
