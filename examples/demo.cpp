@@ -5,13 +5,20 @@
 // that single model reconstructs held-out data using only its top-k latents, and how
 // well it recovered the true features.
 //
+// With `--npy FILE` (repeatable) it trains on cached activations instead: .npy files of
+// float32/float16 [..., d_model], streamed by memory mapping through a shuffle buffer.
+// `--dump-npy FILE ROWS` writes ROWS rows of the synthetic data as such a file and exits,
+// which gives a quick way to try the .npy path.
+//
 //   hsae_demo [--tokens N] [--d-sae F] [--batch B] [--threads T] [--metrics FILE] [--seed S]
+//             [--npy FILE]... [--dump-npy FILE ROWS]
 #include <hsae/hsae.hpp>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -20,12 +27,16 @@ namespace {
 [[noreturn]] void usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s [--tokens N] [--d-sae F] [--batch B] [--threads T] [--metrics FILE] [--seed S]\n"
+               "          [--npy FILE]... [--dump-npy FILE ROWS]\n"
                "  --tokens   training tokens (default 4000000)\n"
                "  --d-sae    dictionary width (default 2048)\n"
                "  --batch    rows per step (default 2048)\n"
                "  --threads  CPU threads (default: all)\n"
                "  --metrics  write JSON-lines metrics to FILE\n"
-               "  --seed     data and init seed (default 1)\n",
+               "  --seed     data and init seed (default 1)\n"
+               "  --npy      train on activations from a .npy file (float32/float16, [..., d_model]);\n"
+               "             repeat for several files (one stream, shuffled)\n"
+               "  --dump-npy write ROWS rows of the synthetic data to FILE (.npy, float32) and exit\n",
                argv0);
   std::exit(2);
 }
@@ -37,6 +48,15 @@ std::int64_t parse_int(const char* s, const char* argv0) {
   return v;
 }
 
+/// Prints the held-out sparsity-fidelity table of a trained model.
+void print_table(const hsae::evaluation& ev) {
+  std::printf("\nsparsity-fidelity on %lld held-out rows: one model, the top-k prefix of its code at every k\n",
+              (long long)ev.rows);
+  std::printf("%5s %9s %10s %11s %7s\n", "k", "FVU", "expl.var", "MSE", "L0");
+  for (const auto& l : ev.levels)
+    std::printf("%5d %9.4f %9.2f%% %11.3e %7.2f\n", l.k, l.fvu, 100.0 * l.explained_variance(), l.mse, l.l0);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -45,8 +65,9 @@ int main(int argc, char** argv) {
   constexpr int K = 32;
   using schedule = all_prefixes<K>;  // the paper's objective: the mean MSE of every prefix 1..K
 
-  std::int64_t tokens = 4'000'000, d_sae = 2048, batch = 2048, threads = 0, seed = 1;
-  std::string metrics;
+  std::int64_t tokens = 4'000'000, d_sae = 2048, batch = 2048, threads = 0, seed = 1, dump_rows = 0;
+  std::string metrics, dump_path;
+  std::vector<std::filesystem::path> npy_files;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (i + 1 >= argc) usage(argv[0]);
@@ -56,7 +77,12 @@ int main(int argc, char** argv) {
     else if (a == "--threads") threads = parse_int(argv[++i], argv[0]);
     else if (a == "--metrics") metrics = argv[++i];
     else if (a == "--seed") seed = parse_int(argv[++i], argv[0]);
-    else usage(argv[0]);
+    else if (a == "--npy") npy_files.emplace_back(argv[++i]);
+    else if (a == "--dump-npy") {
+      if (i + 2 >= argc) usage(argv[0]);
+      dump_path = argv[++i];
+      dump_rows = parse_int(argv[++i], argv[0]);
+    } else usage(argv[0]);
   }
 
   try {
@@ -75,6 +101,15 @@ int main(int argc, char** argv) {
     data.seed = std::uint64_t(seed);
     synthetic_source<T> src(data, be);
 
+    if (!dump_path.empty()) {
+      const row_matrix<T> rows = src.next(Eigen::Index(dump_rows));
+      const std::int64_t shape[2] = {std::int64_t(rows.rows()), std::int64_t(rows.cols())};
+      write_npy(dump_path, rows.data(), shape);
+      std::printf("wrote %lld synthetic rows of d_model=%d to %s\n", (long long)rows.rows(), data.d_model,
+                  dump_path.c_str());
+      return 0;
+    }
+
     trainer_options opt;
     opt.batch_size = batch;
     opt.total_tokens = tokens;
@@ -89,6 +124,34 @@ int main(int argc, char** argv) {
     opt.metrics_path = metrics;
 
     std::printf("hsae %s demo: HierarchicalTopK SAE, all prefixes 1..%d\n", version_string, K);
+
+    if (!npy_files.empty()) {
+      // Cached activations. The held-out rows are the first eval_rows of the (shuffled)
+      // stream, read before training starts: unseen during the first epoch, seen again
+      // in later ones. Inputs are scaled so that E||x||^2 = d_model (folded on export).
+      npy_source_options no;
+      no.seed = std::uint64_t(seed);
+      npy_source<T> files(npy_files, no);
+      opt.eval_rows = std::min<std::int64_t>(opt.eval_rows, files.rows_total() / 4);
+      opt.init_rows = std::max<std::int64_t>(1, std::min<std::int64_t>(opt.init_rows, files.rows_total() / 4));
+      opt.normalize_inputs = true;
+      std::printf("data: %zu .npy file(s), %lld rows of d_model=%d (", npy_files.size(),
+                  (long long)files.rows_total(), files.d_model());
+      for (std::size_t f = 0; f < npy_files.size(); ++f)
+        std::printf("%s%s", f ? ", " : "", npy_files[f].string().c_str());
+      std::printf(")\nmodel: d_sae=%lld, batch %lld, %lld tokens (%lld steps, %.2f epochs), %d threads\n\n",
+                  (long long)d_sae, (long long)batch, (long long)tokens, (long long)opt.steps(),
+                  double(tokens) / double(files.rows_total()), be.threads());
+      std::fflush(stdout);
+      trainer<T, dynamic, schedule> tr(be, sae<T>(files.d_model(), int(d_sae)), schedule{}, opt);
+      const train_summary sum = tr.fit(files);
+      std::printf("\ntrained in %.1f s (%.0f tokens/s)\n", sum.seconds, sum.tokens_per_second);
+      print_table(sum.eval);
+      std::printf("\ndead latents: %.1f%% of %lld\n", 100.0 * tr.dead_latents().dead_fraction(), (long long)d_sae);
+      if (!metrics.empty()) std::printf("metrics: %s (JSON lines)\n", metrics.c_str());
+      return 0;
+    }
+
     std::printf("data: synthetic, d_model=%d, %d true features (%d parents x %d children each), "
                 "power-law frequencies, %.1f active parents per row on average\n",
                 data.d_model, data.total_atoms(), data.n_atoms, data.children_per_atom, data.mean_active);
@@ -99,13 +162,8 @@ int main(int argc, char** argv) {
     trainer<T, dynamic, schedule> tr(be, sae<T>(data.d_model, int(d_sae)), schedule{}, opt);
     const train_summary sum = tr.fit(src);
 
-    const evaluation& ev = sum.eval;
     std::printf("\ntrained in %.1f s (%.0f tokens/s)\n", sum.seconds, sum.tokens_per_second);
-    std::printf("\nsparsity-fidelity on %lld held-out rows: one model, the top-k prefix of its code at every k\n",
-                (long long)ev.rows);
-    std::printf("%5s %9s %10s %11s %7s\n", "k", "FVU", "expl.var", "MSE", "L0");
-    for (const auto& l : ev.levels)
-      std::printf("%5d %9.4f %9.2f%% %11.3e %7.2f\n", l.k, l.fvu, 100.0 * l.explained_variance(), l.mse, l.l0);
+    print_table(sum.eval);
 
     const std::vector<double> best = best_cosines<T>(be, tr.model().W_dec, src.atoms());
     double parents = 0, children = 0;

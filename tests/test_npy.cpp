@@ -5,6 +5,8 @@
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
+#include "test_util.hpp"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -23,35 +25,10 @@
 #include <vector>
 
 namespace fs = std::filesystem;
+using hsae_test::numbered;
+using hsae_test::temp_dir;
 
 namespace {
-
-/// prefix + i + suffix (through a stream: GCC 12 reports a false -Wrestrict on
-/// `"literal" + std::to_string(i)` once inlined).
-std::string numbered(const char* prefix, long i, const char* suffix) {
-  std::ostringstream os;
-  os << prefix << i << suffix;
-  return os.str();
-}
-
-/// A fresh scratch directory, removed with everything in it at scope exit.
-struct temp_dir {
-  fs::path dir;
-  temp_dir() {
-    static std::atomic<int> counter{0};
-    dir = fs::temp_directory_path() /
-          numbered("hsae_test_npy_", long(::getpid()) * 1000 + counter++, "");
-    fs::remove_all(dir);
-    fs::create_directories(dir);
-  }
-  ~temp_dir() {
-    std::error_code ec;
-    fs::remove_all(dir, ec);
-  }
-  temp_dir(const temp_dir&) = delete;
-  temp_dir& operator=(const temp_dir&) = delete;
-  fs::path operator/(const std::string& name) const { return dir / name; }
-};
 
 void write_bytes(const fs::path& p, const std::string& bytes) {
   std::ofstream f(p, std::ios::binary | std::ios::trunc);

@@ -10,6 +10,8 @@
 #include <string>
 #include <vector>
 
+#include "test_util.hpp"
+
 using namespace hsae;
 
 namespace {
@@ -135,6 +137,57 @@ TEST_CASE("trainer: the loss falls, FVU improves and every level is evaluated", 
   // lr warm-up then linear schedule reached the optimizer.
   CHECK(records[0].lr == Approx(3e-3 / 5));
   CHECK(records[10].lr == Approx(3e-3));
+}
+
+TEST_CASE("trainer: training from .npy files equals training from the same rows in memory", "[trainer][npy]") {
+  // Two float32 files holding the rows in order, read without shuffling, must give the
+  // same batches as the in-memory matrix read in order: the models are bitwise equal.
+  // A float16 copy trains like the half-rounded matrix. Both runs cross epoch ends.
+  const cpu_backend be;
+  synthetic_source<float> src(small_data(11));
+  const row_matrix<float> rows = src.next(5000);
+  hsae_test::temp_dir tmp;
+  const row_matrix<float> first = rows.topRows(3000), second = rows.bottomRows(2000);
+  write_npy(tmp / "a.npy", first, npy_dtype::f32);
+  write_npy(tmp / "b.npy", second, npy_dtype::f32);
+  write_npy(tmp / "h.npy", rows, npy_dtype::f16);
+
+  npy_source_options in_order;
+  in_order.shuffle_buffer_rows = 0;
+  in_order.shuffle_files = false;
+  in_order.read_chunk_rows = 777;  // chunks that straddle batches and files
+
+  auto train = [&](auto& source) {
+    trainer<float, dynamic, all_prefixes<6>> tr(be, sae<float>(24, 96), all_prefixes<6>{}, small_run());
+    const train_summary s = tr.fit(source);
+    return std::pair{tr.model(), s};
+  };
+  matrix_source<float> mem(rows, 1, /*shuffle=*/false);
+  npy_source<float> files({tmp / "a.npy", tmp / "b.npy"}, in_order);
+  const auto [m_mem, s_mem] = train(mem);
+  const auto [m_npy, s_npy] = train(files);
+  CHECK(files.epoch() >= 3);
+  CHECK(hsae_test::bitwise_equal(m_mem.W_enc, m_npy.W_enc));
+  CHECK(hsae_test::bitwise_equal(m_mem.W_dec, m_npy.W_dec));
+  CHECK(hsae_test::bitwise_equal(m_mem.b_dec, m_npy.b_dec));
+  CHECK(s_mem.eval.last().fvu == s_npy.eval.last().fvu);
+  CHECK(s_npy.eval.last().fvu < 0.5);
+
+  row_matrix<float> rounded = rows.unaryExpr([](float v) { return half_to_float(float_to_half(v)); });
+  matrix_source<float> mem_half(rounded, 1, false);
+  npy_source<float> half_file({tmp / "h.npy"}, in_order);
+  const auto [m_half_mem, s_half_mem] = train(mem_half);
+  const auto [m_half, s_half] = train(half_file);
+  CHECK(hsae_test::bitwise_equal(m_half_mem.W_dec, m_half.W_dec));
+  CHECK(s_half.eval.last().fvu == s_half_mem.eval.last().fvu);
+
+  // Shuffled (buffer + file order) still trains to the same quality.
+  npy_source_options shuffled;
+  shuffled.shuffle_buffer_rows = 1024;
+  npy_source<float> mixed({tmp / "a.npy", tmp / "b.npy"}, shuffled);
+  const auto [m_mixed, s_mixed] = train(mixed);
+  CHECK(!hsae_test::bitwise_equal(m_mixed.W_dec, m_npy.W_dec));
+  CHECK(s_mixed.eval.last().fvu < 0.5);
 }
 
 TEST_CASE("trainer: a partial last batch trains exactly total_tokens", "[trainer]") {
