@@ -26,6 +26,18 @@
 #define HSAE_HOST_DEVICE
 #endif
 
+/// `#pragma omp simd` loops (with a sum reduction) where OpenMP is on; plain loops,
+/// still auto-vectorised where the compiler may, otherwise. The reduction order is
+/// fixed by the compiled vector width, never by the thread count.
+#define HSAE_PRAGMA(x) _Pragma(#x)
+#if defined(_OPENMP)
+#define HSAE_SIMD HSAE_PRAGMA(omp simd)
+#define HSAE_SIMD_SUM(var) HSAE_PRAGMA(omp simd reduction(+ : var))
+#else
+#define HSAE_SIMD
+#define HSAE_SIMD_SUM(var)
+#endif
+
 HSAE_NAMESPACE_BEGIN
 
 /// Index type for latents and rows inside kernels. 32 bits: d_sae and batch sizes

@@ -113,25 +113,56 @@ loss_stats schedule_loss(const cpu_backend& be, const sae<T, F>& m, cref<T> x, c
       const Eigen::Index b = b0 + rb;
       thread_local vector<T> r, s;
       r = m.b_dec - x.row(b).transpose();  // r_0 = xhat_0 - x
+      T* const rp = r.data();
       for (int t = 0; t < K; ++t) {
         const T v = code.values(b, t);
-        if (v != T(0)) r.noalias() += v * m.W_dec.row(code.indices(b, t)).transpose();
-        if (level_of[std::size_t(t)] >= 0) ws.level_err(b, level_of[std::size_t(t)]) = double(r.squaredNorm());
+        const T* const ep = m.W_dec.row(code.indices(b, t)).data();
+        const int level = level_of[std::size_t(t)];
+        if (level >= 0) {
+          // r_t = r_{t-1} + v_t e_t and ||r_t||^2 in one pass over D.
+          T sq = 0;
+HSAE_SIMD_SUM(sq)
+          for (int d = 0; d < D; ++d) {
+            rp[d] += v * ep[d];
+            sq += rp[d] * rp[d];
+          }
+          ws.level_err(b, level) = double(sq);
+        } else if (v != T(0)) {
+HSAE_SIMD
+          for (int d = 0; d < D; ++d) rp[d] += v * ep[d];
+        }
       }
       ws.residual.row(b) = -r.transpose();
       if constexpr (Backward) {
         s.setZero(D);
-        T* stage = ws.staging.data() + std::size_t(rb) * per_row;
+        T* const sp = s.data();
+        T* const stage = ws.staging.data() + std::size_t(rb) * per_row;
         for (int t = K - 1; t >= 0; --t) {
-          if (omega[std::size_t(t)] > 0) s.noalias() += T(c * omega[std::size_t(t)]) * r;
+          // One pass over D per rank: S_t = S_{t+1} + g_t, dL/dv_t = <e_t, S_t>, the
+          // staged v_t S_t, and r_{t-1} = r_t - v_t e_t.
+          const T cw = T(c * omega[std::size_t(t)]);
           const T v = code.values(b, t);
-          const auto e = m.W_dec.row(code.indices(b, t)).transpose();
-          ws.grad_values(b, t) = e.dot(s);
-          Eigen::Map<vector<T>> u(stage + std::size_t(t) * std::size_t(D), D);
+          const T* const ep = m.W_dec.row(code.indices(b, t)).data();
+          T dot = 0;
           if (v != T(0)) {
-            u.noalias() = v * s;
-            r.noalias() -= v * e;
+            T* const up = stage + std::size_t(t) * std::size_t(D);
+HSAE_SIMD_SUM(dot)
+            for (int d = 0; d < D; ++d) {
+              const T sd = sp[d] + cw * rp[d];
+              sp[d] = sd;
+              dot += ep[d] * sd;
+              up[d] = v * sd;
+              rp[d] -= v * ep[d];
+            }
+          } else {
+HSAE_SIMD_SUM(dot)
+            for (int d = 0; d < D; ++d) {
+              const T sd = sp[d] + cw * rp[d];
+              sp[d] = sd;
+              dot += ep[d] * sd;
+            }
           }
+          ws.grad_values(b, t) = dot;
         }
         ws.bias_rows.row(b) = s.transpose();
       }
