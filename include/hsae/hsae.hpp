@@ -30,6 +30,7 @@
 #include "metrics.hpp"
 #include "model.hpp"
 #include "optimizer.hpp"
+#include "pareto.hpp"
 #include "rng.hpp"
 #include "sparse_code.hpp"
 #include "train_step.hpp"

@@ -243,12 +243,19 @@ class trainer {
   }
 
   /// Metrics of the current model on the held-out rows (in the trained input units).
-  evaluation evaluate_held_out() const {
+  evaluation evaluate_held_out() const { return evaluate_held_out(schedule_); }
+  /// The same at the levels of another schedule, e.g. every prefix 1..K of a model
+  /// trained as plain TopK (its top-k' code for k' != K). 	hrows hsae::config_error
+  /// when there are no held-out rows or the schedule's k_max exceeds d_sae.
+  template <k_schedule_like S2>
+  evaluation evaluate_held_out(const S2& schedule) const {
     detail::expects<config_error>(eval_x_.rows() > 0, "trainer: no held-out rows (eval_rows = 0 or fit not run)");
-    evaluation e = evaluate(be_, model_, cref<T>(eval_x_), schedule_);
+    evaluation e = evaluate(be_, model_, cref<T>(eval_x_), schedule);
     e.dead_fraction = dead_.dead_fraction();
     return e;
   }
+  /// The held-out rows (in the trained input units); empty before fit or with eval_rows = 0.
+  const row_matrix<T>& held_out() const { return eval_x_; }
 
   /// The model as trained (inputs multiplied by input_scale()).
   const sae<T, F>& model() const { return model_; }
