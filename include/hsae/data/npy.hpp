@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file data/npy.hpp
 /// NumPy `.npy` files: a memory-mapped reader (`npy_file`) and an atomic writer
-/// (`write_npy`), plus hand-written IEEE binary16 <-> binary32/64 conversions.
+/// (`write_npy`), plus hand-written IEEE binary16 and bfloat16 <-> binary32/64 conversions.
 ///
 /// Reading: format versions 1.0, 2.0 and 3.0; dtypes little-endian float16, float32 and
 /// float64 (`<f2`, `<f4`, `<f8`; `|` and `=` are read as native little-endian). Any
@@ -133,6 +133,37 @@ inline std::uint16_t double_to_half(double d) noexcept {
     f = std::bit_cast<float>(std::bit_cast<std::uint32_t>(f) | 1u);
   }
   return float_to_half(f);
+}
+
+// --- bfloat16 (the top half of an IEEE binary32) ----------------------------------------
+
+/// bfloat16 bits -> float: exact for every pattern (NaN payloads included).
+constexpr float bfloat16_to_float(std::uint16_t h) noexcept {
+  return std::bit_cast<float>(std::uint32_t(h) << 16);
+}
+
+/// float -> bfloat16 bits, rounding to nearest, ties to even; overflow gives +-Inf;
+/// a NaN becomes a quiet NaN keeping its sign and top payload bits.
+constexpr std::uint16_t float_to_bfloat16(float f) noexcept {
+  const std::uint32_t x = std::bit_cast<std::uint32_t>(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return std::uint16_t((x >> 16) | 0x0040u);  // NaN
+  const std::uint32_t lsb = (x >> 16) & 1u;
+  return std::uint16_t((x + 0x7fffu + lsb) >> 16);  // may carry into the exponent / to Inf: correct
+}
+
+/// double -> bfloat16 bits, correctly rounded (nearest, ties to even) without double
+/// rounding: round to float *to odd* first, as double_to_half does.
+inline std::uint16_t double_to_bfloat16(double d) noexcept {
+  if (std::isnan(d)) {
+    const std::uint64_t b = std::bit_cast<std::uint64_t>(d);
+    return std::uint16_t(((b >> 48) & 0x8000u) | 0x7fc0u | ((b >> 45) & 0x3fu));
+  }
+  float f = static_cast<float>(d);
+  if (std::isfinite(f) && static_cast<double>(f) != d) {
+    if (std::fabs(static_cast<double>(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
+    f = std::bit_cast<float>(std::bit_cast<std::uint32_t>(f) | 1u);
+  }
+  return float_to_bfloat16(f);
 }
 
 namespace detail {
@@ -288,6 +319,126 @@ inline std::uint32_t load_u32le(const unsigned char* p) {
 }
 
 }  // namespace detail
+
+/// The parsed and validated preamble and header of a .npy image: what `npy_file`
+/// reads, usable on any byte buffer (the fuzzers call it on theirs).
+struct npy_header {
+  int major = 0, minor = 0;
+  npy_dtype dtype = npy_dtype::f32;
+  std::vector<std::int64_t> shape;  ///< as stored
+  std::int64_t rows = 0;            ///< the leading dimensions flattened
+  std::int64_t cols = 0;            ///< the last dimension
+  std::size_t data_offset = 0;
+
+  std::string shape_text() const {
+    std::string s = "(";
+    for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + (shape.size() == 1 ? ",)" : ")");
+  }
+
+  /// Parses `bytes` (a whole file: the data size is checked against it).
+  /// \throws hsae::io_error naming `where` and the problem.
+  static npy_header parse(std::span<const std::byte> bytes, const std::string& where) {
+    npy_header h;
+    const std::size_t size_ = bytes.size();
+    auto fail = [&](auto&&... args) {
+      detail::throw_error<io_error>("npy file '", where, "': ", std::forward<decltype(args)>(args)...);
+    };
+    if (size_ < 10) fail("file too small (", size_, " bytes) for the .npy magic and header");
+    const auto* b = reinterpret_cast<const unsigned char*>(bytes.data());
+    static constexpr unsigned char magic[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
+    if (std::memcmp(b, magic, 6) != 0) fail("bad magic (not a .npy file)");
+    h.major = b[6];
+    h.minor = b[7];
+    if (!((h.major == 1 || h.major == 2 || h.major == 3) && h.minor == 0))
+      fail("unsupported format version ", h.major, ".", h.minor, " (1.0, 2.0 and 3.0 are supported)");
+    std::size_t hlen, hstart;
+    if (h.major == 1) {
+      hlen = detail::load_u16le(b + 8);
+      hstart = 10;
+    } else {
+      if (size_ < 12) fail("file too small (", size_, " bytes) for a version ", h.major, ".0 header");
+      hlen = detail::load_u32le(b + 8);
+      hstart = 12;
+    }
+    if (hlen > size_ - hstart)
+      fail("header length ", hlen, " extends beyond the end of the file (", size_, " bytes)");
+    h.data_offset = hstart + hlen;
+    const std::string_view text(reinterpret_cast<const char*>(b + hstart), hlen);
+    const auto dict = detail::npy_header_parser(text, where).parse_dict();
+
+    const detail::npy_pyval* descr = nullptr;
+    const detail::npy_pyval* fortran = nullptr;
+    const detail::npy_pyval* shape = nullptr;
+    for (const auto& [k, v] : dict) {
+      if (k == "descr")
+        descr = &v;
+      else if (k == "fortran_order")
+        fortran = &v;
+      else if (k == "shape")
+        shape = &v;
+      else
+        fail("malformed header: unexpected key '", k, "'");
+    }
+    if (descr == nullptr || fortran == nullptr || shape == nullptr)
+      fail("malformed header: missing key '",
+           descr == nullptr ? "descr" : fortran == nullptr ? "fortran_order" : "shape", "'");
+
+    // dtype
+    if (descr->kind != detail::npy_pyval::str)
+      fail("unsupported dtype: structured or non-string descr (only float16/32/64 are supported)");
+    const std::string& d = descr->s;
+    char order = '<';
+    std::string_view code = d;
+    if (!code.empty() && (code[0] == '<' || code[0] == '>' || code[0] == '|' || code[0] == '=')) {
+      order = code[0];
+      code.remove_prefix(1);
+    }
+    if (code == "f2")
+      h.dtype = npy_dtype::f16;
+    else if (code == "f4")
+      h.dtype = npy_dtype::f32;
+    else if (code == "f8")
+      h.dtype = npy_dtype::f64;
+    else
+      fail("unknown dtype '", d, "' (supported: '<f2', '<f4', '<f8')");
+    if (order == '>') fail("dtype '", d, "': big-endian not supported");
+
+    // shape
+    if (shape->kind != detail::npy_pyval::seq) fail("malformed header: 'shape' is not a tuple");
+    h.shape.clear();
+    for (const auto& e : shape->items) {
+      if (e.kind != detail::npy_pyval::integer) fail("malformed header: 'shape' holds a non-integer");
+      if (e.i < 0) fail("malformed header: negative dimension ", e.i, " in 'shape'");
+      h.shape.push_back(e.i);
+    }
+    if (h.shape.empty()) fail("0-d (scalar) array: need at least one dimension");
+    if (std::find(h.shape.begin(), h.shape.end(), std::int64_t(0)) != h.shape.end())
+      fail("shape ", h.shape_text(), " has a zero dimension (empty array)");
+
+    // fortran_order
+    if (fortran->kind != detail::npy_pyval::boolean) fail("malformed header: 'fortran_order' is not True/False");
+    if (fortran->b && h.shape.size() > 1) fail("fortran_order=True is not supported for shape ", h.shape_text());
+
+    // size
+    h.cols = h.shape.back();
+    std::int64_t rows = 1;
+    constexpr auto big = std::numeric_limits<std::int64_t>::max();
+    for (std::size_t i = 0; i + 1 < h.shape.size(); ++i) {
+      if (rows > big / h.shape[i]) fail("shape ", h.shape_text(), " is too large");
+      rows *= h.shape[i];
+    }
+    h.rows = rows;
+    const auto item = std::int64_t(npy_itemsize(h.dtype));
+    if (h.rows > big / h.cols || h.rows * h.cols > big / item) fail("shape ", h.shape_text(), " is too large");
+    const std::uint64_t want = std::uint64_t(h.rows * h.cols * item);
+    const std::uint64_t have = size_ - h.data_offset;
+    if (want != have)
+      fail("data size mismatch: shape ", h.shape_text(), " of '", d, "' needs ", want, " bytes but the file has ",
+           have, " after the header (", want > have ? "truncated" : "trailing data", ")");
+    return h;
+  }
+};
 
 /// A read-only, memory-mapped .npy file viewed as a row-major [rows, cols] matrix.
 /// Move-only; the mapping is released by the destructor (the descriptor is closed as
@@ -450,104 +601,15 @@ class npy_file {
   }
 
   void parse() {
-    const auto* b = static_cast<const unsigned char*>(map_);
-    static constexpr unsigned char magic[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
-    if (std::memcmp(b, magic, 6) != 0) fail("bad magic (not a .npy file)");
-    major_ = b[6];
-    minor_ = b[7];
-    if (!((major_ == 1 || major_ == 2 || major_ == 3) && minor_ == 0))
-      fail("unsupported format version ", major_, ".", minor_, " (1.0, 2.0 and 3.0 are supported)");
-    std::size_t hlen, hstart;
-    if (major_ == 1) {
-      hlen = detail::load_u16le(b + 8);
-      hstart = 10;
-    } else {
-      if (size_ < 12) fail("file too small (", size_, " bytes) for a version ", major_, ".0 header");
-      hlen = detail::load_u32le(b + 8);
-      hstart = 12;
-    }
-    if (hlen > size_ - hstart)
-      fail("header length ", hlen, " extends beyond the end of the file (", size_, " bytes)");
-    data_offset_ = hstart + hlen;
-    const std::string where = path_.string();
-    const std::string_view text(reinterpret_cast<const char*>(b + hstart), hlen);
-    const auto dict = detail::npy_header_parser(text, where).parse_dict();
-
-    const detail::npy_pyval* descr = nullptr;
-    const detail::npy_pyval* fortran = nullptr;
-    const detail::npy_pyval* shape = nullptr;
-    for (const auto& [k, v] : dict) {
-      if (k == "descr")
-        descr = &v;
-      else if (k == "fortran_order")
-        fortran = &v;
-      else if (k == "shape")
-        shape = &v;
-      else
-        fail("malformed header: unexpected key '", k, "'");
-    }
-    if (descr == nullptr || fortran == nullptr || shape == nullptr)
-      fail("malformed header: missing key '",
-           descr == nullptr ? "descr" : fortran == nullptr ? "fortran_order" : "shape", "'");
-
-    // dtype
-    if (descr->kind != detail::npy_pyval::str)
-      fail("unsupported dtype: structured or non-string descr (only float16/32/64 are supported)");
-    const std::string& d = descr->s;
-    char order = '<';
-    std::string_view code = d;
-    if (!code.empty() && (code[0] == '<' || code[0] == '>' || code[0] == '|' || code[0] == '=')) {
-      order = code[0];
-      code.remove_prefix(1);
-    }
-    if (code == "f2")
-      dtype_ = npy_dtype::f16;
-    else if (code == "f4")
-      dtype_ = npy_dtype::f32;
-    else if (code == "f8")
-      dtype_ = npy_dtype::f64;
-    else
-      fail("unknown dtype '", d, "' (supported: '<f2', '<f4', '<f8')");
-    if (order == '>') fail("dtype '", d, "': big-endian not supported");
-
-    // shape
-    if (shape->kind != detail::npy_pyval::seq) fail("malformed header: 'shape' is not a tuple");
-    shape_.clear();
-    for (const auto& e : shape->items) {
-      if (e.kind != detail::npy_pyval::integer) fail("malformed header: 'shape' holds a non-integer");
-      if (e.i < 0) fail("malformed header: negative dimension ", e.i, " in 'shape'");
-      shape_.push_back(e.i);
-    }
-    if (shape_.empty()) fail("0-d (scalar) array: need at least one dimension");
-    if (std::find(shape_.begin(), shape_.end(), std::int64_t(0)) != shape_.end())
-      fail("shape ", shape_text(), " has a zero dimension (empty array)");
-
-    // fortran_order
-    if (fortran->kind != detail::npy_pyval::boolean) fail("malformed header: 'fortran_order' is not True/False");
-    if (fortran->b && shape_.size() > 1) fail("fortran_order=True is not supported for shape ", shape_text());
-
-    // size
-    cols_ = shape_.back();
-    std::int64_t rows = 1;
-    constexpr auto big = std::numeric_limits<std::int64_t>::max();
-    for (std::size_t i = 0; i + 1 < shape_.size(); ++i) {
-      if (rows > big / shape_[i]) fail("shape ", shape_text(), " is too large");
-      rows *= shape_[i];
-    }
-    rows_ = rows;
-    const auto item = std::int64_t(npy_itemsize(dtype_));
-    if (rows_ > big / cols_ || rows_ * cols_ > big / item) fail("shape ", shape_text(), " is too large");
-    const std::uint64_t want = std::uint64_t(rows_ * cols_ * item);
-    const std::uint64_t have = size_ - data_offset_;
-    if (want != have)
-      fail("data size mismatch: shape ", shape_text(), " of '", d, "' needs ", want, " bytes but the file has ",
-           have, " after the header (", want > have ? "truncated" : "trailing data", ")");
-  }
-
-  std::string shape_text() const {
-    std::string s = "(";
-    for (std::size_t i = 0; i < shape_.size(); ++i) s += (i ? ", " : "") + std::to_string(shape_[i]);
-    return s + (shape_.size() == 1 ? ",)" : ")");
+    const npy_header h =
+        npy_header::parse(std::span<const std::byte>(static_cast<const std::byte*>(map_), size_), path_.string());
+    major_ = h.major;
+    minor_ = h.minor;
+    dtype_ = h.dtype;
+    shape_ = h.shape;
+    rows_ = h.rows;
+    cols_ = h.cols;
+    data_offset_ = h.data_offset;
   }
 
   std::filesystem::path path_;
