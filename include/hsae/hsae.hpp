@@ -11,8 +11,12 @@
 ///   hsae::trainer, evaluate         trainer.hpp, metrics.hpp
 ///   hsae::npy_file, write_npy       data/npy.hpp (memory-mapped .npy reading, atomic writing)
 ///   hsae::npy_source, matrix_source data/sources.hpp (batch sources, batch_source concept)
+///   hsae::safetensors_file, ...     io/safetensors.hpp (memory-mapped reading, atomic writing)
+///   hsae::save_saelens, load_sparsify, convert_sae_dir, ...
+///                                   io/sae_files.hpp (SAELens and sparsify SAE directories)
 #pragma once
 
+#include "checkpoint.hpp"
 #include "config.hpp"
 #include "cpu/auxk.hpp"
 #include "cpu/backend.hpp"
@@ -25,6 +29,8 @@
 #include "data/synthetic.hpp"
 #include "dead_latents.hpp"
 #include "error.hpp"
+#include "io/sae_files.hpp"
+#include "io/safetensors.hpp"
 #include "k_schedule.hpp"
 #include "matrix.hpp"
 #include "metrics.hpp"

@@ -151,10 +151,11 @@ class adam {
   /// Moments, for checkpoints.
   const sae_gradients<T, F>& first_moment() const { return m_; }
   const sae_gradients<T, F>& second_moment() const { return v_; }
-  void set_state(std::int64_t steps, sae_gradients<T, F> m1, sae_gradients<T, F> m2) {
+  void set_state(std::int64_t steps, sae_gradients<T, F> m1, sae_gradients<T, F> m2, double last_lr = 0) {
     t_ = steps;
     m_ = std::move(m1);
     v_ = std::move(m2);
+    last_lr_ = last_lr;
   }
 
  private:

@@ -31,6 +31,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "checkpoint.hpp"
 #include "cpu/backend.hpp"
 #include "dead_latents.hpp"
 #include "error.hpp"
@@ -78,8 +79,13 @@ struct trainer_options {
   std::int64_t log_every_steps = 100;
   progress_mode progress = progress_mode::automatic;
   std::FILE* progress_stream = stderr;
-  /// JSON-lines metrics file (truncated at the start of fit); empty: none.
+  /// JSON-lines metrics file (truncated at the start of fit, appended to after
+  /// `resume`); empty: none.
   std::string metrics_path;
+  /// Checkpoint file (checkpoint.hpp), written atomically every
+  /// `checkpoint_every_steps` steps (0: only at the end of fit); empty: none.
+  std::string checkpoint_path;
+  std::int64_t checkpoint_every_steps = 0;
 
   /// \throws hsae::config_error naming the first invalid field.
   void validate() const {
@@ -93,6 +99,8 @@ struct trainer_options {
                                   dead_after_tokens);
     detail::expects<config_error>(log_every_steps >= 1, "trainer: log_every_steps must be >= 1, got ",
                                   log_every_steps);
+    detail::expects<config_error>(checkpoint_every_steps >= 0, "trainer: checkpoint_every_steps must be >= 0, got ",
+                                  checkpoint_every_steps);
     adam_options a = adam;
     if (a.total_steps == 0) a.total_steps = steps();
     a.validate();
@@ -155,25 +163,11 @@ class trainer {
     open_metrics();
     const auto t0 = clock::now();
 
-    if (opt_.eval_rows > 0) {
-      source.next(Eigen::Index(opt_.eval_rows), eval_x_);
-      detail::expect_finite("evaluation rows", cref<T>(eval_x_));
-    }
     row_matrix<T> x;
-    if (opt_.initialize) {
-      source.next(Eigen::Index(opt_.init_rows), x);
-      detail::expect_finite("init sample", cref<T>(x));
-      if (opt_.normalize_inputs) {
-        const double mean_sq = x.template cast<double>().squaredNorm() / double(x.rows());
-        detail::expects<numeric_error>(mean_sq > 0, "trainer: the init sample is all zeros; cannot normalise");
-        scale_ = std::sqrt(double(model_.d_model()) / mean_sq);
-        x *= T(scale_);
-      }
-      init(be_, model_, x, opt_.init);
+    if (!resumed_) {
+      start(source, x);
     }
-    if (opt_.eval_rows > 0 && scale_ != 1.0) eval_x_ *= T(scale_);
-    opt_state_ = adam<T, F>(model_, opt_.adam);
-    dead_ = dead_latent_tracker(model_.d_sae(), opt_.dead_after_tokens);
+    resumed_ = false;
 
     const std::int64_t steps = opt_.steps();
     const bool tty = opt_.progress == progress_mode::always ||
@@ -182,11 +176,13 @@ class trainer {
     const bool quiet = opt_.progress == progress_mode::never || !opt_.progress_stream;
     auto last_draw = clock::now() - std::chrono::seconds(1);
     const auto train_start = clock::now();
+    const std::int64_t tokens_at_start = tokens_;
     step_record rec;
     double final_loss = 0;
-    for (std::int64_t s = 0; s < steps; ++s) {
+    for (std::int64_t s = step_; s < steps; ++s) {
       const std::int64_t rows = std::min(opt_.batch_size, opt_.total_tokens - tokens_);
       source.next(Eigen::Index(rows), x);
+      rows_pulled_ += rows;
       if (scale_ != 1.0) x *= T(scale_);
       const step_stats st = train_step(be_, model_, opt_state_, dead_, x, schedule_, ws_, opt_.step);
       ++step_;
@@ -203,7 +199,7 @@ class trainer {
       rec.lr = st.lr;
       rec.grad_norm = st.grad_norm;
       rec.elapsed_seconds = secs;
-      rec.tokens_per_second = secs > 0 ? double(tokens_) / secs : 0;
+      rec.tokens_per_second = secs > 0 ? double(tokens_ - tokens_at_start) / secs : 0;
       if (on_step) on_step(rec);
 
       const bool last = s + 1 == steps;
@@ -220,6 +216,9 @@ class trainer {
       }
       if (opt_.eval_rows > 0 && opt_.eval_every_steps > 0 && step_ % opt_.eval_every_steps == 0 && !last)
         run_eval();
+      if (!opt_.checkpoint_path.empty() &&
+          (last || (opt_.checkpoint_every_steps > 0 && step_ % opt_.checkpoint_every_steps == 0)))
+        save_checkpoint(opt_.checkpoint_path, source);
     }
 
     train_summary sum;
@@ -240,6 +239,91 @@ class trainer {
                 {"input_scale", sum.input_scale}});
     metrics_.close();
     return sum;
+  }
+
+  /// Writes a checkpoint of the run (model, optimizer moments and step, dead-latent
+  /// counters, held-out rows, input scale, step and token counts, and the source's
+  /// state when it can save it; see checkpoint.hpp), atomically.
+  template <class Source>
+  void save_checkpoint(const std::filesystem::path& path, const Source& source) const {
+    checkpoint_state<T> st;
+    st.set("step", step_);
+    st.set("tokens", tokens_);
+    st.set("rows_pulled", rows_pulled_);
+    st.set("input_scale", scale_);
+    st.set("d_model", std::int64_t(model_.d_model()));
+    st.set("d_sae", std::int64_t(model_.d_sae()));
+    st.set("k_max", std::int64_t(schedule_.k_max()));
+    st.set("schedule", schedule_text());
+    st.set("total_tokens", opt_.total_tokens);
+    st.set("batch_size", opt_.batch_size);
+    put_params(st, "model.", model_.W_enc, model_.b_enc, model_.W_dec, model_.b_dec);
+    const auto& m1 = opt_state_.first_moment();
+    const auto& m2 = opt_state_.second_moment();
+    put_params(st, "adam.m.", m1.W_enc, m1.b_enc, m1.W_dec, m1.b_dec);
+    put_params(st, "adam.v.", m2.W_enc, m2.b_enc, m2.W_dec, m2.b_dec);
+    st.set("adam.steps", opt_state_.steps());
+    st.set("adam.last_lr", opt_state_.last_lr());
+    const auto& since = dead_.tokens_since_fired();
+    st.arrays["dead.tokens_since_fired"] = std::vector<double>(since.begin(), since.end());
+    st.set("dead.after_tokens", dead_.dead_after_tokens());
+    st.matrices["held_out"] = eval_x_;
+    if constexpr (requires { source.save_state(st); }) source.save_state(st);
+    write_checkpoint(path, st);
+  }
+
+  /// Restores a run from a checkpoint written by `save_checkpoint` (or by `fit` with
+  /// `checkpoint_path`); the next `fit(source)` continues it. `source` must be a fresh
+  /// source built like the original one: it restores its own state when it can
+  /// (synthetic_source, npy_source), otherwise the rows the run had pulled are read
+  /// again and dropped. On the CPU the continued run is bitwise identical to an
+  /// uninterrupted one. The trainer's options must describe the same run (the same
+  /// total_tokens and batch_size: the lr schedule depends on them).
+  /// \throws hsae::io_error on an unreadable, foreign or inconsistent checkpoint.
+  template <batch_source<T> Source>
+  void resume(const std::filesystem::path& path, Source& source) {
+    const checkpoint_state<T> st = read_checkpoint<T>(path);
+    const std::string where = path.string();
+    detail::expects<io_error>(st.get_int("d_model") == model_.d_model() && st.get_int("d_sae") == model_.d_sae(),
+                              "checkpoint '", where, "': shapes d_model=", st.get_int("d_model"), " d_sae=",
+                              st.get_int("d_sae"), " differ from this trainer's model (", model_.d_model(), ", ",
+                              model_.d_sae(), ")");
+    detail::expects<io_error>(st.text("schedule") == schedule_text(), "checkpoint '", where,
+                              "': written under schedule ", st.text("schedule"), ", this trainer has ",
+                              schedule_text());
+    detail::expects<io_error>(st.get_int("total_tokens") == opt_.total_tokens &&
+                                  st.get_int("batch_size") == opt_.batch_size,
+                              "checkpoint '", where, "': written for total_tokens=", st.get_int("total_tokens"),
+                              " batch_size=", st.get_int("batch_size"), ", this trainer has ", opt_.total_tokens,
+                              " and ", opt_.batch_size);
+    if constexpr (requires { source.load_state(st); }) source.load_state(st);
+    get_params(st, "model.", model_.W_enc, model_.b_enc, model_.W_dec, model_.b_dec, where);
+    sae_gradients<T, F> m1, m2;
+    m1.zeros_like(model_);
+    m2.zeros_like(model_);
+    get_params(st, "adam.m.", m1.W_enc, m1.b_enc, m1.W_dec, m1.b_dec, where);
+    get_params(st, "adam.v.", m2.W_enc, m2.b_enc, m2.W_dec, m2.b_dec, where);
+    opt_state_ = adam<T, F>(model_, opt_.adam);
+    opt_state_.set_state(st.get_int("adam.steps"), std::move(m1), std::move(m2), st.get_double("adam.last_lr"));
+    const std::vector<double>& since = st.array("dead.tokens_since_fired");
+    detail::expects<io_error>(std::int64_t(since.size()) == model_.d_sae(), "checkpoint '", where,
+                              "': dead-latent counters for ", since.size(), " latents, expected ", model_.d_sae());
+    dead_ = dead_latent_tracker(model_.d_sae(), opt_.dead_after_tokens);
+    dead_.set_tokens_since_fired(std::vector<std::int64_t>(since.begin(), since.end()));
+    eval_x_ = st.matrix("held_out");
+    scale_ = st.get_double("input_scale");
+    step_ = st.get_int("step");
+    tokens_ = st.get_int("tokens");
+    rows_pulled_ = st.get_int("rows_pulled");
+    if constexpr (!requires { source.load_state(st); }) {  // replay: read and drop the rows the run had pulled
+      row_matrix<T> skip;
+      for (std::int64_t left = rows_pulled_; left > 0;) {
+        const std::int64_t n = std::min<std::int64_t>(left, 1 << 16);
+        source.next(Eigen::Index(n), skip);
+        left -= n;
+      }
+    }
+    resumed_ = true;
   }
 
   /// Metrics of the current model on the held-out rows (in the trained input units).
@@ -331,7 +415,7 @@ class trainer {
 
   void open_metrics() {
     if (opt_.metrics_path.empty()) return;
-    metrics_.open(opt_.metrics_path, std::ios::out | std::ios::trunc);
+    metrics_.open(opt_.metrics_path, std::ios::out | (resumed_ ? std::ios::app : std::ios::trunc));
     detail::expects<io_error>(metrics_.good(), "trainer: cannot open the metrics file '", opt_.metrics_path, "'");
   }
   void write_json(const nlohmann::json& j) {
@@ -339,6 +423,67 @@ class trainer {
     metrics_ << j.dump() << '\n';
     metrics_.flush();
     detail::expects<io_error>(metrics_.good(), "trainer: writing the metrics file '", opt_.metrics_path, "' failed");
+  }
+
+  /// The fresh start of fit: held-out rows, init sample, init, optimizer, tracker.
+  template <class Source>
+  void start(Source& source, row_matrix<T>& x) {
+    step_ = tokens_ = rows_pulled_ = 0;
+    if (opt_.eval_rows > 0) {
+      source.next(Eigen::Index(opt_.eval_rows), eval_x_);
+      rows_pulled_ += opt_.eval_rows;
+      detail::expect_finite("evaluation rows", cref<T>(eval_x_));
+    }
+    if (opt_.initialize) {
+      source.next(Eigen::Index(opt_.init_rows), x);
+      rows_pulled_ += opt_.init_rows;
+      detail::expect_finite("init sample", cref<T>(x));
+      if (opt_.normalize_inputs) {
+        const double mean_sq = x.template cast<double>().squaredNorm() / double(x.rows());
+        detail::expects<numeric_error>(mean_sq > 0, "trainer: the init sample is all zeros; cannot normalise");
+        scale_ = std::sqrt(double(model_.d_model()) / mean_sq);
+        x *= T(scale_);
+      }
+      init(be_, model_, x, opt_.init);
+    }
+    if (opt_.eval_rows > 0 && scale_ != 1.0) eval_x_ *= T(scale_);
+    opt_state_ = adam<T, F>(model_, opt_.adam);
+    dead_ = dead_latent_tracker(model_.d_sae(), opt_.dead_after_tokens);
+  }
+
+  std::string schedule_text() const {
+    std::string s;
+    for (std::size_t l = 0; l < schedule_.size(); ++l) {
+      char buf[64];
+      std::snprintf(buf, sizeof buf, "%s(%d,%.17g)", l ? "," : "", int(schedule_.k(l)), double(schedule_.weight(l)));
+      s += buf;
+    }
+    return s;
+  }
+
+  template <class W, class V>
+  static void put_params(checkpoint_state<T>& st, const std::string& prefix, const W& W_enc, const V& b_enc,
+                         const W& W_dec, const V& b_dec) {
+    st.matrices[prefix + "W_enc"] = W_enc;
+    st.matrices[prefix + "b_enc"] = b_enc.transpose();
+    st.matrices[prefix + "W_dec"] = W_dec;
+    st.matrices[prefix + "b_dec"] = b_dec.transpose();
+  }
+  template <class W, class V>
+  static void get_params(const checkpoint_state<T>& st, const std::string& prefix, W& W_enc, V& b_enc, W& W_dec,
+                         V& b_dec, const std::string& where) {
+    auto take = [&](const std::string& name, auto& dst, Eigen::Index rows, Eigen::Index cols) {
+      const row_matrix<T>& src = st.matrix(prefix + name);
+      detail::expects<io_error>(src.rows() == rows && src.cols() == cols, "checkpoint '", where, "': tensor '",
+                                prefix, name, "' has shape [", src.rows(), ", ", src.cols(), "], expected [", rows,
+                                ", ", cols, "]");
+      if constexpr (std::decay_t<decltype(dst)>::ColsAtCompileTime == 1) dst = src.transpose();
+      else dst = src;
+    };
+    take("W_enc", W_enc, W_enc.rows(), W_enc.cols());
+    take("b_enc", b_enc, 1, b_enc.size());
+    take("W_dec", W_dec, W_dec.rows(), W_dec.cols());
+    take("b_dec", b_dec, 1, b_dec.size());
   }
 
   cpu_backend be_;
@@ -353,6 +498,8 @@ class trainer {
   double scale_ = 1.0;
   std::int64_t step_ = 0;
   std::int64_t tokens_ = 0;
+  std::int64_t rows_pulled_ = 0;  ///< rows read from the source (held-out, init, training)
+  bool resumed_ = false;
   std::ofstream metrics_;
 };
 

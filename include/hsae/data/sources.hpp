@@ -20,6 +20,7 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -158,6 +159,71 @@ class npy_source {
   std::int64_t rows_served() const { return served_; }
   const std::vector<npy_file>& files() const { return files_; }
   const npy_source_options& options() const { return opt_; }
+
+  /// Checkpoint support (checkpoint.hpp): the stream position (file order, file, row,
+  /// read chunk), the shuffle buffer's rows and the RNG. Restoring re-reads one chunk.
+  /// \throws hsae::io_error on load when the files, their row counts or the buffer
+  ///         size differ from those the checkpoint was written with.
+  template <class State>
+  void save_state(State& st) const {
+    st.set("source.kind", std::string("npy"));
+    st.set("source.files", std::int64_t(files_.size()));
+    for (std::size_t i = 0; i < files_.size(); ++i) {
+      st.set("source.file" + std::to_string(i), files_[i].path().string());
+      st.set("source.file" + std::to_string(i) + ".rows", std::int64_t(files_[i].rows()));
+    }
+    st.set("source.capacity", std::int64_t(cap_));
+    st.set_rng("source.rng", gen_);
+    st.arrays["source.order"] = std::vector<double>(order_.begin(), order_.end());
+    st.set("source.file_pos", std::int64_t(file_pos_));
+    st.set("source.row_in_file", row_in_file_);
+    st.set("source.chunk_rows", chunk_rows_);
+    st.set("source.chunk_pos", chunk_pos_);
+    st.set("source.fill", std::int64_t(fill_));
+    st.set("source.epoch_served", epoch_served_);
+    st.set("source.epoch", epoch_);
+    st.set("source.served", served_);
+    st.matrices["source.buffer"] = buf_.topRows(Eigen::Index(fill_));
+  }
+  template <class State>
+  void load_state(const State& st) {
+    detail::expects<io_error>(st.text("source.kind") == "npy", "checkpoint: the data source was '",
+                              st.text("source.kind"), "', not an npy_source");
+    bool same = st.get_int("source.files") == std::int64_t(files_.size()) &&
+                st.get_int("source.capacity") == std::int64_t(cap_);
+    for (std::size_t i = 0; same && i < files_.size(); ++i)
+      same = st.text("source.file" + std::to_string(i)) == files_[i].path().string() &&
+             st.get_int("source.file" + std::to_string(i) + ".rows") == files_[i].rows();
+    detail::expects<io_error>(same, "checkpoint: the npy_source was written for other files (or another "
+                                    "shuffle buffer size) than the ones given");
+    const std::vector<double>& order = st.array("source.order");
+    const auto fill = std::size_t(st.get_int("source.fill"));
+    const row_matrix<T>& buffer = st.matrix("source.buffer");
+    detail::expects<io_error>(order.size() == files_.size() && fill <= cap_ &&
+                                  buffer.rows() == Eigen::Index(fill) && (fill == 0 || buffer.cols() == d_),
+                              "checkpoint: inconsistent npy_source state");
+    st.get_rng("source.rng", gen_);
+    for (std::size_t i = 0; i < order.size(); ++i) order_[i] = std::size_t(order[i]);
+    file_pos_ = std::size_t(st.get_int("source.file_pos"));
+    row_in_file_ = st.get_int("source.row_in_file");
+    chunk_rows_ = st.get_int("source.chunk_rows");
+    chunk_pos_ = st.get_int("source.chunk_pos");
+    epoch_served_ = st.get_int("source.epoch_served");
+    epoch_ = st.get_int("source.epoch");
+    served_ = st.get_int("source.served");
+    fill_ = fill;
+    if (cap_ > 0) {
+      buf_.resize(Eigen::Index(cap_), d_);
+      buf_.topRows(Eigen::Index(fill_)) = buffer;
+    }
+    if (chunk_pos_ < chunk_rows_) {  // a chunk partly served: rows [row_in_file - chunk_rows, row_in_file) of this file
+      detail::expects<io_error>(file_pos_ < order_.size() && chunk_rows_ <= row_in_file_ &&
+                                    row_in_file_ <= files_[order_[file_pos_]].rows() && chunk_pos_ <= chunk_rows_,
+                                "checkpoint: inconsistent npy_source position");
+      chunk_.resize(chunk_rows_, d_);
+      files_[order_[file_pos_]].read_rows(row_in_file_ - chunk_rows_, chunk_rows_, chunk_.data());
+    }
+  }
 
   void next(Eigen::Index rows, row_matrix<T>& x) {
     detail::expect_batch_rows("npy_source", rows);

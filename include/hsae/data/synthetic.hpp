@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "../config.hpp"
@@ -108,6 +109,26 @@ class synthetic_source {
   std::int64_t position() const { return pos_; }
   /// Moves the stream to row `pos` (rows are independent: this is O(1)).
   void seek(std::int64_t pos) { pos_ = pos; }
+
+  /// Checkpoint support (checkpoint.hpp): the stream position and what identifies the
+  /// stream. \throws hsae::io_error on load when the checkpoint came from another stream.
+  template <class State>
+  void save_state(State& st) const {
+    st.set("source.kind", std::string("synthetic"));
+    st.set("source.position", std::int64_t(pos_));
+    st.set("source.stream_seed", std::uint64_t(stream_seed_));
+    st.set("source.d_model", std::int64_t(opt_.d_model));
+  }
+  template <class State>
+  void load_state(const State& st) {
+    detail::expects<io_error>(st.text("source.kind") == "synthetic", "checkpoint: the data source was '",
+                              st.text("source.kind"), "', not a synthetic_source");
+    detail::expects<io_error>(st.get_uint("source.stream_seed") == stream_seed_ &&
+                                  st.get_int("source.d_model") == opt_.d_model,
+                              "checkpoint: the synthetic source has other options (seed or d_model) than the one "
+                              "the checkpoint was written with");
+    pos_ = st.get_int("source.position");
+  }
 
   /// Fills `x` with the next `rows` rows of the stream.
   void next(Eigen::Index rows, row_matrix<T>& x) {
