@@ -98,8 +98,19 @@ struct weighted_k_schedule {
     constexpr int ks[] = {Ks...};
     return ks[l];
   }
-  HSAE_HOST_DEVICE static constexpr double weight(std::size_t l) { return Weights[l]; }
+  HSAE_HOST_DEVICE static constexpr double weight(std::size_t l) {
+    return weight_at(l, std::make_index_sequence<sizeof...(Ks)>{});
+  }
   HSAE_HOST_DEVICE static constexpr int k_max() { return k(sizeof...(Ks) - 1); }
+
+ private:
+  // A function-local constant copy: device code may read it (it may not read the
+  // host array `Weights` refers to).
+  template <std::size_t... I>
+  HSAE_HOST_DEVICE static constexpr double weight_at(std::size_t l, std::index_sequence<I...>) {
+    constexpr double w[] = {Weights[I]...};
+    return w[l];
+  }
 };
 
 namespace detail {
