@@ -1,0 +1,294 @@
+// SPDX-License-Identifier: Apache-2.0
+// The GPU top-k (cuda/topk.cuh) against the CPU top-k (cpu/topk.hpp), bit for bit:
+// indices equal, values equal (NaN: both NaN), for float, half and bfloat16 inputs (the
+// CPU sees the same values converted to float), on N(0,1), ReLU'd (half zeros),
+// all-equal, ascending, descending and special-value (+-0, +-inf, NaN) rows, over
+// shapes with k not a power of two, rows not a multiple of the vector width (so rows
+// start unaligned), B = 1, and one row of 2^20. The AuxK variant against a CPU top-k
+// over each row's dead latents.
+#include "cuda_test_main.hpp"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <hsae/cpu/topk.hpp>
+#include <hsae/cuda/topk.cuh>
+#include <hsae/rng.hpp>
+
+using namespace hsae;
+
+namespace {
+
+enum class pattern { normal, relu, equal, ascending, descending, special };
+constexpr pattern all_patterns[] = {pattern::normal,    pattern::relu,       pattern::equal,
+                                    pattern::ascending, pattern::descending, pattern::special};
+
+const char* name(pattern p) {
+  switch (p) {
+    case pattern::normal: return "normal";
+    case pattern::relu: return "relu";
+    case pattern::equal: return "equal";
+    case pattern::ascending: return "ascending";
+    case pattern::descending: return "descending";
+    case pattern::special: return "special";
+  }
+  return "?";
+}
+
+row_matrix<float> make_rows(pattern p, int rows, int n, std::uint64_t seed) {
+  rng gen(seed);
+  row_matrix<float> x(rows, n);
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int r = 0; r < rows; ++r) {
+    auto row = x.row(r);
+    for (int i = 0; i < n; ++i) row(i) = float(gen.normal());
+    switch (p) {
+      case pattern::normal: break;
+      case pattern::relu: row = row.cwiseMax(0.0f); break;
+      case pattern::equal: row.setConstant(r % 2 == 0 ? 0.5f : 0.0f); break;
+      case pattern::ascending: std::sort(row.begin(), row.end()); break;
+      case pattern::descending: std::sort(row.begin(), row.end(), std::greater<float>()); break;
+      case pattern::special: {
+        // Every row gets +-0, +-inf and NaN sprinkled in; every third row is mostly NaN
+        // and -inf, so that it has fewer than k numbers above NaN for most k.
+        const float specials[] = {0.0f, -0.0f, inf, -inf, nan};
+        const std::uint64_t every = r % 3 == 2 ? 1 : 8;
+        for (int i = 0; i < n; ++i)
+          if (gen.below(every) == 0) row(i) = specials[gen.below(5)];
+        break;
+      }
+    }
+  }
+  return x;
+}
+
+bool same_value(float a, float b) {
+  if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
+  return std::memcmp(&a, &b, sizeof a) == 0;
+}
+
+/// Counts mismatches between the GPU and the reference; describes the first.
+struct comparison {
+  long mismatches = 0;
+  std::string first;
+  void compare(const row_matrix<float>& gv, const index_matrix& gi, const row_matrix<float>& cv,
+               const index_matrix& ci) {
+    for (Eigen::Index r = 0; r < ci.rows(); ++r)
+      for (Eigen::Index t = 0; t < ci.cols(); ++t)
+        if (gi(r, t) != ci(r, t) || !same_value(gv(r, t), cv(r, t))) {
+          if (mismatches++ == 0) {
+            std::ostringstream os;
+            os << "row " << r << " rank " << t << ": gpu (" << gi(r, t) << ", " << gv(r, t) << ") cpu (" << ci(r, t)
+               << ", " << cv(r, t) << ")";
+            first = os.str();
+          }
+        }
+  }
+};
+
+/// Uploads `host` as T; returns the values the device holds, as float.
+template <class T>
+row_matrix<float> upload(const cuda_backend& be, const row_matrix<float>& host, device_matrix<T>& dev) {
+  copy_to_device(be, cref<float>(host), dev);
+  row_matrix<float> seen;
+  copy_to_host(be, dev, seen);
+  return seen;
+}
+
+struct shape {
+  int rows, n, k;
+};
+
+std::vector<shape> topk_shapes() {
+  std::vector<shape> s;
+  if (hsae_test::sanitizer_mode()) {
+    for (int k : {1, 8, 257}) s.push_back({1, k, k});
+    s.push_back({2, 65, 64});
+    s.push_back({3, 1000, 63});
+    s.push_back({2, 5000, 512});
+    s.push_back({1, 9000, 4096});
+    return s;
+  }
+  for (int k : {1, 8, 257, 4096}) s.push_back({1, k, k});
+  for (int k : {63, 256, 4096}) s.push_back({3, k + 1, k});
+  for (int k : {1, 8, 63, 64, 255, 256, 257, 512}) s.push_back({300, 1000, k});
+  for (int k : {8, 64, 256, 257, 512, 4096}) s.push_back({3, 16384, k});
+  s.push_back({300, 16384, 64});
+  for (int k : {1, 64, 255, 1024, 4096}) s.push_back({3, 65536 + 7, k});
+  for (int k : {64, 4096}) s.push_back({1, 1 << 20, k});
+  return s;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("GPU top-k equals the CPU top-k bit for bit", "[cuda][topk]", float, __half, __nv_bfloat16) {
+  hsae_test::test_stream stream;
+  const cuda_backend be(stream.s);
+  device_matrix<TestType> dev;
+  device_code code;
+  row_matrix<float> gv, cv;
+  index_matrix gi, ci;
+  std::uint64_t seed = 1;
+  for (const shape& sh : topk_shapes()) {
+    for (pattern p : all_patterns) {
+      // The 2^20 row is costly on the CPU side; two patterns suffice there.
+      if (sh.n == (1 << 20) && p != pattern::normal && p != pattern::ascending) continue;
+      const row_matrix<float> x = upload(be, make_rows(p, sh.rows, sh.n, ++seed), dev);
+      topk(be, dev, sh.k, code);
+      REQUIRE(code.rows() == sh.rows);
+      REQUIRE(code.k() == sh.k);
+      copy_to_host(be, code.values, gv);
+      copy_to_host(be, code.indices, gi);
+      cpu::topk_rows(cpu_backend{}, cref<float>(x), sh.k, cv, ci);
+      comparison cmp;
+      cmp.compare(gv, gi, cv, ci);
+      INFO(storage_traits<TestType>::name << " " << name(p) << " B=" << sh.rows << " n=" << sh.n << " k=" << sh.k
+                                          << ": " << cmp.mismatches << " mismatches; first: " << cmp.first);
+      REQUIRE(cmp.mismatches == 0);
+    }
+  }
+}
+
+TEST_CASE("GPU top-k: the result does not depend on the run", "[cuda][topk]") {
+  hsae_test::test_stream stream;
+  const cuda_backend be(stream.s);
+  device_matrix<float> dev;
+  upload(be, make_rows(pattern::relu, 64, 20000, 99), dev);
+  device_code a, b;
+  topk(be, dev, 300, a);
+  topk(be, dev, 300, b);
+  row_matrix<float> va, vb;
+  index_matrix ia, ib;
+  copy_to_host(be, a.values, va);
+  copy_to_host(be, b.values, vb);
+  copy_to_host(be, a.indices, ia);
+  copy_to_host(be, b.indices, ib);
+  CHECK(ia == ib);
+  CHECK(std::memcmp(va.data(), vb.data(), std::size_t(va.size()) * sizeof(float)) == 0);
+}
+
+namespace {
+
+/// CPU AuxK reference: per row, the sorted top-min(k_aux, n_dead) among dead latents
+/// (ids ascending), slots beyond n_dead -> (-1, 0).
+void reference_auxk(const row_matrix<float>& x, const std::vector<std::uint32_t>& mask, int k_aux,
+                    row_matrix<float>& values, index_matrix& indices) {
+  std::vector<index_t> dead;
+  for (index_t i = 0; i < index_t(x.cols()); ++i)
+    if ((mask[std::size_t(i) / 32] >> (i % 32)) & 1u) dead.push_back(i);
+  values.setZero(x.rows(), k_aux);
+  indices.setConstant(x.rows(), k_aux, -1);
+  const int kk = int(std::min<std::size_t>(std::size_t(k_aux), dead.size()));
+  if (kk == 0) return;
+  cpu::row_selector<float> sel;
+  std::vector<float> gathered(dead.size()), v(std::size_t(kk), 0.0f);
+  std::vector<index_t> id(std::size_t(kk), 0);
+  for (Eigen::Index r = 0; r < x.rows(); ++r) {
+    for (std::size_t j = 0; j < dead.size(); ++j) gathered[j] = x(r, dead[j]);
+    sel.select(gathered.data(), index_t(dead.size()), index_t(kk), v.data(), id.data());
+    for (int t = 0; t < kk; ++t) {
+      values(r, t) = v[std::size_t(t)];
+      indices(r, t) = dead[std::size_t(id[std::size_t(t)])];
+    }
+  }
+}
+
+enum class mask_kind { random30, few, all, none };
+
+std::vector<std::uint32_t> make_mask(mask_kind kind, int n, std::uint64_t seed) {
+  std::vector<std::uint32_t> m((std::size_t(n) + 31) / 32, 0u);
+  rng gen(seed);
+  for (int i = 0; i < n; ++i) {
+    bool dead = false;
+    switch (kind) {
+      case mask_kind::random30: dead = gen.below(10) < 3; break;
+      case mask_kind::few: dead = i % (n / 5 + 1) == 3; break;  // about five dead latents
+      case mask_kind::all: dead = true; break;
+      case mask_kind::none: dead = false; break;
+    }
+    if (dead) m[std::size_t(i) / 32] |= 1u << (i % 32);
+  }
+  return m;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("GPU top-k with AuxK: both selections equal the CPU's", "[cuda][topk][auxk]", float,
+                   __nv_bfloat16) {
+  hsae_test::test_stream stream;
+  const cuda_backend be(stream.s);
+  struct auxk_shape {
+    int rows, n, k, k_aux;
+  };
+  std::vector<auxk_shape> shapes = {{3, 1000, 8, 37}, {1, 257, 1, 257}, {3, 16384, 256, 2048}, {2, 20000, 4096, 2048}};
+  if (!hsae_test::sanitizer_mode()) {
+    shapes.push_back({300, 1000, 64, 256});
+    shapes.push_back({1, 65536 + 7, 1024, 512});
+    shapes.push_back({2, 100000, 257, 1000});
+  }
+  device_matrix<TestType> dev;
+  device_buffer<std::uint32_t> mask_dev;
+  device_code code, aux;
+  row_matrix<float> gv, cv;
+  index_matrix gi, ci;
+  std::uint64_t seed = 1000;
+  for (const auxk_shape& sh : shapes) {
+    for (mask_kind mk : {mask_kind::random30, mask_kind::few, mask_kind::all, mask_kind::none}) {
+      for (pattern p : {pattern::normal, pattern::relu, pattern::ascending, pattern::special}) {
+        const row_matrix<float> x = upload(be, make_rows(p, sh.rows, sh.n, ++seed), dev);
+        const std::vector<std::uint32_t> mask = make_mask(mk, sh.n, seed);
+        mask_dev.resize(be, mask.size());
+        HSAE_CUDA_TRY(cudaMemcpyAsync(mask_dev.data(), mask.data(), mask.size() * sizeof(std::uint32_t),
+                                      cudaMemcpyHostToDevice, be.stream()));
+        topk_with_auxk(be, dev, sh.k, mask_dev, sh.k_aux, code, aux);
+        INFO(storage_traits<TestType>::name << " " << name(p) << " mask " << int(mk) << " B=" << sh.rows
+                                            << " n=" << sh.n << " k=" << sh.k << " k_aux=" << sh.k_aux);
+        copy_to_host(be, code.values, gv);
+        copy_to_host(be, code.indices, gi);
+        cpu::topk_rows(cpu_backend{}, cref<float>(x), sh.k, cv, ci);
+        comparison main_cmp;
+        main_cmp.compare(gv, gi, cv, ci);
+        INFO("main: " << main_cmp.mismatches << " mismatches; first: " << main_cmp.first);
+        REQUIRE(main_cmp.mismatches == 0);
+        REQUIRE(aux.k() == sh.k_aux);
+        copy_to_host(be, aux.values, gv);
+        copy_to_host(be, aux.indices, gi);
+        reference_auxk(x, mask, sh.k_aux, cv, ci);
+        comparison aux_cmp;
+        aux_cmp.compare(gv, gi, cv, ci);
+        INFO("auxk: " << aux_cmp.mismatches << " mismatches; first: " << aux_cmp.first);
+        REQUIRE(aux_cmp.mismatches == 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("GPU top-k validates its arguments", "[cuda][topk]") {
+  hsae_test::test_stream stream;
+  const cuda_backend be(stream.s);
+  device_matrix<float> dev(be, 2, 5000);
+  device_code code, aux;
+  CHECK_THROWS_AS(topk(be, dev, 0, code), config_error);
+  CHECK_THROWS_AS(topk(be, dev, 5001, code), config_error);
+  CHECK_THROWS_AS(topk(be, dev, cuda_topk_max_k + 1, code), config_error);
+  device_matrix<float> empty(be, 2, 0);
+  CHECK_THROWS_AS(topk(be, empty, 1, code), shape_error);
+  device_buffer<std::uint32_t> mask(be, (5000 + 31) / 32);
+  mask.zero(be);
+  CHECK_THROWS_AS(topk_with_auxk(be, dev, 8, mask, 0, code, aux), config_error);
+  CHECK_THROWS_AS(topk_with_auxk(be, dev, 8, mask, cuda_topk_max_k_aux + 1, code, aux), config_error);
+  device_buffer<std::uint32_t> short_mask(be, 10);
+  CHECK_THROWS_AS(topk_with_auxk(be, dev, 8, short_mask, 16, code, aux), shape_error);
+  // A batch of zero rows is valid and launches nothing.
+  device_matrix<float> no_rows(be, 0, 100);
+  topk(be, no_rows, 10, code);
+  CHECK(code.rows() == 0);
+  CHECK(code.k() == 10);
+}
