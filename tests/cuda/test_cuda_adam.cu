@@ -14,24 +14,12 @@
 #include <vector>
 
 #include "cuda_test_main.hpp"
+#include "cuda_test_util.hpp"
 
 using namespace hsae;
+using namespace hsae_cuda_test;
 
 namespace {
-
-template <class A, class B>
-void check_near(const char* what, const A& got, const B& want, double tol) {
-  REQUIRE(got.rows() == want.rows());
-  REQUIRE(got.cols() == want.cols());
-  double scale = 1e-30, err = 0;
-  for (Eigen::Index i = 0; i < want.rows(); ++i)
-    for (Eigen::Index j = 0; j < want.cols(); ++j) {
-      scale = std::max(scale, std::abs(double(want(i, j))));
-      err = std::max(err, std::abs(double(got(i, j)) - double(want(i, j))));
-    }
-  INFO(what << ": max error " << err << " at scale " << scale << " (tol " << tol << ")");
-  CHECK(err <= tol * scale);
-}
 
 sae<float> random_model(int D, int F, std::uint64_t seed) {
   sae<float> m(D, F);
@@ -60,12 +48,6 @@ void upload_grads(const cuda_backend& be, const sae_gradients<float>& h, device_
   copy_to_device(be, cref<float>(h.W_dec), d.W_dec);
   copy_to_device(be, cvref<float>(h.b_enc), d.b_enc);
   copy_to_device(be, cvref<float>(h.b_dec), d.b_dec);
-}
-
-row_matrix<float> download(const cuda_backend& be, const device_matrix<float>& d) {
-  row_matrix<float> h;
-  copy_to_host(be, d, h);
-  return h;
 }
 
 template <class T>

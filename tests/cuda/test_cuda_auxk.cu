@@ -16,49 +16,12 @@
 #include <vector>
 
 #include "cuda_test_main.hpp"
+#include "cuda_test_util.hpp"
 
 using namespace hsae;
+using namespace hsae_cuda_test;
 
 namespace {
-
-void upload_code(const cuda_backend& be, const sparse_code<float>& h, device_code& d) {
-  copy_to_device(be, cref<float>(h.values), d.values);
-  d.indices.resize(be, index_t(h.indices.rows()), index_t(h.indices.cols()));
-  HSAE_CUDA_TRY(cudaMemcpyAsync(d.indices.data(), h.indices.data(), std::size_t(h.indices.size()) * sizeof(index_t),
-                                cudaMemcpyHostToDevice, be.stream()));
-  be.synchronize();
-}
-
-row_matrix<float> download(const cuda_backend& be, const device_matrix<float>& d) {
-  row_matrix<float> h;
-  copy_to_host(be, d, h);
-  return h;
-}
-vector<float> download(const cuda_backend& be, const device_buffer<float>& d) {
-  vector<float> h;
-  copy_to_host(be, d, h);
-  return h;
-}
-
-template <class A, class B>
-void check_near(const char* what, const A& got, const B& want, double tol) {
-  REQUIRE(got.rows() == want.rows());
-  REQUIRE(got.cols() == want.cols());
-  double scale = 1e-30, err = 0;
-  for (Eigen::Index i = 0; i < want.rows(); ++i)
-    for (Eigen::Index j = 0; j < want.cols(); ++j) {
-      scale = std::max(scale, std::abs(double(want(i, j))));
-      err = std::max(err, std::abs(double(got(i, j)) - double(want(i, j))));
-    }
-  INFO(what << ": max error " << err << " at scale " << scale << " (tol " << tol << ")");
-  CHECK(err <= tol * scale);
-}
-
-template <class A>
-bool same_bits(const A& a, const A& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(typename A::Scalar) * std::size_t(a.size())) == 0;
-}
 
 /// Model, batch, pre-activations and the main loss's residual (all from the CPU).
 struct fixture {
@@ -88,26 +51,19 @@ struct result {
 
 result run_gpu(const cuda_backend& be, const fixture& fx, const sparse_code<float>& aux, std::int64_t n_dead,
                const auxk_options& opt) {
-  device_sae<float> dm;
-  dm.upload(be, fx.m);
-  device_matrix<float> dx, dres;
-  copy_to_device(be, cref<float>(fx.x), dx);
+  device_inputs<> d(be, fx.m, fx.x, aux);
+  device_matrix<float> dres;
   copy_to_device(be, cref<float>(fx.residual), dres);
-  device_code dc;
-  upload_code(be, aux, dc);
-  device_gradients<> g;
-  g.zeros_like(be, dm);
   device_auxk_workspace ws;
-  const device_matrix<float>& cx = dx;
   const device_matrix<float>& cr = dres;
-  auxk_backward(be, dm, cx.view(), dc, cr.view(), n_dead, opt, g, ws);
+  auxk_backward(be, d.m, d.x_view(), d.code, cr.view(), n_dead, opt, d.g, ws);
   result r;
   r.loss = read_auxk_loss(be, ws);
   r.grad_values = download(be, ws.grad_values);
-  r.W_enc = download(be, g.W_enc);
-  r.W_dec = download(be, g.W_dec);
-  r.b_enc = download(be, g.b_enc);
-  r.b_dec = download(be, g.b_dec);
+  r.W_enc = download(be, d.g.W_enc);
+  r.W_dec = download(be, d.g.W_dec);
+  r.b_enc = download(be, d.g.b_enc);
+  r.b_dec = download(be, d.g.b_dec);
   return r;
 }
 

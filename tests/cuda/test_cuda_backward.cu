@@ -20,49 +20,12 @@
 #include <vector>
 
 #include "cuda_test_main.hpp"
+#include "cuda_test_util.hpp"
 
 using namespace hsae;
+using namespace hsae_cuda_test;
 
 namespace {
-
-void upload_code(const cuda_backend& be, const sparse_code<float>& h, device_code& d) {
-  copy_to_device(be, cref<float>(h.values), d.values);
-  d.indices.resize(be, index_t(h.indices.rows()), index_t(h.indices.cols()));
-  HSAE_CUDA_TRY(cudaMemcpyAsync(d.indices.data(), h.indices.data(), std::size_t(h.indices.size()) * sizeof(index_t),
-                                cudaMemcpyHostToDevice, be.stream()));
-  be.synchronize();
-}
-
-row_matrix<float> download(const cuda_backend& be, const device_matrix<float>& d) {
-  row_matrix<float> h;
-  copy_to_host(be, d, h);
-  return h;
-}
-vector<float> download(const cuda_backend& be, const device_buffer<float>& d) {
-  vector<float> h;
-  copy_to_host(be, d, h);
-  return h;
-}
-
-template <class A, class B>
-void check_near(const char* what, const A& got, const B& want, double tol) {
-  REQUIRE(got.rows() == want.rows());
-  REQUIRE(got.cols() == want.cols());
-  double scale = 1e-30, err = 0;
-  for (Eigen::Index i = 0; i < want.rows(); ++i)
-    for (Eigen::Index j = 0; j < want.cols(); ++j) {
-      scale = std::max(scale, std::abs(double(want(i, j))));
-      err = std::max(err, std::abs(double(got(i, j)) - double(want(i, j))));
-    }
-  INFO(what << ": max error " << err << " at scale " << scale << " (tol " << tol << ")");
-  CHECK(err <= tol * scale);
-}
-
-template <class A>
-bool same_bits(const A& a, const A& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(typename A::Scalar) * std::size_t(a.size())) == 0;
-}
 
 struct problem {
   sae<float> m;
@@ -99,23 +62,16 @@ struct grads_host {
 };
 
 grads_host run_gpu(const cuda_backend& be, const problem& p, const sae_gradients<float>& start) {
-  device_sae<float> dm;
-  dm.upload(be, p.m);
-  device_matrix<float> dx, dgv;
-  copy_to_device(be, cref<float>(p.x), dx);
+  device_inputs<> d(be, p.m, p.x, p.code);
+  device_matrix<float> dgv;
   copy_to_device(be, cref<float>(p.grad_values), dgv);
-  device_code dc;
-  upload_code(be, p.code, dc);
-  device_gradients<> g;
-  g.zeros_like(be, dm);
-  copy_to_device(be, cref<float>(start.W_enc), g.W_enc);
-  copy_to_device(be, cvref<float>(start.b_enc), g.b_enc);
-  copy_to_device(be, cvref<float>(start.b_dec), g.b_dec);
+  copy_to_device(be, cref<float>(start.W_enc), d.g.W_enc);
+  copy_to_device(be, cvref<float>(start.b_enc), d.g.b_enc);
+  copy_to_device(be, cvref<float>(start.b_dec), d.g.b_dec);
   device_scratch scratch;
-  const device_matrix<float>& cx = dx;
   const device_matrix<float>& cgv = dgv;
-  encoder_backward(be, dm, cx.view(), dc, cgv.view(), g, scratch);
-  return {download(be, g.W_enc), download(be, g.b_enc), download(be, g.b_dec)};
+  encoder_backward(be, d.m, d.x_view(), d.code, cgv.view(), d.g, scratch);
+  return {download(be, d.g.W_enc), download(be, d.g.b_enc), download(be, d.g.b_dec)};
 }
 
 void compare_with_cpu(const cuda_backend& be, const problem& p) {
@@ -256,21 +212,13 @@ TEST_CASE("GPU loss + encoder backward: the full sparse backward against the CPU
   hierarchical_loss_backward(cpu_backend{}, p.m, p.x, p.code, sched, cg, cws);
   encoder_backward(cpu_backend{}, p.m, p.x, p.code, cws.grad_values, cg, cws.pairs);
 
-  device_sae<float> dm;
-  dm.upload(be, p.m);
-  device_matrix<float> dx;
-  copy_to_device(be, cref<float>(p.x), dx);
-  device_code dc;
-  upload_code(be, p.code, dc);
-  device_gradients<> g;
-  g.zeros_like(be, dm);
+  device_inputs<> d(be, p.m, p.x, p.code);
   device_loss_workspace ws;
-  const device_matrix<float>& cx = dx;
-  hierarchical_loss_backward(be, dm, cx.view(), dc, sched, g, ws);
+  hierarchical_loss_backward(be, d.m, d.x_view(), d.code, sched, d.g, ws);
   const device_matrix<float>& cgv = ws.grad_values;
-  encoder_backward(be, dm, cx.view(), dc, cgv.view(), g, ws.scratch);
-  check_near("W_enc", download(be, g.W_enc), cg.W_enc, 5e-5);
-  check_near("W_dec", download(be, g.W_dec), cg.W_dec, 5e-5);
-  check_near("b_enc", download(be, g.b_enc), cg.b_enc, 5e-5);
-  check_near("b_dec", download(be, g.b_dec), cg.b_dec, 5e-5);
+  encoder_backward(be, d.m, d.x_view(), d.code, cgv.view(), d.g, ws.scratch);
+  check_near("W_enc", download(be, d.g.W_enc), cg.W_enc, 5e-5);
+  check_near("W_dec", download(be, d.g.W_dec), cg.W_dec, 5e-5);
+  check_near("b_enc", download(be, d.g.b_enc), cg.b_enc, 5e-5);
+  check_near("b_dec", download(be, d.g.b_dec), cg.b_dec, 5e-5);
 }

@@ -10,18 +10,12 @@
 #include <vector>
 
 #include "cuda_test_main.hpp"
+#include "cuda_test_util.hpp"
 
 using namespace hsae;
+using namespace hsae_cuda_test;
 
 namespace {
-
-void upload_code(const cuda_backend& be, const sparse_code<float>& h, device_code& d) {
-  copy_to_device(be, cref<float>(h.values), d.values);
-  d.indices.resize(be, index_t(h.indices.rows()), index_t(h.indices.cols()));
-  HSAE_CUDA_TRY(cudaMemcpyAsync(d.indices.data(), h.indices.data(), std::size_t(h.indices.size()) * sizeof(index_t),
-                                cudaMemcpyHostToDevice, be.stream()));
-  be.synchronize();
-}
 
 /// Rows of k distinct latents drawn from [0, active) (so latents >= active never fire),
 /// values descending with zeros in some slots.

@@ -6,6 +6,7 @@
 // value). Both GEMM paths: cuBLASLt with the fused RELU_BIAS epilogue, and cublasGemmEx
 // plus the bias/ReLU kernel.
 #include "cuda_test_main.hpp"
+#include "cuda_test_util.hpp"
 
 #include <cmath>
 #include <cstdint>
@@ -21,16 +22,9 @@
 #include <hsae/rng.hpp>
 
 using namespace hsae;
+using namespace hsae_cuda_test;
 
 namespace {
-
-row_matrix<float> normal_matrix(int rows, int cols, std::uint64_t seed, float scale = 1.0f) {
-  rng gen(seed);
-  row_matrix<float> m(rows, cols);
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) m(r, c) = float(gen.normal()) * scale;
-  return m;
-}
 
 template <class T>
 float rounded(float v) {

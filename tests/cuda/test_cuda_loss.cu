@@ -18,53 +18,12 @@
 #include <vector>
 
 #include "cuda_test_main.hpp"
+#include "cuda_test_util.hpp"
 
 using namespace hsae;
+using namespace hsae_cuda_test;
 
 namespace {
-
-// ---------------------------------------------------------------------------------------
-// Helpers (host <-> device).
-
-void upload_code(const cuda_backend& be, const sparse_code<float>& h, device_code& d) {
-  copy_to_device(be, cref<float>(h.values), d.values);
-  d.indices.resize(be, index_t(h.indices.rows()), index_t(h.indices.cols()));
-  HSAE_CUDA_TRY(cudaMemcpyAsync(d.indices.data(), h.indices.data(), std::size_t(h.indices.size()) * sizeof(index_t),
-                                cudaMemcpyHostToDevice, be.stream()));
-  be.synchronize();
-}
-
-row_matrix<float> download(const cuda_backend& be, const device_matrix<float>& d) {
-  row_matrix<float> h;
-  copy_to_host(be, d, h);
-  return h;
-}
-vector<float> download(const cuda_backend& be, const device_buffer<float>& d) {
-  vector<float> h;
-  copy_to_host(be, d, h);
-  return h;
-}
-
-/// max |a - b| <= tol * max(max |b|, floor): errors relative to the reference's scale.
-template <class A, class B>
-void check_near(const char* what, const A& got, const B& want, double tol, double floor = 1e-30) {
-  REQUIRE(got.rows() == want.rows());
-  REQUIRE(got.cols() == want.cols());
-  double scale = floor, err = 0;
-  for (Eigen::Index i = 0; i < want.rows(); ++i)
-    for (Eigen::Index j = 0; j < want.cols(); ++j) {
-      scale = std::max(scale, std::abs(double(want(i, j))));
-      err = std::max(err, std::abs(double(got(i, j)) - double(want(i, j))));
-    }
-  INFO(what << ": max error " << err << " at scale " << scale << " (tol " << tol << ")");
-  CHECK(err <= tol * scale);
-}
-
-template <class A>
-bool same_bits(const A& a, const A& b) {
-  return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(typename A::Scalar) * std::size_t(a.size())) == 0;
-}
 
 /// A random model (unit decoder rows), batch, and a code with distinct latents per row,
 /// values descending; `zero_tail` rows end with zeros (fewer than k positives).
@@ -114,28 +73,20 @@ struct gpu_result {
 template <class T, class S>
 gpu_result run_gpu(const cuda_backend& be, const problem& p, const S& schedule, std::size_t staging_bytes,
                    bool backward = true) {
-  device_sae<T> dm;
-  dm.upload(be, p.m);
-  device_matrix<T> dx;
-  copy_to_device(be, cref<float>(p.x), dx);
-  device_code dc;
-  upload_code(be, p.code, dc);
-  device_gradients<> g;
-  g.zeros_like(be, dm);
+  device_inputs<T> d(be, p.m, p.x, p.code);
   device_loss_workspace ws;
   ws.staging_bytes = staging_bytes;
-  const device_matrix<T>& cx = dx;
   if (backward)
-    hierarchical_loss_backward(be, dm, cx.view(), dc, schedule, g, ws);
+    hierarchical_loss_backward(be, d.m, d.x_view(), d.code, schedule, d.g, ws);
   else
-    hierarchical_loss(be, dm, cx.view(), dc, schedule, ws);
+    hierarchical_loss(be, d.m, d.x_view(), d.code, schedule, ws);
   gpu_result r;
   r.st = read_loss_stats(be, ws);
   r.residual = download(be, ws.residual);
   if (backward) {
     r.grad_values = download(be, ws.grad_values);
-    r.gW_dec = download(be, g.W_dec);
-    r.gb_dec = download(be, g.b_dec);
+    r.gW_dec = download(be, d.g.W_dec);
+    r.gb_dec = download(be, d.g.b_dec);
   }
   return r;
 }

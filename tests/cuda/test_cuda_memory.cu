@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // Device memory, conversions and the device model: round trips against the host.
 #include "cuda_test_main.hpp"
+#include "cuda_test_util.hpp"
 
 #include <cmath>
 #include <cstdint>
@@ -11,16 +12,9 @@
 #include <hsae/rng.hpp>
 
 using namespace hsae;
+using namespace hsae_cuda_test;
 
 namespace {
-
-row_matrix<float> random_matrix(int rows, int cols, std::uint64_t seed) {
-  rng gen(seed);
-  row_matrix<float> m(rows, cols);
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) m(r, c) = float(gen.normal()) * 3.0f;
-  return m;
-}
 
 /// Relative rounding error bound of T (half an ulp): 2^-24, 2^-11, 2^-8.
 template <class T>
@@ -42,7 +36,7 @@ TEMPLATE_TEST_CASE("copy_to_device / copy_to_host round trip with conversion", "
   hsae_test::test_stream stream;
   const cuda_backend be(stream.s);
   for (auto [rows, cols] : {std::pair{1, 1}, std::pair{3, 33}, std::pair{17, 1000}}) {
-    const row_matrix<float> h = random_matrix(rows, cols, std::uint64_t(rows * 7919 + cols));
+    const row_matrix<float> h = normal_matrix(rows, cols, std::uint64_t(rows * 7919 + cols), 3.0f);
     device_matrix<TestType> d;
     copy_to_device(be, cref<float>(h), d);
     CHECK(d.rows() == rows);
@@ -66,7 +60,7 @@ TEMPLATE_TEST_CASE("copy_to_device / copy_to_host round trip with conversion", "
 TEST_CASE("copy_to_device honours the outer stride of a row block", "[cuda][memory]") {
   hsae_test::test_stream stream;
   const cuda_backend be(stream.s);
-  const row_matrix<float> h = random_matrix(10, 24, 5);
+  const row_matrix<float> h = normal_matrix(10, 24, 5, 3.0f);
   const cref<float> block = h.block(2, 3, 5, 7);  // outer stride 24, not 7
   device_matrix<float> d;
   copy_to_device(be, block, d);
@@ -185,7 +179,7 @@ TEMPLATE_TEST_CASE("device_sae upload / download and storage copies", "[cuda][mo
   hsae_test::test_stream stream;
   const cuda_backend be(stream.s);
   sae<float> m(13, 70);
-  const row_matrix<float> sample = random_matrix(32, 13, 11);
+  const row_matrix<float> sample = normal_matrix(32, 13, 11, 3.0f);
   init(cpu_backend{}, m, sample, init_options{.seed = 4, .b_dec = decoder_bias_init::mean});
   m.b_enc.setLinSpaced(-1.0f, 1.0f);
   device_sae<TestType> d;
