@@ -283,6 +283,23 @@ inline dynamic_k_schedule schedule_from_json(const nlohmann::json& j, const file
   }
 }
 
+/// hsae's k-schedule: the `hsae_k_schedule` entry of `cfg` (a JSON object) first, then
+/// that of the weights file's metadata; nullopt when neither has one.
+inline std::optional<dynamic_k_schedule> find_schedule(const nlohmann::json& cfg,
+                                                       const std::map<std::string, std::string>& tensor_metadata,
+                                                       const file_error& fail, const file_error& failw) {
+  if (cfg.contains("hsae_k_schedule")) return schedule_from_json(cfg["hsae_k_schedule"], fail);
+  const auto it = tensor_metadata.find("hsae_k_schedule");
+  if (it == tensor_metadata.end()) return std::nullopt;
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(it->second);
+  } catch (const nlohmann::json::exception& e) {
+    failw("malformed hsae_k_schedule metadata: ", e.what());
+  }
+  return schedule_from_json(j, fail);
+}
+
 /// Parses a cfg.json: Python's json.load rules (a repeated key keeps its last value),
 /// nesting limited to 256 levels.
 inline nlohmann::json parse_config_json(std::string_view text, const std::string& where, std::string_view tool) {
@@ -588,17 +605,7 @@ loaded_sae<T> load_saelens_buffers(std::string_view cfg_text, std::span<const st
   out.k = int(k);
 
   // hsae's k-schedule: the config's metadata first, then the safetensors metadata.
-  if (out.metadata.contains("hsae_k_schedule")) {
-    out.schedule = detail::schedule_from_json(out.metadata["hsae_k_schedule"], fail);
-  } else if (const auto it = out.tensor_metadata.find("hsae_k_schedule"); it != out.tensor_metadata.end()) {
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(it->second);
-    } catch (const nlohmann::json::exception& e) {
-      failw("malformed hsae_k_schedule metadata: ", e.what());
-    }
-    out.schedule = detail::schedule_from_json(j, fail);
-  }
+  out.schedule = detail::find_schedule(out.metadata, out.tensor_metadata, fail, failw);
   return out;
 }
 
@@ -704,17 +711,7 @@ loaded_sae<T> load_sparsify_buffers(std::string_view cfg_text, std::span<const s
   detail::expect_finite_tensor(weights_where, "sparsify", "b_dec" + conv, m.b_dec);
   out.k = int(k);
 
-  if (cfg.contains("hsae_k_schedule")) {
-    out.schedule = detail::schedule_from_json(cfg["hsae_k_schedule"], fail);
-  } else if (const auto it = out.tensor_metadata.find("hsae_k_schedule"); it != out.tensor_metadata.end()) {
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(it->second);
-    } catch (const nlohmann::json::exception& e) {
-      failw("malformed hsae_k_schedule metadata: ", e.what());
-    }
-    out.schedule = detail::schedule_from_json(j, fail);
-  }
+  out.schedule = detail::find_schedule(cfg, out.tensor_metadata, fail, failw);
   return out;
 }
 
