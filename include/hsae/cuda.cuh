@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cuda.cuh
 /// Umbrella header of hsae's CUDA backend (needs nvcc; link hsae::cuda). The CPU
-/// umbrella, hsae/hsae.hpp, never includes CUDA.
+/// umbrella, hsae/hsae.hpp, never includes CUDA. With this header,
+/// `trainer<float, F, S, cuda_backend>` trains on the GPU (cuda/trainer.cuh).
 #pragma once
 
 #include "cuda/auxk.cuh"
@@ -14,3 +15,5 @@
 #include "cuda/model.cuh"
 #include "cuda/optimizer.cuh"
 #include "cuda/topk.cuh"
+#include "cuda/train_step.cuh"
+#include "cuda/trainer.cuh"

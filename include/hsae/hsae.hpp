@@ -8,7 +8,8 @@
 ///   hsae::hierarchical_loss[...]    cpu/loss.hpp, AuxK in cpu/auxk.hpp
 ///   hsae::adam<T, F>                optimizer.hpp
 ///   hsae::train_step                train_step.hpp
-///   hsae::trainer, evaluate         trainer.hpp, metrics.hpp
+///   hsae::trainer, evaluate         trainer.hpp, metrics.hpp (backend engines:
+///                                   training_engine.hpp; the GPU's in hsae/cuda.cuh)
 ///   hsae::npy_file, write_npy       data/npy.hpp (memory-mapped .npy reading, atomic writing)
 ///   hsae::npy_source, matrix_source data/sources.hpp (batch sources, batch_source concept)
 ///   hsae::safetensors_file, ...     io/safetensors.hpp (memory-mapped reading, atomic writing)

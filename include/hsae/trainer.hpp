@@ -14,6 +14,10 @@
 /// A source is anything with `int d_model()` and `void next(Eigen::Index rows,
 /// row_matrix<T>& x)` filling the next `rows` rows (synthetic_source, matrix_source,
 /// npy_source, or your own).
+///
+/// The backend is the last template parameter (training_engine.hpp): `cpu_backend` by
+/// default; `trainer<float, F, S, cuda_backend>` (with <hsae/cuda.cuh>) runs the same loop
+/// with the steps and evaluations on the GPU. This header needs no CUDA.
 #pragma once
 
 #include <unistd.h>
@@ -41,6 +45,7 @@
 #include "model.hpp"
 #include "optimizer.hpp"
 #include "train_step.hpp"
+#include "training_engine.hpp"
 
 HSAE_NAMESPACE_BEGIN
 
@@ -134,17 +139,26 @@ struct train_summary {
   evaluation eval;
 };
 
-template <cpu_scalar T, int F, k_schedule_like S>
+/// The training loop. \tparam T the host data's precision (the batches sources fill;
+/// float or double on the CPU, float for CUDA), \tparam F the dictionary width (or
+/// hsae::dynamic), \tparam S the k-schedule, \tparam Backend `cpu_backend` (default),
+/// `cuda_backend` or `cuda_with_storage<Storage>` (cuda/trainer.cuh): the constructor takes
+/// that backend's handle (`engine_type::backend_type`).
+template <cpu_scalar T, int F, k_schedule_like S, class Backend = cpu_backend>
 class trainer {
  public:
-  /// Trains `model` (its shapes fix d_model and d_sae) under `schedule`.
+  using engine_type = training_engine<Backend, T, F>;
+  using backend_type = typename engine_type::backend_type;
+
+  /// Trains `model` (its shapes fix d_model and d_sae) under `schedule` on `be` (a CPU
+  /// backend is copied; a CUDA backend is borrowed and must outlive the trainer).
   /// \throws hsae::config_error on invalid options or k_max > d_sae.
-  trainer(const cpu_backend& be, sae<T, F> model, S schedule, trainer_options opt)
-      : be_(be), model_(std::move(model)), schedule_(std::move(schedule)), opt_(std::move(opt)) {
-    model_.check_shapes();
+  trainer(const backend_type& be, sae<T, F> model, S schedule, trainer_options opt)
+      : engine_(be, std::move(model)), schedule_(std::move(schedule)), opt_(std::move(opt)) {
+    engine_.model().check_shapes();
     opt_.validate();
-    detail::expects<config_error>(schedule_.k_max() <= model_.d_sae(), "trainer: the schedule's k_max=",
-                                  schedule_.k_max(), " exceeds d_sae=", model_.d_sae());
+    detail::expects<config_error>(schedule_.k_max() <= engine_.model().d_sae(), "trainer: the schedule's k_max=",
+                                  schedule_.k_max(), " exceeds d_sae=", engine_.model().d_sae());
     if (opt_.adam.total_steps == 0) opt_.adam.total_steps = opt_.steps();
     opt_.adam.validate();
   }
@@ -158,8 +172,8 @@ class trainer {
   /// is not d_model, hsae::numeric_error on NaN/Inf in a batch.
   template <batch_source<T> Source>
   train_summary fit(Source& source) {
-    detail::expects<shape_error>(source.d_model() == model_.d_model(), "trainer: the source's d_model=",
-                                 source.d_model(), " differs from the model's d_model=", model_.d_model());
+    detail::expects<shape_error>(source.d_model() == model().d_model(), "trainer: the source's d_model=",
+                                 source.d_model(), " differs from the model's d_model=", model().d_model());
     open_metrics();
     const auto t0 = clock::now();
 
@@ -184,7 +198,8 @@ class trainer {
       source.next(Eigen::Index(rows), x);
       rows_pulled_ += rows;
       if (scale_ != 1.0) x *= T(scale_);
-      const step_stats st = train_step(be_, model_, opt_state_, dead_, x, schedule_, ws_, opt_.step);
+      const engine_step es = engine_.step(x, schedule_, opt_.step);
+      const step_stats& st = es.stats;
       ++step_;
       tokens_ += rows;
       final_loss = st.loss;
@@ -195,7 +210,7 @@ class trainer {
       rec.loss = st.loss;
       rec.aux_loss = st.aux_loss;
       rec.fvu_kmax = st.levels.level_sse.back() / batch_variance(x);
-      rec.dead_fraction = dead_.dead_fraction();
+      rec.dead_fraction = es.dead_fraction;
       rec.lr = st.lr;
       rec.grad_norm = st.grad_norm;
       rec.elapsed_seconds = secs;
@@ -244,29 +259,35 @@ class trainer {
   /// Writes a checkpoint of the run (model, optimizer moments and step, dead-latent
   /// counters, held-out rows, input scale, step and token counts, and the source's
   /// state when it can save it; see checkpoint.hpp), atomically.
+  /// The state comes from the engine's host views: a GPU run's checkpoint holds the fp32
+  /// master weights and moments under the same names and dtypes as a CPU run's, so either
+  /// backend resumes the other's checkpoints (T = float).
   template <class Source>
   void save_checkpoint(const std::filesystem::path& path, const Source& source) const {
+    const sae<T, F>& m = engine_.model();
+    const adam<T, F>& optim = engine_.optimizer();
+    const dead_latent_tracker& tracker = engine_.dead_latents();
     checkpoint_state<T> st;
     st.set("step", step_);
     st.set("tokens", tokens_);
     st.set("rows_pulled", rows_pulled_);
     st.set("input_scale", scale_);
-    st.set("d_model", std::int64_t(model_.d_model()));
-    st.set("d_sae", std::int64_t(model_.d_sae()));
+    st.set("d_model", std::int64_t(m.d_model()));
+    st.set("d_sae", std::int64_t(m.d_sae()));
     st.set("k_max", std::int64_t(schedule_.k_max()));
     st.set("schedule", schedule_text());
     st.set("total_tokens", opt_.total_tokens);
     st.set("batch_size", opt_.batch_size);
-    put_params(st, "model.", model_.W_enc, model_.b_enc, model_.W_dec, model_.b_dec);
-    const auto& m1 = opt_state_.first_moment();
-    const auto& m2 = opt_state_.second_moment();
+    put_params(st, "model.", m.W_enc, m.b_enc, m.W_dec, m.b_dec);
+    const auto& m1 = optim.first_moment();
+    const auto& m2 = optim.second_moment();
     put_params(st, "adam.m.", m1.W_enc, m1.b_enc, m1.W_dec, m1.b_dec);
     put_params(st, "adam.v.", m2.W_enc, m2.b_enc, m2.W_dec, m2.b_dec);
-    st.set("adam.steps", opt_state_.steps());
-    st.set("adam.last_lr", opt_state_.last_lr());
-    const auto& since = dead_.tokens_since_fired();
+    st.set("adam.steps", optim.steps());
+    st.set("adam.last_lr", optim.last_lr());
+    const auto& since = tracker.tokens_since_fired();
     st.arrays["dead.tokens_since_fired"] = std::vector<double>(since.begin(), since.end());
-    st.set("dead.after_tokens", dead_.dead_after_tokens());
+    st.set("dead.after_tokens", tracker.dead_after_tokens());
     st.matrices["held_out"] = eval_x_;
     if constexpr (requires { source.save_state(st); }) source.save_state(st);
     write_checkpoint(path, st);
@@ -282,12 +303,13 @@ class trainer {
   /// \throws hsae::io_error on an unreadable, foreign or inconsistent checkpoint.
   template <batch_source<T> Source>
   void resume(const std::filesystem::path& path, Source& source) {
+    sae<T, F> m = engine_.model();
     const checkpoint_state<T> st = read_checkpoint<T>(path);
     const std::string where = path.string();
-    detail::expects<io_error>(st.get_int("d_model") == model_.d_model() && st.get_int("d_sae") == model_.d_sae(),
+    detail::expects<io_error>(st.get_int("d_model") == m.d_model() && st.get_int("d_sae") == m.d_sae(),
                               "checkpoint '", where, "': shapes d_model=", st.get_int("d_model"), " d_sae=",
-                              st.get_int("d_sae"), " differ from this trainer's model (", model_.d_model(), ", ",
-                              model_.d_sae(), ")");
+                              st.get_int("d_sae"), " differ from this trainer's model (", m.d_model(), ", ",
+                              m.d_sae(), ")");
     detail::expects<io_error>(st.text("schedule") == schedule_text(), "checkpoint '", where,
                               "': written under schedule ", st.text("schedule"), ", this trainer has ",
                               schedule_text());
@@ -297,19 +319,18 @@ class trainer {
                               " batch_size=", st.get_int("batch_size"), ", this trainer has ", opt_.total_tokens,
                               " and ", opt_.batch_size);
     if constexpr (requires { source.load_state(st); }) source.load_state(st);
-    get_params(st, "model.", model_.W_enc, model_.b_enc, model_.W_dec, model_.b_dec, where);
+    get_params(st, "model.", m.W_enc, m.b_enc, m.W_dec, m.b_dec, where);
     sae_gradients<T, F> m1, m2;
-    m1.zeros_like(model_);
-    m2.zeros_like(model_);
+    m1.zeros_like(m);
+    m2.zeros_like(m);
     get_params(st, "adam.m.", m1.W_enc, m1.b_enc, m1.W_dec, m1.b_dec, where);
     get_params(st, "adam.v.", m2.W_enc, m2.b_enc, m2.W_dec, m2.b_dec, where);
-    opt_state_ = adam<T, F>(model_, opt_.adam);
-    opt_state_.set_state(st.get_int("adam.steps"), std::move(m1), std::move(m2), st.get_double("adam.last_lr"));
     const std::vector<double>& since = st.array("dead.tokens_since_fired");
-    detail::expects<io_error>(std::int64_t(since.size()) == model_.d_sae(), "checkpoint '", where,
-                              "': dead-latent counters for ", since.size(), " latents, expected ", model_.d_sae());
-    dead_ = dead_latent_tracker(model_.d_sae(), opt_.dead_after_tokens);
-    dead_.set_tokens_since_fired(std::vector<std::int64_t>(since.begin(), since.end()));
+    detail::expects<io_error>(std::int64_t(since.size()) == m.d_sae(), "checkpoint '", where,
+                              "': dead-latent counters for ", since.size(), " latents, expected ", m.d_sae());
+    engine_.restore(std::move(m), opt_.adam, st.get_int("adam.steps"), std::move(m1), std::move(m2),
+                    st.get_double("adam.last_lr"), opt_.dead_after_tokens,
+                    std::vector<std::int64_t>(since.begin(), since.end()));
     eval_x_ = st.matrix("held_out");
     scale_ = st.get_double("input_scale");
     step_ = st.get_int("step");
@@ -334,20 +355,22 @@ class trainer {
   template <k_schedule_like S2>
   evaluation evaluate_held_out(const S2& schedule) const {
     detail::expects<config_error>(eval_x_.rows() > 0, "trainer: no held-out rows (eval_rows = 0 or fit not run)");
-    evaluation e = evaluate(be_, model_, cref<T>(eval_x_), schedule);
-    e.dead_fraction = dead_.dead_fraction();
+    evaluation e = engine_.evaluate(cref<T>(eval_x_), schedule);
+    e.dead_fraction = engine_.dead_latents().dead_fraction();
     return e;
   }
   /// The held-out rows (in the trained input units); empty before fit or with eval_rows = 0.
   const row_matrix<T>& held_out() const { return eval_x_; }
 
-  /// The model as trained (inputs multiplied by input_scale()).
-  const sae<T, F>& model() const { return model_; }
+  /// The model as trained (inputs multiplied by input_scale()). With a GPU backend, a host
+  /// copy of the fp32 master weights, refreshed (one download) after the steps since the
+  /// last call.
+  const sae<T, F>& model() const { return engine_.model(); }
   /// The model for unscaled inputs: with s = input_scale(), pre/s on x equals pre on
   /// s x, so b_enc and b_dec are divided by s; the unit decoder rows and the top-k
   /// order are unchanged, and decoded outputs come back in the input's units.
   sae<T, F> export_model() const {
-    sae<T, F> m = model_;
+    sae<T, F> m = model();
     if (scale_ != 1.0) {
       m.b_enc /= T(scale_);
       m.b_dec /= T(scale_);
@@ -355,8 +378,11 @@ class trainer {
     return m;
   }
   double input_scale() const { return scale_; }
-  const dead_latent_tracker& dead_latents() const { return dead_; }
-  const adam<T, F>& optimizer() const { return opt_state_; }
+  /// Host views of the tracker and the optimizer (downloaded on demand with a GPU backend).
+  const dead_latent_tracker& dead_latents() const { return engine_.dead_latents(); }
+  const adam<T, F>& optimizer() const { return engine_.optimizer(); }
+  /// The engine: the backend-specific state (training_engine.hpp, cuda/trainer.cuh).
+  const engine_type& engine() const { return engine_; }
   const S& schedule() const { return schedule_; }
   const trainer_options& options() const { return opt_; }
   std::int64_t steps_done() const { return step_; }
@@ -441,14 +467,16 @@ class trainer {
       if (opt_.normalize_inputs) {
         const double mean_sq = x.template cast<double>().squaredNorm() / double(x.rows());
         detail::expects<numeric_error>(mean_sq > 0, "trainer: the init sample is all zeros; cannot normalise");
-        scale_ = std::sqrt(double(model_.d_model()) / mean_sq);
+        scale_ = std::sqrt(double(model().d_model()) / mean_sq);
         x *= T(scale_);
       }
-      init(be_, model_, x, opt_.init);
     }
+    engine_.start(
+        [&](sae<T, F>& m) {
+          if (opt_.initialize) init(engine_.host_backend(), m, x, opt_.init);
+        },
+        opt_.adam, opt_.dead_after_tokens);
     if (opt_.eval_rows > 0 && scale_ != 1.0) eval_x_ *= T(scale_);
-    opt_state_ = adam<T, F>(model_, opt_.adam);
-    dead_ = dead_latent_tracker(model_.d_sae(), opt_.dead_after_tokens);
   }
 
   std::string schedule_text() const {
@@ -486,13 +514,9 @@ class trainer {
     take("b_dec", b_dec, 1, b_dec.size());
   }
 
-  cpu_backend be_;
-  sae<T, F> model_;
+  engine_type engine_;
   S schedule_;
   trainer_options opt_;
-  adam<T, F> opt_state_;
-  dead_latent_tracker dead_;
-  train_workspace<T, F> ws_;
   row_matrix<T> eval_x_;
   Eigen::VectorXd col_sum_;  // batch_variance scratch
   double scale_ = 1.0;

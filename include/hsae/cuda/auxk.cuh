@@ -18,6 +18,7 @@
 #include "../cpu/auxk.hpp"
 #include "../error.hpp"
 #include "backend.cuh"
+#include "dead_latents.cuh"
 #include "detail/auxk.cuh"
 #include "loss.cuh"
 #include "memory.cuh"
@@ -34,22 +35,13 @@ struct device_auxk_workspace {
   device_scratch scratch;
 };
 
-/// Adds the AuxK loss's gradients to `grads` and writes the loss (scaled by alpha and
-/// min(n_dead / k_aux, 1); 0 with no dead latents, alpha == 0, or a zero-variance
-/// residual) to `ws.loss`. Asynchronous; `read_auxk_loss` fetches the value.
-///
-/// \param aux_code  per row the top-k pre-activations among the dead latents, descending,
-///                  indices = latent ids; k between min(k_aux, n_dead) and k_aux, a row's
-///                  slots beyond the dead latents holding index -1 and value 0.
-/// \param residual  x - xhat_K [B, d_model] (`device_loss_workspace::residual`).
-/// \param n_dead    the number of dead latents the code was selected from (host value,
-///                  e.g. `device_dead_latent_tracker::num_dead`).
-/// \throws hsae::shape_error / hsae::config_error on inconsistent shapes or options.
+namespace cuda::detail {
+
 template <class T, int F>
-void auxk_backward(const cuda_backend& be, const device_sae<T, F>& m,
-                   device_matrix_view<const std::type_identity_t<T>> x, const device_code& aux_code,
-                   device_matrix_view<const float> residual, std::int64_t n_dead, const auxk_options& opt,
-                   device_gradients<F>& grads, device_auxk_workspace& ws) {
+void run_auxk_backward(const cuda_backend& be, const device_sae<T, F>& m,
+                       device_matrix_view<const std::type_identity_t<T>> x, const device_code& aux_code,
+                       device_matrix_view<const float> residual, std::int64_t n_dead, const int* n_dead_device,
+                       const auxk_options& opt, device_gradients<F>& grads, device_auxk_workspace& ws) {
   using ::hsae::detail::expects;
   m.check_shapes();
   const int D = m.d_model();
@@ -80,6 +72,7 @@ void auxk_backward(const cuda_backend& be, const device_sae<T, F>& m,
   a.F = m.d_sae();
   a.ka = aux_code.k();
   a.n_dead = n_dead;
+  a.n_dead_device = n_dead_device;
   a.k_aux = opt.resolved_k_aux(D);
   a.alpha = opt.alpha;
   a.grad_values = ws.grad_values.data();
@@ -91,6 +84,44 @@ void auxk_backward(const cuda_backend& be, const device_sae<T, F>& m,
   a.deterministic = be.deterministic;
   const std::size_t bytes = cuda::detail::auxk_workspace_bytes(a);
   cuda::detail::auxk_loss_backward(a, ws.scratch.get(be, bytes), bytes, be.stream());
+}
+
+}  // namespace cuda::detail
+
+/// Adds the AuxK loss's gradients to `grads` and writes the loss (scaled by alpha and
+/// min(n_dead / k_aux, 1); 0 with no dead latents, alpha == 0, or a zero-variance
+/// residual) to `ws.loss`. Asynchronous; `read_auxk_loss` fetches the value.
+///
+/// \param aux_code  per row the top-k pre-activations among the dead latents, descending,
+///                  indices = latent ids; k between min(k_aux, n_dead) and k_aux, a row's
+///                  slots beyond the dead latents holding index -1 and value 0.
+/// \param residual  x - xhat_K [B, d_model] (`device_loss_workspace::residual`).
+/// \param n_dead    the number of dead latents the code was selected from (host value,
+///                  e.g. `device_dead_latent_tracker::num_dead`).
+/// \throws hsae::shape_error / hsae::config_error on inconsistent shapes or options.
+template <class T, int F>
+void auxk_backward(const cuda_backend& be, const device_sae<T, F>& m,
+                   device_matrix_view<const std::type_identity_t<T>> x, const device_code& aux_code,
+                   device_matrix_view<const float> residual, std::int64_t n_dead, const auxk_options& opt,
+                   device_gradients<F>& grads, device_auxk_workspace& ws) {
+  cuda::detail::run_auxk_backward(be, m, x, aux_code, residual, n_dead, nullptr, opt, grads, ws);
+}
+
+/// As above with the dead count read on the device from `dead` (its count after its last
+/// update), so that nothing synchronises: `aux_code` is the AuxK output of
+/// `topk_with_auxk` over `dead.dead_mask()` with k_aux' = min(k_aux, d_sae) columns
+/// (enough for any dead count; slots beyond a row's dead latents hold -1 / 0). With no
+/// dead latent at run time the loss is 0 and nothing is added, as on the CPU.
+/// \throws as above, and hsae::shape_error unless the code has min(k_aux, d_sae) columns
+///         and the tracker's width is d_sae.
+template <class T, int F>
+void auxk_backward(const cuda_backend& be, const device_sae<T, F>& m,
+                   device_matrix_view<const std::type_identity_t<T>> x, const device_code& aux_code,
+                   device_matrix_view<const float> residual, const device_dead_latent_tracker& dead,
+                   const auxk_options& opt, device_gradients<F>& grads, device_auxk_workspace& ws) {
+  ::hsae::detail::expects<shape_error>(dead.d_sae() == m.d_sae(), "auxk: the dead-latent tracker has ", dead.d_sae(),
+                                       " latents, the model d_sae=", m.d_sae());
+  cuda::detail::run_auxk_backward(be, m, x, aux_code, residual, 0, dead.num_dead_device(), opt, grads, ws);
 }
 
 /// The AuxK loss of the last `auxk_backward` call. Synchronises be.stream().

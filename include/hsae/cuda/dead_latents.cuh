@@ -44,7 +44,9 @@ class device_dead_latent_tracker {
   /// Counts the code's rows as seen tokens; latents with a positive value among the
   /// first `k` ranks (all ranks when k < 0) fired and restart their count. Then rebuilds
   /// the mask, list and count. Asynchronous.
-  void update(const cuda_backend& be, const device_code& code, int k = -1) {
+  /// \param reject  optional device flag read when the update runs: nonzero leaves the
+  ///                 counters unchanged (`train_step` passes its finite check of the batch).
+  void update(const cuda_backend& be, const device_code& code, int k = -1, const int* reject = nullptr) {
     check_ready();
     ::hsae::detail::expects<shape_error>(
         code.indices.rows() == code.values.rows() && code.indices.cols() == code.values.cols(),
@@ -52,8 +54,15 @@ class device_dead_latent_tracker {
     const int kk = k < 0 ? code.k() : std::min(k, code.k());
     const std::size_t bytes = cuda::detail::dead_latents_workspace_bytes(d_sae_);
     cuda::detail::update_dead_latents(state(), code.values.data(), code.indices.data(), code.rows(), code.k(), kk,
-                                      scratch(be, bytes), bytes, be.stream());
+                                      scratch(be, bytes), bytes, be.stream(), reject);
+    max_since_ += std::int64_t(code.rows());
   }
+
+  /// False when no latent can be dead, known on the host without synchronising: every
+  /// counter is at most the largest uploaded counter plus the tokens counted since (the
+  /// bound ignores firing). Early in a run (fewer than dead_after_tokens tokens) this is
+  /// false, and `train_step` skips AuxK's selection and backward altogether.
+  bool may_have_dead() const { return max_since_ >= dead_after_; }
 
   /// Bit (f % 32) of word f / 32 is set when latent f is dead; [ceil(d_sae / 32)] words
   /// (the `dead_mask` argument of `topk_with_auxk`).
@@ -101,6 +110,7 @@ class device_dead_latent_tracker {
         cudaMemcpyAsync(since_.data(), s.data(), s.size() * sizeof(std::int64_t), cudaMemcpyHostToDevice, be.stream()));
     // Pageable source: cudaMemcpyAsync returns once `s` is staged.
     refresh(be);
+    max_since_ = s.empty() ? 0 : *std::max_element(s.begin(), s.end());
   }
   /// Copies a host tracker's counters (its dead_after_tokens must match).
   void upload(const cuda_backend& be, const dead_latent_tracker& host) {
@@ -135,6 +145,7 @@ class device_dead_latent_tracker {
 
   int d_sae_ = 0;
   std::int64_t dead_after_ = 10'000'000;
+  std::int64_t max_since_ = 0;  ///< host upper bound on every counter (may_have_dead)
   device_buffer<std::int64_t> since_;
   device_buffer<std::uint32_t> mask_;
   device_buffer<int> list_;

@@ -48,8 +48,13 @@ class device_adam {
   /// CPU), the global gradient norm (after projection; optional clipping), Adam on every
   /// parameter, decoder rows renormalised, storage copies of W_enc / W_dec refreshed.
   /// Asynchronous; the gradient norm lands in `norm_device()`.
+  ///
+  /// \param reject  optional device flag read when the step runs: nonzero means the step
+  ///                 changes nothing (model, moments, storage copies), as a non-finite
+  ///                 gradient norm does. `train_step` passes its finite check of the batch;
+  ///                 whoever sets it reports the rejection and calls `discard_last_step`.
   /// \throws hsae::shape_error if the gradients or the state do not match the model.
-  void step(const cuda_backend& be, device_sae<T, F>& m, device_gradients<F>& g) {
+  void step(const cuda_backend& be, device_sae<T, F>& m, device_gradients<F>& g, const int* reject = nullptr) {
     using ::hsae::detail::expect_shape;
     using ::hsae::detail::expects;
     m.check_shapes();
@@ -97,10 +102,13 @@ class device_adam {
     a.mb_dec = m_.b_dec.data();
     a.vb_dec = v_.b_dec.data();
     a.norm = norm_.data();
+    a.reject = reject;
     const std::size_t bytes = cuda::detail::adam_workspace_bytes(Fw);
     if (bytes > scratch_.size()) scratch_.resize(be, bytes);
     cuda::detail::adam_step(a, h, scratch_.data(), bytes, be.stream());
+    prev_lr_ = last_lr_;
     last_lr_ = lr;
+    discarded_ = false;
   }
 
   /// The gradient norm of the last step (before clipping). Synchronises be.stream().
@@ -116,23 +124,38 @@ class device_adam {
   double check_last_step(const cuda_backend& be) {
     const double n = last_norm(be);
     if (!std::isfinite(n) && t_ > 0) {
-      --t_;
+      discard_last_step();
       ::hsae::detail::throw_error<numeric_error>("adam: the gradient norm is not finite (", n,
                                                  "); the step was not applied");
     }
     return n;
   }
+  /// Takes the last step back from the step count and restores the previous learning
+  /// rate (`last_lr`), for a step that was not applied on the device (non-finite norm or
+  /// a set `reject` flag). The caller knows it was not applied; nothing synchronises.
+  /// Acts once per step: later calls before the next step (e.g. `check_last_step` after
+  /// `read_step_stats` reported the same step) change nothing.
+  void discard_last_step() {
+    if (t_ > 0 && !discarded_) {
+      --t_;
+      last_lr_ = prev_lr_;
+      discarded_ = true;
+    }
+  }
   /// Device scalar holding the last gradient norm.
   const double* norm_device() const { return norm_.data(); }
 
-  /// Restores a checkpointed state (host moments, as the CPU `adam` keeps them).
-  /// Asynchronous. \throws hsae::shape_error if the moments do not match the state.
+  /// Restores a checkpointed state (host moments, as the CPU `adam` keeps them; the step
+  /// count and the last learning rate as `adam::set_state`). Asynchronous.
+  /// \throws hsae::shape_error if the moments do not match the state.
   template <int G>
   void set_state(const cuda_backend& be, std::int64_t steps, const sae_gradients<float, G>& m1,
-                 const sae_gradients<float, G>& m2) {
+                 const sae_gradients<float, G>& m2, double last_lr = 0) {
     upload_moment(be, m1, m_);
     upload_moment(be, m2, v_);
     t_ = steps;
+    last_lr_ = prev_lr_ = last_lr;
+    discarded_ = false;
   }
   /// Copies the moments to the host. Synchronises be.stream().
   template <int G>
@@ -180,6 +203,8 @@ class device_adam {
   device_buffer<unsigned char> scratch_;
   std::int64_t t_ = 0;
   double last_lr_ = 0;
+  double prev_lr_ = 0;     ///< last_lr_ before the last step (discard_last_step)
+  bool discarded_ = false;  ///< the last step was taken back already
 };
 
 HSAE_NAMESPACE_END

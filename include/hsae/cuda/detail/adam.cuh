@@ -15,7 +15,8 @@
 ///     copy); Adam on W_dec with the new values kept in registers while the row's norm is
 ///     reduced, then scaled and written with the storage copy. b_enc and b_dec: plain
 ///     elementwise Adam. When the gradient norm is not finite nothing is changed (the CPU
-///     throws instead; the public wrapper reports it on request).
+///     throws instead; the public wrapper reports it on request), nor when the optional
+///     device flag `reject` is nonzero (the train step's finite check of the batch).
 /// The learning-rate schedule and bias corrections are computed on the host.
 #pragma once
 
@@ -55,6 +56,8 @@ struct adam_args {
   float *mW_enc = nullptr, *vW_enc = nullptr, *mW_dec = nullptr, *vW_dec = nullptr;
   float *mb_enc = nullptr, *vb_enc = nullptr, *mb_dec = nullptr, *vb_dec = nullptr;
   double* norm = nullptr;  ///< [1] out: global gradient norm (after projection, before clipping)
+  /// [1] optional: when not null and nonzero at run time, the step changes nothing.
+  const int* reject = nullptr;
 };
 
 namespace adam_impl {
@@ -116,8 +119,8 @@ __global__ void __launch_bounds__(256) row_norm_kernel(adam_args<T> a, bool proj
 template <int Dummy = 0>
 __global__ void __launch_bounds__(1024)
     norm_kernel(const double* __restrict__ row_sq, int F, const float* __restrict__ gb_enc,
-                const float* __restrict__ gb_dec, int D, double max_grad_norm, double* __restrict__ norm,
-                float* __restrict__ clip, int* __restrict__ ok) {
+                const float* __restrict__ gb_dec, int D, double max_grad_norm, const int* __restrict__ reject,
+                double* __restrict__ norm, float* __restrict__ clip, int* __restrict__ ok) {
   __shared__ float fs[33 * 2];
   __shared__ double ds[33];
   float bs[2] = {0.f, 0.f};
@@ -131,7 +134,7 @@ __global__ void __launch_bounds__(1024)
     const double n = sqrt(double(bs[0]) + double(bs[1]) + rs[0]);
     *norm = n;
     const bool finite = isfinite(n);
-    *ok = finite ? 1 : 0;
+    *ok = (finite && (reject == nullptr || *reject == 0)) ? 1 : 0;
     *clip = (finite && max_grad_norm > 0 && n > max_grad_norm) ? float(max_grad_norm / n) : 1.f;
   }
 }
@@ -234,8 +237,8 @@ void adam_step(const adam_args<T>& a, const adam_step_constants& h, void* worksp
   const unsigned threads_norm = unsigned(std::min(256, row_block_threads(a.D, 1)));
   adam_impl::row_norm_kernel<T><<<unsigned(a.F), threads_norm, 0, stream>>>(a, h.project_decoder_gradient, row_sq);
   check_launch("adam row_norm_kernel");
-  adam_impl::norm_kernel<<<1, 1024, 0, stream>>>(row_sq, a.F, a.gb_enc, a.gb_dec, a.D, h.max_grad_norm, a.norm, clip,
-                                                 ok);
+  adam_impl::norm_kernel<<<1, 1024, 0, stream>>>(row_sq, a.F, a.gb_enc, a.gb_dec, a.D, h.max_grad_norm, a.reject,
+                                                 a.norm, clip, ok);
   check_launch("adam norm_kernel");
   adam_impl::row_update_kernel<T>
       <<<unsigned(a.F), unsigned(row_block_threads(a.D, adam_impl::cache)), 0, stream>>>(a, h, clip, ok);

@@ -17,6 +17,10 @@
 ///  3. deterministic mode: pairs grouped by latent, one warp per latent adds v_t q_b in
 ///     pair order; 4. the sparse encoder backward on the AuxK code; 5. loss on device.
 /// When tv is not > 0 the kernels add nothing and the loss is 0 (as on the CPU).
+/// The dead count is a host value (`n_dead`) or, so that nothing synchronises, a device
+/// scalar (`n_dead_device`, e.g. the tracker's count): then a one-thread kernel after the
+/// variance forms the scale min(n_dead / k_aux, 1) on the device and sets tv to 0 when
+/// nothing is dead, which the kernels above already treat as "add nothing".
 #pragma once
 
 #include <cuda_runtime.h>
@@ -48,6 +52,9 @@ struct auxk_args {
   const index_t* indices = nullptr;
   int B = 0, D = 0, F = 0, ka = 0;
   std::int64_t n_dead = 0;  ///< host value: dead latents (the code was taken over them)
+  /// Optional device scalar holding the dead count; when set, `n_dead` is ignored and
+  /// the code must have min(k_aux, F) columns (enough for any count).
+  const int* n_dead_device = nullptr;
   int k_aux = 0;            ///< host value: resolved k_aux (auxk_options::resolved_k_aux)
   double alpha = 1.0 / 32.0;
   float* grad_values = nullptr;  ///< [B, ka] out: dL_aux/dv
@@ -81,11 +88,23 @@ __global__ void __launch_bounds__(256)
   if (threadIdx.x == 0) row_tv[b] = v[0];
 }
 
+/// With the dead count on the device: scale = min(n_dead / k_aux, 1), and tv = 0 when
+/// nothing is dead (every later kernel then adds nothing and the loss is 0).
+template <int Dummy = 0>
+__global__ void device_scale_kernel(const int* __restrict__ n_dead, int k_aux, double* __restrict__ tv,
+                                    double* __restrict__ scale) {
+  if (threadIdx.x != 0 || blockIdx.x != 0) return;
+  const int n = *n_dead;
+  *scale = fmin(double(n) / double(k_aux), 1.0);
+  if (n <= 0) *tv = 0.0;
+}
+
 template <class T>
 struct decode_params {
   auxk_args<T> a;
   const double* tv;
   double scale;
+  const double* scale_device;  ///< when not null, the scale (device_scale_kernel's)
   float* q;         ///< [B, D] out
   double* row_err;  ///< [B] out
 };
@@ -107,7 +126,8 @@ __global__ void __launch_bounds__(threads) decode_kernel(decode_params<T> p) {
     if (tid == 0) p.row_err[b] = 0.0;
     return;
   }
-  const float coef = float(2.0 * a.alpha * p.scale / tv);
+  const double scale = p.scale_device != nullptr ? *p.scale_device : p.scale;
+  const float coef = float(2.0 * a.alpha * scale / tv);
   for (int j0 = 0; j0 < a.D; j0 += bs * I) {
     const bool first = j0 == 0;
     float q[I];
@@ -176,12 +196,13 @@ __global__ void __launch_bounds__(threads) decode_kernel(decode_params<T> p) {
   }
 }
 
-/// loss = tv > 0 ? alpha * scale * sse / tv : 0.
+/// loss = tv > 0 ? alpha * scale * sse / tv : 0 (scale from `scale_device` when set).
 template <int Dummy = 0>
 __global__ void finalize_kernel(const double* __restrict__ sse, const double* __restrict__ tv, double alpha,
-                                double scale, double* __restrict__ loss) {
+                                double scale, const double* __restrict__ scale_device, double* __restrict__ loss) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
-  *loss = *tv > 0 ? alpha * scale * *sse / *tv : 0.0;
+  const double s = scale_device != nullptr ? *scale_device : scale;
+  *loss = *tv > 0 ? alpha * s * *sse / *tv : 0.0;
 }
 
 /// Zero dL/dv when no AuxK applies.
@@ -220,11 +241,18 @@ void check_auxk_args(const auxk_args<T>& a) {
                        " D=", a.D, " F=", a.F, " k=", a.ka);
   expects<config_error>(a.alpha >= 0, "auxk: alpha must be >= 0, got ", a.alpha);
   expects<config_error>(a.k_aux >= 1, "auxk: k_aux must be >= 1, got ", a.k_aux);
-  expects<config_error>(a.n_dead >= 0 && a.n_dead <= a.F, "auxk: n_dead=", a.n_dead, " outside [0, d_sae=", a.F, "]");
-  expects<shape_error>(a.n_dead == 0 || (a.ka >= std::min<std::int64_t>(a.k_aux, a.n_dead) && a.ka <= a.k_aux),
-                       "auxk: the code has k=", a.ka,
-                       " columns, expected between min(k_aux, n_dead)=", std::min<std::int64_t>(a.k_aux, a.n_dead),
-                       " and k_aux=", a.k_aux);
+  if (a.n_dead_device != nullptr) {
+    expects<shape_error>(a.ka >= std::min(a.k_aux, a.F) && a.ka <= a.k_aux, "auxk: the code has k=", a.ka,
+                         " columns; with the dead count on the device it needs min(k_aux, d_sae)=",
+                         std::min(a.k_aux, a.F));
+  } else {
+    expects<config_error>(a.n_dead >= 0 && a.n_dead <= a.F, "auxk: n_dead=", a.n_dead, " outside [0, d_sae=", a.F,
+                          "]");
+    expects<shape_error>(a.n_dead == 0 || (a.ka >= std::min<std::int64_t>(a.k_aux, a.n_dead) && a.ka <= a.k_aux),
+                         "auxk: the code has k=", a.ka,
+                         " columns, expected between min(k_aux, n_dead)=", std::min<std::int64_t>(a.k_aux, a.n_dead),
+                         " and k_aux=", a.k_aux);
+  }
   expects<shape_error>(std::int64_t(a.B) * a.ka <= std::int64_t(INT32_MAX), "auxk: B*k=", std::int64_t(a.B) * a.ka,
                        " pairs exceed 2^31-1");
   expects<config_error>(a.residual && a.x && a.b_dec && a.W_enc && a.W_dec && a.values && a.indices && a.grad_values &&
@@ -238,7 +266,7 @@ std::size_t auxk_workspace_bytes(const auxk_args<T>& a) {
   c.take<double>(std::size_t(a.D));                    // column sums
   c.take<double>(std::size_t(a.B));                    // row_tv
   c.take<double>(std::size_t(a.B));                    // row_err
-  c.take<double>(2);                                   // tv, sse
+  c.take<double>(3);                                   // tv, sse, scale
   c.take<float>(std::size_t(a.B) * std::size_t(a.D));  // q
   if (a.deterministic) {
     c.take_bytes(latent_pairs_workspace_bytes(a.B * a.ka, a.F));
@@ -253,7 +281,7 @@ std::size_t auxk_workspace_bytes(const auxk_args<T>& a) {
 template <class T>
 void auxk_loss_backward(const auxk_args<T>& a, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
   check_auxk_args(a);
-  if (a.n_dead == 0 || a.alpha == 0) {
+  if ((a.n_dead_device == nullptr && a.n_dead == 0) || a.alpha == 0) {
     HSAE_CUDA_TRY(cudaMemsetAsync(a.loss, 0, sizeof(double), stream));
     const std::int64_t n = std::int64_t(a.B) * a.ka;
     auxk_impl::zero_kernel<<<unsigned((n + 255) / 256), 256, 0, stream>>>(a.grad_values, n);
@@ -267,23 +295,28 @@ void auxk_loss_backward(const auxk_args<T>& a, void* workspace, std::size_t work
   double* colsum = c.take<double>(std::size_t(a.D));
   double* row_tv = c.take<double>(std::size_t(a.B));
   double* row_err = c.take<double>(std::size_t(a.B));
-  double* scalars = c.take<double>(2);
+  double* scalars = c.take<double>(3);
   float* q = c.take<float>(std::size_t(a.B) * std::size_t(a.D));
   double* tv = scalars;
   double* sse = scalars + 1;
-  const double scale = std::min(double(a.n_dead) / double(a.k_aux), 1.0);
+  double* scale_device = a.n_dead_device != nullptr ? scalars + 2 : nullptr;
+  const double scale = std::min(double(a.n_dead) / double(a.k_aux), 1.0);  // host count only
 
   column_sum<float, double, double>(a.residual, a.B, a.D, colsum, 1.0, false, stream);
   auxk_impl::row_variance_kernel<<<unsigned(a.B), 256, 0, stream>>>(a.residual, colsum, a.B, a.D, row_tv);
   check_launch("auxk row_variance_kernel");
   vector_sum<double, double>(row_tv, a.B, tv, stream);
+  if (scale_device != nullptr) {
+    auxk_impl::device_scale_kernel<<<1, 32, 0, stream>>>(a.n_dead_device, a.k_aux, tv, scale_device);
+    check_launch("auxk device_scale_kernel");
+  }
 
-  auxk_impl::decode_params<T> dp{a, tv, scale, q, row_err};
+  auxk_impl::decode_params<T> dp{a, tv, scale, scale_device, q, row_err};
   auxk_impl::decode_kernel<T>
       <<<unsigned(a.B), unsigned(row_block_threads(a.D, auxk_impl::items, auxk_impl::threads)), 0, stream>>>(dp);
   check_launch("auxk decode_kernel");
   vector_sum<double, double>(row_err, a.B, sse, stream);
-  auxk_impl::finalize_kernel<<<1, 32, 0, stream>>>(sse, tv, a.alpha, scale, a.loss);
+  auxk_impl::finalize_kernel<<<1, 32, 0, stream>>>(sse, tv, a.alpha, scale, scale_device, a.loss);
   check_launch("auxk finalize_kernel");
 
   const encoder_backward_args<T> ea = auxk_impl::encoder_args(a);

@@ -59,13 +59,16 @@ __global__ void mark_kernel(const float* __restrict__ values, const index_t* __r
   if (f >= 0 && f < F) flags[f] = 1;
 }
 
-/// Counters, dead flags (replacing the fired flags) and mask words.
+/// Counters, dead flags (replacing the fired flags) and mask words. With `reject` set
+/// (nonzero) the counters stay as they are and only the flags and mask are rebuilt.
 template <int Dummy = 0>
-__global__ void update_kernel(dead_latent_state s, std::int64_t rows, std::uint8_t* __restrict__ flags) {
+__global__ void update_kernel(dead_latent_state s, std::int64_t rows, std::uint8_t* __restrict__ flags,
+                              const int* __restrict__ reject) {
   const std::int64_t f = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const bool apply = reject == nullptr || *reject == 0;
   bool dead = false;
   if (f < s.F) {
-    const std::int64_t since = flags[f] != 0 ? 0 : s.since[f] + rows;
+    const std::int64_t since = !apply ? s.since[f] : (flags[f] != 0 ? 0 : s.since[f] + rows);
     s.since[f] = since;
     dead = since >= s.dead_after;
     flags[f] = dead ? 1 : 0;
@@ -87,8 +90,10 @@ inline std::size_t dead_latents_workspace_bytes(int F) {
 /// Counts `rows` more tokens and restarts the latents that fired in the code
 /// (`values`/`indices` [rows, kc], ranks t < k; `values` may be null with rows == 0 to
 /// only rebuild the mask and list, e.g. after uploading counters). Stream-ordered.
+/// `reject`: optional device flag; nonzero at run time leaves the counters unchanged.
 inline void update_dead_latents(const dead_latent_state& s, const float* values, const index_t* indices, int rows,
-                                int kc, int k, void* workspace, std::size_t workspace_bytes, cudaStream_t stream) {
+                                int kc, int k, void* workspace, std::size_t workspace_bytes, cudaStream_t stream,
+                                const int* reject = nullptr) {
   ::hsae::detail::expects<config_error>(s.F >= 1 && s.dead_after >= 1, "dead latents: need F >= 1 and dead_after >= 1");
   ::hsae::detail::expects<config_error>(workspace_bytes >= dead_latents_workspace_bytes(s.F),
                                         "dead latents: workspace of ", workspace_bytes, " bytes, need ",
@@ -105,7 +110,7 @@ inline void update_dead_latents(const dead_latent_state& s, const float* values,
     dead_impl::mark_kernel<<<unsigned((pairs + 255) / 256), 256, 0, stream>>>(values, indices, rows, kc, k, s.F, flags);
     check_launch("dead latents mark_kernel");
   }
-  dead_impl::update_kernel<<<unsigned((s.F + 255) / 256), 256, 0, stream>>>(s, rows, flags);
+  dead_impl::update_kernel<<<unsigned((s.F + 255) / 256), 256, 0, stream>>>(s, rows, flags, reject);
   check_launch("dead latents update_kernel");
   HSAE_CUDA_TRY(cub::DeviceSelect::Flagged(temp, temp_bytes, thrust::counting_iterator<int>(0),
                                            static_cast<const std::uint8_t*>(flags), s.dead_list, s.num_dead, s.F,
