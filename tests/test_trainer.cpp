@@ -40,19 +40,7 @@ trainer_options small_run() {
   return o;
 }
 
-// The rows of a fixed matrix in order, cycling; optionally poisoned at some call.
-struct fixed_source {
-  row_matrix<float> data;
-  int calls = 0;
-  int poison_at = -1;
-  Eigen::Index pos = 0;
-  int d_model() const { return int(data.cols()); }
-  void next(Eigen::Index rows, row_matrix<float>& x) {
-    x.resize(rows, data.cols());
-    for (Eigen::Index r = 0; r < rows; ++r, ++pos) x.row(r) = data.row(pos % data.rows());
-    if (calls++ == poison_at) x(rows / 2, 1) = std::numeric_limits<float>::quiet_NaN();
-  }
-};
+using fixed_source = hsae_test::cycling_source;
 
 }  // namespace
 

@@ -8,11 +8,29 @@
 #include <cstddef>
 #include <cstring>
 #include <filesystem>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <system_error>
 
+#include <hsae/matrix.hpp>
+
 namespace hsae_test {
+
+/// A batch source over the rows of a fixed matrix, in order, cycling; with poison_at >= 0
+/// the batch of that call (0-based) gets a NaN in its middle row.
+struct cycling_source {
+  hsae::row_matrix<float> data;
+  int calls = 0;
+  int poison_at = -1;
+  Eigen::Index pos = 0;
+  int d_model() const { return int(data.cols()); }
+  void next(Eigen::Index rows, hsae::row_matrix<float>& x) {
+    x.resize(rows, data.cols());
+    for (Eigen::Index r = 0; r < rows; ++r, ++pos) x.row(r) = data.row(pos % data.rows());
+    if (calls++ == poison_at) x(rows / 2, 1) = std::numeric_limits<float>::quiet_NaN();
+  }
+};
 
 /// Same shape and the same bits (NaN payloads and signed zeros included).
 template <class A, class B>

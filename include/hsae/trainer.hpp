@@ -162,6 +162,10 @@ class trainer {
     if (opt_.adam.total_steps == 0) opt_.adam.total_steps = opt_.steps();
     opt_.adam.validate();
   }
+  /// A borrowed (CUDA) backend must outlive the trainer: a temporary one is refused.
+  trainer(backend_type&&, sae<T, F>, S, trainer_options)
+    requires(engine_type::borrows_backend)
+  = delete;
 
   /// Called after every step with that step's record (logging interval ignored).
   std::function<void(const step_record&)> on_step;

@@ -67,6 +67,7 @@ template <cpu_scalar T, int F>
 class training_engine<cpu_backend, T, F> {
  public:
   using backend_type = cpu_backend;
+  static constexpr bool borrows_backend = false;  ///< the trainer copies the CPU backend
 
   training_engine(const cpu_backend& be, sae<T, F> model) : be_(be), model_(std::move(model)) {}
 

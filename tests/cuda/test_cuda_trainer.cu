@@ -38,8 +38,10 @@
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "../test_util.hpp"
 #include "cuda_test_main.hpp"
 #include "cuda_test_util.hpp"
 
@@ -161,19 +163,7 @@ void compare_fvu(const evaluation& gpu, const evaluation& cpu, double bound) {
   report("final held-out FVU at k_max, cpu", cpu.last().fvu);
 }
 
-// The rows of a fixed matrix in order, cycling; poisoned with a NaN at one call.
-struct poisoned_source {
-  row_matrix<float> data;
-  int calls = 0;
-  int poison_at = -1;
-  Eigen::Index pos = 0;
-  int d_model() const { return int(data.cols()); }
-  void next(Eigen::Index rows, row_matrix<float>& x) {
-    x.resize(rows, data.cols());
-    for (Eigen::Index r = 0; r < rows; ++r, ++pos) x.row(r) = data.row(pos % data.rows());
-    if (calls++ == poison_at) x(rows / 2, 1) = std::numeric_limits<float>::quiet_NaN();
-  }
-};
+using poisoned_source = hsae_test::cycling_source;
 
 }  // namespace
 
@@ -346,3 +336,30 @@ TEST_CASE("GPU trainer: a NaN batch raises numeric_error and stops the run", "[c
   CHECK(tr.steps_done() == 2);
   CHECK(tr.optimizer().steps() == 2);
 }
+
+TEST_CASE("GPU trainer with half storage: values beyond half's range are refused by name", "[cuda][trainer]") {
+  hsae_test::test_stream stream;
+  const cuda_backend be(stream.s);
+  trainer_options o;
+  o.batch_size = 64;
+  o.total_tokens = 64 * 10;
+  o.eval_rows = 0;
+  o.init_rows = 128;
+  o.progress = progress_mode::never;
+  // Finite in float, inf once stored as half: the error names the value, not an "inf" the
+  // user's data does not hold.
+  poisoned_source src{normal_matrix(500, 24, 3)};
+  src.data(200, 5) = 7.0e4f;  // init takes rows 0-127, step 1 rows 128-191: step 2 holds it as its row 8
+  trainer<float, dynamic, top_k<4>, cuda_with_storage<__half>> tr(be, sae<float>(24, 32), top_k<4>{}, o);
+  CHECK_THROWS_WITH(tr.fit(src), Catch::Contains("exceeds the range of half storage") && Catch::Contains("at [8, 5]"));
+  CHECK(tr.steps_done() == 1);
+}
+
+// A CUDA backend is borrowed by the trainer: a temporary one must not compile; the CPU
+// trainer copies its backend and takes temporaries.
+static_assert(!std::is_constructible_v<trainer<float, dynamic, top_k<4>, cuda_backend>, cuda_backend&&, sae<float>,
+                                       top_k<4>, trainer_options>);
+static_assert(std::is_constructible_v<trainer<float, dynamic, top_k<4>, cuda_backend>, const cuda_backend&,
+                                      sae<float>, top_k<4>, trainer_options>);
+static_assert(std::is_constructible_v<trainer<float, dynamic, top_k<4>>, cpu_backend&&, sae<float>, top_k<4>,
+                                      trainer_options>);

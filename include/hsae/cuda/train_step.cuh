@@ -104,7 +104,8 @@ void check_train_step(const device_sae<T, F>& m, const device_dead_latent_tracke
   if (so.use_auxk) {
     expects<config_error>(so.auxk.alpha >= 0, "auxk: alpha must be >= 0, got ", so.auxk.alpha);
     const int ka = std::min(so.auxk.resolved_k_aux(m.d_model()), m.d_sae());
-    expects<config_error>(ka <= cuda_topk_max_k_aux, "auxk: k_aux=", ka, " exceeds the GPU top-k's AuxK maximum ",
+    // alpha = 0 never runs AuxK (as on the CPU), so any k_aux is accepted then.
+    expects<config_error>(so.auxk.alpha == 0 || ka <= cuda_topk_max_k_aux, "auxk: k_aux=", ka, " exceeds the GPU top-k's AuxK maximum ",
                           cuda_topk_max_k_aux);
   }
 }
@@ -114,6 +115,11 @@ void check_train_step(const device_sae<T, F>& m, const device_dead_latent_tracke
 /// One training step on the device batch `x [B, d_model]` (storage type T) under
 /// `schedule` (k_max = K), enqueued on be.stream(); read its statistics with
 /// `read_step_stats`. `x` must stay valid until the step has run on the stream.
+/// A rejected step (NaN/Inf batch, non-finite gradient norm) changes nothing on the
+/// device, but only `read_step_stats` takes it back from the optimizer's step count: a
+/// loop that skips reading some steps' statistics should check the batches itself (or
+/// read every step) if they can hold NaN/Inf, else the learning-rate schedule runs one
+/// step ahead per unread rejected step.
 /// Determinism: with `be.deterministic` (the default) the step is bitwise reproducible
 /// run to run on one device (cuBLAS's GEMM for a fixed algorithm; no float atomics).
 /// \throws hsae::shape_error on a batch of the wrong width or an empty batch,

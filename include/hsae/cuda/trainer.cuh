@@ -73,6 +73,7 @@ class cuda_training_engine {
 
  public:
   using backend_type = cuda_backend;
+  static constexpr bool borrows_backend = true;  ///< the trainer keeps a pointer to it
   using storage_type = Storage;
 
   /// Rows per chunk of `evaluate` at most (and fewer when [rows, d_sae] pre-activations
@@ -87,6 +88,7 @@ class cuda_training_engine {
 
   template <class InitFn>
   void start(InitFn&& init_model, const adam_options& ao, std::int64_t dead_after_tokens) {
+    if (model_stale_) (void)model();  // a second fit continues from the trained weights
     init_model(host_model_);
     m_.upload(*be_, host_model_);
     opt_ = device_adam<Storage, F>(*be_, m_, ao);
@@ -122,8 +124,18 @@ class cuda_training_engine {
   template <k_schedule_like S>
   engine_step step(const row_matrix<float>& x, const S& schedule, const step_options& so) {
     ::hsae::detail::expects<config_error>(started_, "cuda trainer engine: step before start or restore");
+    step_options opts = so;
+    if constexpr (std::is_same_v<Storage, __half>) {
+      // The device check would see the batch after its conversion to half, where values
+      // beyond +-65504 have become inf: check the rows as the user gave them instead.
+      if (opts.check_finite) {
+        ::hsae::detail::expect_finite("training batch", x);
+        expect_half_range(x);
+        opts.check_finite = false;
+      }
+    }
     const device_matrix_view<const Storage> xd = upload_batch(cref<float>(x));
-    train_step(*be_, m_, opt_, dead_, xd, schedule, ws_, so);
+    train_step(*be_, m_, opt_, dead_, xd, schedule, ws_, opts);
     model_stale_ = opt_stale_ = dead_stale_ = true;
     const device_step_stats st = read_step_stats(*be_, opt_, ws_);
     engine_step r;
@@ -193,6 +205,17 @@ class cuda_training_engine {
   const device_dead_latent_tracker& device_dead_latents() const { return dead_; }
 
  private:
+  /// \throws hsae::numeric_error naming the first entry of `x` that half storage cannot
+  ///         hold (|v| > 65504 would become inf).
+  static void expect_half_range(const row_matrix<float>& x) {
+    for (Eigen::Index r = 0; r < x.rows(); ++r)
+      for (Eigen::Index c = 0; c < x.cols(); ++c)
+        if (std::fabs(x(r, c)) > 65504.0f)
+          ::hsae::detail::throw_error<numeric_error>("training batch: the value ", x(r, c), " at [", r, ", ", c,
+                                              "] exceeds the range of half storage (65504); scale the data or "
+                                              "use float or bfloat16 storage");
+  }
+
   /// Copies `x` into the reused device batch (fp32), then converts it on the device to
   /// Storage. The host rows may be reused when this returns (pageable copies are staged).
   device_matrix_view<const Storage> upload_batch(cref<float> x) const {
