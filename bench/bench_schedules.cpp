@@ -21,22 +21,11 @@
 #include <tuple>
 
 #include "bench_common.hpp"
+#include "schedule_kinds.hpp"
 
 namespace {
 
 using namespace hsae_bench;
-
-enum kind : int { single_k = 0, all_prefix = 1, geometric = 2, multi_topk = 3 };
-constexpr const char* kind_name[] = {"single-K", "all-prefix", "geometric", "Multi-TopK"};
-
-hsae::dynamic_k_schedule make_schedule(int kind, int K) {
-  switch (kind) {
-    case single_k: return hsae::dynamic_k_schedule::top_k(K);
-    case all_prefix: return hsae::dynamic_k_schedule::all_prefixes(K);
-    case geometric: return hsae::dynamic_k_schedule::geometric(std::max(1, K / 8), K);
-    default: return hsae::dynamic_k_schedule({{K / 4, 1.0}, {K, 0.125}});
-  }
-}
 
 // (what, shape, K, kind) -> mean ms per iteration, filled as the cases run.
 std::map<std::tuple<std::string, int, int, int>, double> g_ms;
@@ -58,7 +47,7 @@ void timed(benchmark::State& state, const std::string& what, int shape_id, int K
   // Cases are registered single-K first for every K, so its time is known here.
   if (const auto s = g_ms.find({what, shape_id, K, single_k}); s != g_ms.end())
     state.counters["vs_single_K"] = ms / s->second;
-  state.SetLabel(kind_name[kind]);
+  state.SetLabel(schedule_kind_name[kind]);
 }
 
 void BM_schedule_loss(benchmark::State& state) {

@@ -39,10 +39,8 @@ void BM_loss_backward(benchmark::State& state) {
   hsae::hierarchical_loss_backward(be, dm, cx.view(), code, schedule, g, ws);  // warm-up, sizes the workspace
   be.synchronize();
 
-  hsae_bench::event_timer timer;
-  for (auto _ : state)
-    state.SetIterationTime(
-        timer.time(be.stream(), [&] { hsae::hierarchical_loss_backward(be, dm, cx.view(), code, schedule, g, ws); }));
+  hsae_bench::timed_loop(state, be.stream(),
+                         [&] { hsae::hierarchical_loss_backward(be, dm, cx.view(), code, schedule, g, ws); });
   const std::int64_t bytes_per_row = std::int64_t(D) * 4 * 2 + std::int64_t(K) * 8 + 2 * std::int64_t(K) * D * 4;
   state.SetBytesProcessed(state.iterations() * std::int64_t(B) * bytes_per_row);
   state.SetItemsProcessed(state.iterations() * std::int64_t(B));

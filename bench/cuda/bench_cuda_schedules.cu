@@ -32,28 +32,20 @@
 #include <hsae/cuda/train_step.cuh>
 #include <hsae/k_schedule.hpp>
 
+#include "../schedule_kinds.hpp"
 #include "cuda_bench_common.cuh"
 
 namespace {
 
-enum kind : int { single_k = 0, all_prefix = 1, geometric = 2, multi_topk = 3 };
-constexpr const char* kind_name[] = {"single-K", "all-prefix", "geometric", "Multi-TopK"};
-constexpr int batch = 4096, d_model = 2304, d_sae = 65536;
+using namespace hsae_bench;  // make_schedule, schedule_kind and its names
 
-hsae::dynamic_k_schedule make_schedule(int kind, int K) {
-  switch (kind) {
-    case single_k: return hsae::dynamic_k_schedule::top_k(K);
-    case all_prefix: return hsae::dynamic_k_schedule::all_prefixes(K);
-    case geometric: return hsae::dynamic_k_schedule::geometric(std::max(1, K / 8), K);
-    default: return hsae::dynamic_k_schedule({{K / 4, 1.0}, {K, 0.125}});
-  }
-}
+constexpr int batch = 4096, d_model = 2304, d_sae = 65536;
 
 /// Median ms per (benchmark, K, schedule), for the ratio table.
 std::map<std::tuple<std::string, int, int>, double> g_ms;
 
-/// The model, batch and code, built once and reused by every case (the code is cut to
-/// the first K columns of a K = 256 code).
+/// The model and batch, built once and reused by every case, and one random code per K
+/// (shared by that K's schedules).
 struct loss_inputs {
   hsae_bench::stream_guard stream;
   hsae::cuda_backend be{stream.s};
@@ -87,18 +79,10 @@ void BM_cuda_schedule_loss(benchmark::State& state) {
   const hsae::device_matrix<float>& cx = in.x;
   hsae::hierarchical_loss_backward(in.be, in.model, cx.view(), code, sched, in.grads, in.ws);  // warm-up
   in.be.synchronize();
-  hsae_bench::event_timer timer;
-  std::vector<double> ms;
-  for (auto _ : state) {
-    const double s = timer.time(in.be.stream(), [&] {
-      hsae::hierarchical_loss_backward(in.be, in.model, cx.view(), code, sched, in.grads, in.ws);
-    });
-    state.SetIterationTime(s);
-    ms.push_back(s * 1e3);
-  }
-  std::nth_element(ms.begin(), ms.begin() + std::ptrdiff_t(ms.size() / 2), ms.end());
-  g_ms[{"loss", K, kind}] = ms[ms.size() / 2];
-  state.SetLabel(kind_name[kind]);
+  g_ms[{"loss", K, kind}] = timed_loop(state, in.be.stream(), [&] {
+    hsae::hierarchical_loss_backward(in.be, in.model, cx.view(), code, sched, in.grads, in.ws);
+  });
+  state.SetLabel(schedule_kind_name[kind]);
   state.counters["levels"] = double(sched.size());
 }
 
@@ -144,17 +128,10 @@ void BM_cuda_step(benchmark::State& state) {
   auto step = [&] { hsae::train_step(in.be, in.model, in.opt, in.dead, cx.view(), sched, in.ws); };
   step();  // warm-up: sizes the workspace
   (void)hsae::read_step_stats(in.be, in.opt, in.ws);
-  hsae_bench::event_timer timer;
-  std::vector<double> ms;
-  for (auto _ : state) {
-    const double s = timer.time(in.be.stream(), step);
-    state.SetIterationTime(s);
-    ms.push_back(s * 1e3);
-  }
+  const double median = timed_loop(state, in.be.stream(), step);
   (void)hsae::read_step_stats(in.be, in.opt, in.ws);  // throws if a step was rejected
-  std::nth_element(ms.begin(), ms.begin() + std::ptrdiff_t(ms.size() / 2), ms.end());
-  g_ms[{std::string("step/") + type_name<T>(), K, kind}] = ms[ms.size() / 2];
-  state.SetLabel(kind_name[kind]);
+  g_ms[{std::string("step/") + type_name<T>(), K, kind}] = median;
+  state.SetLabel(schedule_kind_name[kind]);
   state.SetItemsProcessed(state.iterations() * std::int64_t(batch));
 }
 
@@ -165,15 +142,7 @@ void BM_cuda_encoder_gemm(benchmark::State& state) {
   auto gemm = [&] { hsae::pre_activations(in.be, std::as_const(in.model), cx.view(), in.pre, in.enc); };
   gemm();
   in.be.synchronize();
-  hsae_bench::event_timer timer;
-  std::vector<double> ms;
-  for (auto _ : state) {
-    const double s = timer.time(in.be.stream(), gemm);
-    state.SetIterationTime(s);
-    ms.push_back(s * 1e3);
-  }
-  std::nth_element(ms.begin(), ms.begin() + std::ptrdiff_t(ms.size() / 2), ms.end());
-  g_ms[{std::string("gemm/") + type_name<T>(), 0, 0}] = ms[ms.size() / 2];
+  g_ms[{std::string("gemm/") + type_name<T>(), 0, 0}] = timed_loop(state, in.be.stream(), gemm);
   state.counters["TFLOP/s"] = benchmark::Counter(2.0 * batch * d_model * double(d_sae) * double(state.iterations()) * 1e-12,
                                                  benchmark::Counter::kIsRate);
 }

@@ -22,6 +22,8 @@
 #include <hsae/cuda/encode.cuh>
 #include <hsae/cuda/topk.cuh>
 
+#include "cuda_bench_common.cuh"
+
 using namespace hsae;
 
 namespace {
@@ -29,15 +31,13 @@ namespace {
 constexpr int batch = 4096;
 
 struct context {
-  cudaStream_t stream = nullptr;
+  hsae_bench::stream_guard guard;
+  cudaStream_t stream = guard.s;
   std::unique_ptr<cuda_backend> be;
-  cudaEvent_t start = nullptr, stop = nullptr;
+  hsae_bench::event_timer timer;
   double peak_bytes_per_s = 0;
   context() {
-    HSAE_CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     be = std::make_unique<cuda_backend>(stream);
-    HSAE_CUDA_TRY(cudaEventCreate(&start));
-    HSAE_CUDA_TRY(cudaEventCreate(&stop));
     int clock_khz = 0, bus_bits = 0;
     HSAE_CUDA_TRY(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, be->device()));
     HSAE_CUDA_TRY(cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, be->device()));
@@ -50,13 +50,7 @@ struct context {
   /// Runs `fn` (enqueueing work on the stream) between two events; seconds.
   template <class Fn>
   double time(Fn&& fn) {
-    HSAE_CUDA_TRY(cudaEventRecord(start, stream));
-    fn();
-    HSAE_CUDA_TRY(cudaEventRecord(stop, stream));
-    HSAE_CUDA_TRY(cudaEventSynchronize(stop));
-    float ms = 0;
-    HSAE_CUDA_TRY(cudaEventElapsedTime(&ms, start, stop));
-    return double(ms) * 1e-3;
+    return timer.time(stream, fn);
   }
 };
 
@@ -234,14 +228,4 @@ BENCHMARK_TEMPLATE(BM_encoder_gemm, __nv_bfloat16)->ArgNames({"F"})->Arg(16384)-
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  if (!cuda_device_available()) {
-    std::puts("no CUDA device");
-    return 0;
-  }
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return hsae_bench::run_main(argc, argv, [] {}); }

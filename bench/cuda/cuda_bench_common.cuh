@@ -5,6 +5,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <vector>
@@ -52,6 +54,22 @@ class event_timer {
  private:
   cudaEvent_t start_ = nullptr, stop_ = nullptr;
 };
+
+/// The benchmark loop: times each call of `fn` (work enqueued on `stream`) with CUDA
+/// events as the iteration's manual time; returns the median in ms.
+template <class Fn>
+double timed_loop(benchmark::State& state, cudaStream_t stream, Fn&& fn) {
+  event_timer timer;
+  std::vector<double> ms;
+  for (auto _ : state) {
+    const double s = timer.time(stream, fn);
+    state.SetIterationTime(s);
+    ms.push_back(s * 1e3);
+  }
+  if (ms.empty()) return 0;
+  std::nth_element(ms.begin(), ms.begin() + std::ptrdiff_t(ms.size() / 2), ms.end());
+  return ms[ms.size() / 2];
+}
 
 /// A host SAE [D, F] with random unit decoder rows and zero decoder bias.
 inline hsae::sae<float> random_model(int D, int F, std::uint64_t seed) {
