@@ -321,15 +321,21 @@ TEST_CASE("GPU trainer checkpoints: resumed on the GPU, and across backends", "[
   }
 }
 
-TEST_CASE("GPU trainer: a NaN batch raises numeric_error and stops the run", "[cuda][trainer]") {
-  hsae_test::test_stream stream;
-  const cuda_backend be(stream.s);
+/// Ten steps of 64 rows after a 128-row initialisation, no evaluation, quiet.
+trainer_options ten_short_steps() {
   trainer_options o;
   o.batch_size = 64;
   o.total_tokens = 64 * 10;
   o.eval_rows = 0;
   o.init_rows = 128;
   o.progress = progress_mode::never;
+  return o;
+}
+
+TEST_CASE("GPU trainer: a NaN batch raises numeric_error and stops the run", "[cuda][trainer]") {
+  hsae_test::test_stream stream;
+  const cuda_backend be(stream.s);
+  const trainer_options o = ten_short_steps();
   poisoned_source src{normal_matrix(500, 24, 3), 0, 3};  // calls: init, step 1, step 2, step 3 (poisoned)
   trainer<float, dynamic, top_k<4>, cuda_backend> tr(be, sae<float>(24, 32), top_k<4>{}, o);
   CHECK_THROWS_WITH(tr.fit(src), Catch::Contains("non-finite value (nan) at [32, 1]"));
@@ -340,12 +346,7 @@ TEST_CASE("GPU trainer: a NaN batch raises numeric_error and stops the run", "[c
 TEST_CASE("GPU trainer with half storage: values beyond half's range are refused by name", "[cuda][trainer]") {
   hsae_test::test_stream stream;
   const cuda_backend be(stream.s);
-  trainer_options o;
-  o.batch_size = 64;
-  o.total_tokens = 64 * 10;
-  o.eval_rows = 0;
-  o.init_rows = 128;
-  o.progress = progress_mode::never;
+  const trainer_options o = ten_short_steps();
   // Finite in float, inf once stored as half: the error names the value, not an "inf" the
   // user's data does not hold.
   poisoned_source src{normal_matrix(500, 24, 3)};
