@@ -5,7 +5,9 @@
 //    GB/s, frac_peak = time of the HBM read floor at the nominal peak (memory clock x bus
 //    width x 2 from the device attributes) / measured time, frac_reduce = time of a
 //    read-only reduction over the same buffer in this binary (the achievable floor) /
-//    measured time.
+//    measured time. The default (streaming) kernel.
+//  - BM_topk_tiled<T>: the same with cuda_topk_kernel::tiled, registered right after, so
+//    the two kernels are timed side by side on the same inputs.
 //  - BM_read_reduce<T>: that reduction alone (GB/s).
 //  - BM_encoder_gemm<T>: the encoder's pre-activations (cuBLASLt GEMM with the fused
 //    bias+ReLU epilogue) at B = 4096, D = 1024, F in {16384, 65536}; TFLOP/s.
@@ -135,17 +137,17 @@ input<T>& input_for(int f) {
   return *slot;
 }
 
-template <class T>
-void BM_topk(benchmark::State& state) {
+template <class T, cuda_topk_kernel Kernel>
+void topk_bench(benchmark::State& state) {
   const int f = int(state.range(0)), k = int(state.range(1));
   context& c = context::get();
   input<T>& in = input_for<T>(f);
   device_code code;
-  topk(*c.be, std::as_const(in.x).view(), k, code);  // warm-up (allocates the outputs)
+  topk<Kernel>(*c.be, std::as_const(in.x).view(), k, code);  // warm-up (allocates the outputs)
   HSAE_CUDA_TRY(cudaStreamSynchronize(c.stream));
   double total = 0;
   for (auto _ : state) {
-    const double s = c.time([&] { topk(*c.be, std::as_const(in.x).view(), k, code); });
+    const double s = c.time([&] { topk<Kernel>(*c.be, std::as_const(in.x).view(), k, code); });
     state.SetIterationTime(s);
     total += s;
   }
@@ -156,6 +158,16 @@ void BM_topk(benchmark::State& state) {
   state.counters["GB/s"] = bytes / per * 1e-9;
   state.counters["frac_peak"] = (bytes / c.peak_bytes_per_s) / per;
   state.counters["frac_reduce"] = in.reduce_seconds / per;
+}
+
+template <class T>
+void BM_topk(benchmark::State& state) {
+  topk_bench<T, cuda_topk_kernel::streaming>(state);
+}
+
+template <class T>
+void BM_topk_tiled(benchmark::State& state) {
+  topk_bench<T, cuda_topk_kernel::tiled>(state);
 }
 
 template <class T>
@@ -220,7 +232,9 @@ void f_args(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK_TEMPLATE(BM_topk, float)->Apply(topk_args);
+BENCHMARK_TEMPLATE(BM_topk_tiled, float)->Apply(topk_args);
 BENCHMARK_TEMPLATE(BM_topk, __nv_bfloat16)->Apply(topk_args);
+BENCHMARK_TEMPLATE(BM_topk_tiled, __nv_bfloat16)->Apply(topk_args);
 BENCHMARK_TEMPLATE(BM_read_reduce, float)->Apply(f_args);
 BENCHMARK_TEMPLATE(BM_read_reduce, __nv_bfloat16)->Apply(f_args);
 BENCHMARK_TEMPLATE(BM_encoder_gemm, float)->ArgNames({"F"})->Arg(16384)->Arg(65536)->UseManualTime()->Unit(benchmark::kMillisecond);

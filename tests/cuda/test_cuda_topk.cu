@@ -5,7 +5,7 @@
 // all-equal, ascending, descending and special-value (+-0, +-inf, NaN) rows, over
 // shapes with k not a power of two, rows not a multiple of the vector width (so rows
 // start unaligned), B = 1, and one row of 2^20. The AuxK variant against a CPU top-k
-// over each row's dead latents.
+// over each row's dead latents. Every case runs both kernels (cuda_topk_kernel).
 #include "cuda_test_main.hpp"
 
 #include <cmath>
@@ -102,6 +102,31 @@ row_matrix<float> upload(const cuda_backend& be, const row_matrix<float>& host, 
   return seen;
 }
 
+constexpr cuda_topk_kernel all_kernels[] = {cuda_topk_kernel::streaming, cuda_topk_kernel::tiled};
+
+const char* name(cuda_topk_kernel k) { return k == cuda_topk_kernel::tiled ? "tiled" : "streaming"; }
+
+/// Sizes `code` to [rows, k] and fills it with 0xFF bytes (values NaN, indices -1), so
+/// that a kernel leaving a slot unwritten cannot pass on an earlier run's output.
+void poison(const cuda_backend& be, device_code& code, index_t rows, int k) {
+  code.resize(be, rows, k);
+  HSAE_CUDA_TRY(cudaMemsetAsync(code.values.data(), 0xFF, code.values.size() * sizeof(float), be.stream()));
+  HSAE_CUDA_TRY(cudaMemsetAsync(code.indices.data(), 0xFF, code.indices.size() * sizeof(index_t), be.stream()));
+}
+
+template <class T>
+void run_topk(cuda_topk_kernel kernel, const cuda_backend& be, const device_matrix<T>& pre, int k, device_code& out) {
+  if (kernel == cuda_topk_kernel::tiled) topk<cuda_topk_kernel::tiled>(be, pre, k, out);
+  else topk<cuda_topk_kernel::streaming>(be, pre, k, out);
+}
+
+template <class T>
+void run_topk_with_auxk(cuda_topk_kernel kernel, const cuda_backend& be, const device_matrix<T>& pre, int k,
+                        const device_buffer<std::uint32_t>& mask, int k_aux, device_code& out, device_code& aux) {
+  if (kernel == cuda_topk_kernel::tiled) topk_with_auxk<cuda_topk_kernel::tiled>(be, pre, k, mask, k_aux, out, aux);
+  else topk_with_auxk<cuda_topk_kernel::streaming>(be, pre, k, mask, k_aux, out, aux);
+}
+
 struct shape {
   int rows, n, k;
 };
@@ -141,17 +166,21 @@ TEMPLATE_TEST_CASE("GPU top-k equals the CPU top-k bit for bit", "[cuda][topk]",
       // The 2^20 row is costly on the CPU side; two patterns suffice there.
       if (sh.n == (1 << 20) && p != pattern::normal && p != pattern::ascending) continue;
       const row_matrix<float> x = upload(be, make_rows(p, sh.rows, sh.n, ++seed), dev);
-      topk(be, dev, sh.k, code);
-      REQUIRE(code.rows() == sh.rows);
-      REQUIRE(code.k() == sh.k);
-      copy_to_host(be, code.values, gv);
-      copy_to_host(be, code.indices, gi);
       cpu::topk_rows(cpu_backend{}, cref<float>(x), sh.k, cv, ci);
-      comparison cmp;
-      cmp.compare(gv, gi, cv, ci);
-      INFO(storage_traits<TestType>::name << " " << name(p) << " B=" << sh.rows << " n=" << sh.n << " k=" << sh.k
-                                          << ": " << cmp.mismatches << " mismatches; first: " << cmp.first);
-      REQUIRE(cmp.mismatches == 0);
+      for (cuda_topk_kernel kernel : all_kernels) {
+        poison(be, code, sh.rows, sh.k);
+        run_topk(kernel, be, dev, sh.k, code);
+        REQUIRE(code.rows() == sh.rows);
+        REQUIRE(code.k() == sh.k);
+        copy_to_host(be, code.values, gv);
+        copy_to_host(be, code.indices, gi);
+        comparison cmp;
+        cmp.compare(gv, gi, cv, ci);
+        INFO(name(kernel) << " " << storage_traits<TestType>::name << " " << name(p) << " B=" << sh.rows
+                          << " n=" << sh.n << " k=" << sh.k << ": " << cmp.mismatches
+                          << " mismatches; first: " << cmp.first);
+        REQUIRE(cmp.mismatches == 0);
+      }
     }
   }
 }
@@ -161,17 +190,20 @@ TEST_CASE("GPU top-k: the result does not depend on the run", "[cuda][topk]") {
   const cuda_backend be(stream.s);
   device_matrix<float> dev;
   upload(be, make_rows(pattern::relu, 64, 20000, 99), dev);
-  device_code a, b;
-  topk(be, dev, 300, a);
-  topk(be, dev, 300, b);
-  row_matrix<float> va, vb;
-  index_matrix ia, ib;
-  copy_to_host(be, a.values, va);
-  copy_to_host(be, b.values, vb);
-  copy_to_host(be, a.indices, ia);
-  copy_to_host(be, b.indices, ib);
-  CHECK(ia == ib);
-  CHECK(std::memcmp(va.data(), vb.data(), std::size_t(va.size()) * sizeof(float)) == 0);
+  for (cuda_topk_kernel kernel : all_kernels) {
+    INFO(name(kernel));
+    device_code a, b;
+    run_topk(kernel, be, dev, 300, a);
+    run_topk(kernel, be, dev, 300, b);
+    row_matrix<float> va, vb;
+    index_matrix ia, ib;
+    copy_to_host(be, a.values, va);
+    copy_to_host(be, b.values, vb);
+    copy_to_host(be, a.indices, ia);
+    copy_to_host(be, b.indices, ib);
+    CHECK(ia == ib);
+    CHECK(std::memcmp(va.data(), vb.data(), std::size_t(va.size()) * sizeof(float)) == 0);
+  }
 }
 
 namespace {
@@ -243,8 +275,8 @@ TEMPLATE_TEST_CASE("GPU top-k with AuxK: both selections equal the CPU's", "[cud
   device_matrix<TestType> dev;
   device_buffer<std::uint32_t> mask_dev;
   device_code code, aux;
-  row_matrix<float> gv, cv;
-  index_matrix gi, ci;
+  row_matrix<float> gv;
+  index_matrix gi;
   std::uint64_t seed = 1000;
   for (const auxk_shape& sh : shapes) {
     for (mask_kind mk : {mask_kind::random30, mask_kind::few, mask_kind::all, mask_kind::none}) {
@@ -254,24 +286,31 @@ TEMPLATE_TEST_CASE("GPU top-k with AuxK: both selections equal the CPU's", "[cud
         mask_dev.resize(be, mask.size());
         HSAE_CUDA_TRY(cudaMemcpyAsync(mask_dev.data(), mask.data(), mask.size() * sizeof(std::uint32_t),
                                       cudaMemcpyHostToDevice, be.stream()));
-        topk_with_auxk(be, dev, sh.k, mask_dev, sh.k_aux, code, aux);
-        INFO(storage_traits<TestType>::name << " " << name(p) << " mask " << int(mk) << " B=" << sh.rows
-                                            << " n=" << sh.n << " k=" << sh.k << " k_aux=" << sh.k_aux);
-        copy_to_host(be, code.values, gv);
-        copy_to_host(be, code.indices, gi);
-        cpu::topk_rows(cpu_backend{}, cref<float>(x), sh.k, cv, ci);
-        comparison main_cmp;
-        main_cmp.compare(gv, gi, cv, ci);
-        INFO("main: " << main_cmp.mismatches << " mismatches; first: " << main_cmp.first);
-        REQUIRE(main_cmp.mismatches == 0);
-        REQUIRE(aux.k() == sh.k_aux);
-        copy_to_host(be, aux.values, gv);
-        copy_to_host(be, aux.indices, gi);
-        reference_auxk(x, mask, sh.k_aux, cv, ci);
-        comparison aux_cmp;
-        aux_cmp.compare(gv, gi, cv, ci);
-        INFO("auxk: " << aux_cmp.mismatches << " mismatches; first: " << aux_cmp.first);
-        REQUIRE(aux_cmp.mismatches == 0);
+        row_matrix<float> rv, ra;
+        index_matrix ri, rai;
+        cpu::topk_rows(cpu_backend{}, cref<float>(x), sh.k, rv, ri);
+        reference_auxk(x, mask, sh.k_aux, ra, rai);
+        for (cuda_topk_kernel kernel : all_kernels) {
+          poison(be, code, sh.rows, sh.k);
+          poison(be, aux, sh.rows, sh.k_aux);
+          run_topk_with_auxk(kernel, be, dev, sh.k, mask_dev, sh.k_aux, code, aux);
+          INFO(name(kernel));
+          INFO(storage_traits<TestType>::name << " " << name(p) << " mask " << int(mk) << " B=" << sh.rows
+                                              << " n=" << sh.n << " k=" << sh.k << " k_aux=" << sh.k_aux);
+          copy_to_host(be, code.values, gv);
+          copy_to_host(be, code.indices, gi);
+          comparison main_cmp;
+          main_cmp.compare(gv, gi, rv, ri);
+          INFO("main: " << main_cmp.mismatches << " mismatches; first: " << main_cmp.first);
+          REQUIRE(main_cmp.mismatches == 0);
+          REQUIRE(aux.k() == sh.k_aux);
+          copy_to_host(be, aux.values, gv);
+          copy_to_host(be, aux.indices, gi);
+          comparison aux_cmp;
+          aux_cmp.compare(gv, gi, ra, rai);
+          INFO("auxk: " << aux_cmp.mismatches << " mismatches; first: " << aux_cmp.first);
+          REQUIRE(aux_cmp.mismatches == 0);
+        }
       }
     }
   }
@@ -285,6 +324,7 @@ TEST_CASE("GPU top-k validates its arguments", "[cuda][topk]") {
   CHECK_THROWS_AS(topk(be, dev, 0, code), config_error);
   CHECK_THROWS_AS(topk(be, dev, 5001, code), config_error);
   CHECK_THROWS_AS(topk(be, dev, cuda_topk_max_k + 1, code), config_error);
+  CHECK_THROWS_AS(topk<cuda_topk_kernel::tiled>(be, dev, 5001, code), config_error);
   device_matrix<float> empty(be, 2, 0);
   CHECK_THROWS_AS(topk(be, empty, 1, code), shape_error);
   device_buffer<std::uint32_t> mask(be, (5000 + 31) / 32);

@@ -3,7 +3,8 @@
 /// Sorted per-row top-k on the GPU, with the CPU's order (cpu/topk.hpp): values
 /// descending, equal values by lower index, -0.0 == +0.0, NaN below every number. The
 /// design (one CTA per row, one read of the row, shared-memory candidate buffer) is
-/// described in detail/topk.cuh.
+/// described in detail/topk.cuh; the tiled variant of its streaming filter in
+/// detail/topk_tiled.cuh.
 #pragma once
 
 #include <cstdint>
@@ -12,6 +13,7 @@
 #include "../error.hpp"
 #include "backend.cuh"
 #include "detail/topk.cuh"
+#include "detail/topk_tiled.cuh"
 #include "detail/types.cuh"
 #include "memory.cuh"
 #include "model.cuh"
@@ -22,7 +24,22 @@ HSAE_NAMESPACE_BEGIN
 inline constexpr int cuda_topk_max_k = cuda::detail::topk_max_k;
 inline constexpr int cuda_topk_max_k_aux = cuda::detail::topk_max_k_aux;
 
+/// Which kernel computes the top-k; both give the same result bit for bit.
+///  - `streaming` (default): one 16-byte vector per thread and step; tested and
+///    benchmarked on an H100 (bench/RESULTS.md).
+///  - `tiled`: 16 keys per thread and tile, a float comparison per key in the common
+///    case, one barrier per tile. Compiled in CI, not yet run on a GPU: it becomes the
+///    default once test_cuda_topk and bench_cuda_topk, which run both kernels, have
+///    passed on a GPU and shown it faster.
+enum class cuda_topk_kernel { streaming, tiled };
+
 namespace cuda::detail {
+
+template <cuda_topk_kernel Kernel, class T>
+void run_topk_rows(const topk_args<T>& a, int rows, cudaStream_t stream) {
+  if constexpr (Kernel == cuda_topk_kernel::tiled) topk_rows_tiled(a, rows, stream);
+  else topk_rows(a, rows, stream);
+}
 
 template <class T>
 void check_topk_input(device_matrix_view<const T> pre, int k, const char* what) {
@@ -40,9 +57,10 @@ void check_topk_input(device_matrix_view<const T> pre, int k, const char* what) 
 /// Sorted top-k of every row of `pre` [B, n] into `out` (resized to [B, k]): fp32
 /// values (the inputs converted exactly) and int32 indices. Reads `pre` once.
 /// Asynchronous on be.stream(); allocates only when `out` must grow.
+/// `Kernel` picks the implementation (cuda_topk_kernel; the result does not depend on it).
 /// \throws hsae::config_error unless 1 <= k <= min(n, cuda_topk_max_k),
 ///         hsae::shape_error on an empty row width.
-template <class T>
+template <cuda_topk_kernel Kernel = cuda_topk_kernel::streaming, class T>
   requires cuda_storage<T>
 void topk(const cuda_backend& be, device_matrix_view<const T> pre, int k, device_code& out) {
   cuda::detail::check_topk_input(pre, k, "cuda topk");
@@ -54,7 +72,7 @@ void topk(const cuda_backend& be, device_matrix_view<const T> pre, int k, device
   a.k = k;
   a.values = out.values.data();
   a.indices = out.indices.data();
-  cuda::detail::topk_rows(a, pre.rows, be.stream());
+  cuda::detail::run_topk_rows<Kernel>(a, pre.rows, be.stream());
 }
 
 /// Top-k as `topk`, plus in the same read the top-`k_aux` among dead latents (AuxK)
@@ -64,7 +82,7 @@ void topk(const cuda_backend& be, device_matrix_view<const T> pre, int k, device
 /// dead count pass k_aux = min(k_aux, n_dead) to avoid them).
 /// \throws as `topk`, and hsae::config_error unless 1 <= k_aux <= min(n,
 ///         cuda_topk_max_k_aux), hsae::shape_error if the mask is too short.
-template <class T>
+template <cuda_topk_kernel Kernel = cuda_topk_kernel::streaming, class T>
   requires cuda_storage<T>
 void topk_with_auxk(const cuda_backend& be, device_matrix_view<const T> pre, int k,
                     const device_buffer<std::uint32_t>& dead_mask, int k_aux, device_code& out, device_code& aux) {
@@ -88,22 +106,22 @@ void topk_with_auxk(const cuda_backend& be, device_matrix_view<const T> pre, int
   a.k_aux = k_aux;
   a.aux_values = aux.values.data();
   a.aux_indices = aux.indices.data();
-  cuda::detail::topk_rows(a, pre.rows, be.stream());
+  cuda::detail::run_topk_rows<Kernel>(a, pre.rows, be.stream());
 }
 
 /// `topk` on an owning matrix.
-template <class T>
+template <cuda_topk_kernel Kernel = cuda_topk_kernel::streaming, class T>
   requires cuda_storage<T>
 void topk(const cuda_backend& be, const device_matrix<T>& pre, int k, device_code& out) {
-  topk(be, pre.view(), k, out);
+  topk<Kernel>(be, pre.view(), k, out);
 }
 
 /// `topk_with_auxk` on an owning matrix.
-template <class T>
+template <cuda_topk_kernel Kernel = cuda_topk_kernel::streaming, class T>
   requires cuda_storage<T>
 void topk_with_auxk(const cuda_backend& be, const device_matrix<T>& pre, int k,
                     const device_buffer<std::uint32_t>& dead_mask, int k_aux, device_code& out, device_code& aux) {
-  topk_with_auxk(be, pre.view(), k, dead_mask, k_aux, out, aux);
+  topk_with_auxk<Kernel>(be, pre.view(), k, dead_mask, k_aux, out, aux);
 }
 
 HSAE_NAMESPACE_END
