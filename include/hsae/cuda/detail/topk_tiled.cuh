@@ -108,11 +108,13 @@ __device__ __forceinline__ void reserve_and_write(const Key& key, unsigned& pend
 }
 
 /// Offers this thread's E values (v[j] at row index index(j), present when bit j of
-/// `valid` is set; dead(j): latent index(j) is dead) to the candidate buffer and, with
-/// AuxK, to the dead-latent buffer. All threads call it with the same `th`; it leaves
+/// `valid` is set; bit j of dead_bits(): latent index(j) is dead, called only when some
+/// key may enter the AuxK buffer) to the candidate buffer and, with AuxK, to the
+/// dead-latent buffer. All threads call it with the same `th`; it leaves
 /// `th` uniform. One block barrier unless a buffer overflows.
-template <int Block, int Cap, int CapAux, int E, class Index, class Dead>
-__device__ __forceinline__ void offer_tile(const float (&v)[E], unsigned valid, const Index& index, const Dead& dead,
+template <int Block, int Cap, int CapAux, int E, class Index, class DeadBits>
+__device__ __forceinline__ void offer_tile(const float (&v)[E], unsigned valid, const Index& index,
+                                           const DeadBits& dead_bits,
                                            std::uint64_t* buf, std::uint64_t* abuf, unsigned k, unsigned k_aux,
                                            topk_buffer_state& st, topk_buffer_state& ast, topk_scratch<Block>& sc,
                                            tiled_thresholds& th) {
@@ -141,14 +143,18 @@ __device__ __forceinline__ void offer_tile(const float (&v)[E], unsigned valid, 
         if (((exact >> j) & 1u) && composite_key(v[j], index(j)) > th.tau) pend |= 1u << j;
     }
     if constexpr (with_aux) {
-      const unsigned a_exact = a_not_below & ~a_above & valid;
-      const unsigned a_cand = a_not_below & valid;
+      // Until the AuxK buffer first overflows its threshold is NaN and every key is a
+      // candidate: the dead bits come from one or two mask words per vector, not a
+      // load per key.
+      unsigned a_cand = a_not_below & valid;
+      if (a_cand != 0u) a_cand &= dead_bits();
       if (a_cand != 0u) {
+        apend = a_cand & a_above;
+        const unsigned a_exact = a_cand & ~a_above;
+        if (a_exact != 0u) {
 #pragma unroll
-        for (int j = 0; j < E; ++j) {
-          if (((a_cand >> j) & 1u) && dead(j) &&
-              (((a_above >> j) & 1u) || (((a_exact >> j) & 1u) && composite_key(v[j], index(j)) > th.atau)))
-            apend |= 1u << j;
+          for (int j = 0; j < E; ++j)
+            if (((a_exact >> j) & 1u) && composite_key(v[j], index(j)) > th.atau) apend |= 1u << j;
         }
       }
     }
@@ -236,8 +242,10 @@ __global__ void __launch_bounds__(Config::block, Config::min_blocks) topk_tiled_
     const float v[2] = {(valid & 1u) ? storage_traits<T>::to_float(x[ih]) : 0.0f,
                         (valid & 2u) ? storage_traits<T>::to_float(x[it]) : 0.0f};
     auto index = [&](int j) { return j == 0 ? ih : it; };
-    auto dead = [&](int j) { return is_dead(a.dead_mask, index(j)); };
-    offer_tile<block, cap, cap_aux, 2>(v, valid, index, dead, buf, abuf, k, k_aux, st, ast, sc, th);
+    auto dead_bits = [&] {
+      return ((valid & 1u) && is_dead(a.dead_mask, ih) ? 1u : 0u) | ((valid & 2u) && is_dead(a.dead_mask, it) ? 2u : 0u);
+    };
+    offer_tile<block, cap, cap_aux, 2>(v, valid, index, dead_bits, buf, abuf, k, k_aux, st, ast, sc, th);
   }
 
   // Body: tiles of `loads` 16-byte vectors per thread (vector t * block + tid of the tile:
@@ -271,8 +279,20 @@ __global__ void __launch_bounds__(Config::block, Config::min_blocks) topk_tiled_
     auto index = [&](int j) {
       return head + (v0 + unsigned(j / vec) * block + tid) * unsigned(vec) + unsigned(j % vec);
     };
-    auto dead = [&](int j) { return is_dead(a.dead_mask, index(j)); };
-    offer_tile<block, cap, cap_aux, per_thread>(v, valid, index, dead, buf, abuf, k, k_aux, st, ast, sc, th);
+    auto dead_bits = [&] {  // bits of this tile's valid keys whose latent is dead
+      unsigned bits = 0;
+#pragma unroll
+      for (int t = 0; t < loads; ++t) {
+        if ((valid >> (t * vec)) & 1u) {
+          const unsigned i0 = index(t * vec);  // the vector's vec indices span <= 2 words
+          const unsigned lo = __ldg(a.dead_mask + (i0 >> 5));
+          const unsigned hi = __ldg(a.dead_mask + ((i0 + unsigned(vec) - 1u) >> 5));
+          bits |= (__funnelshift_r(lo, hi, i0 & 31u) & ((1u << vec) - 1u)) << (t * vec);
+        }
+      }
+      return bits;
+    };
+    offer_tile<block, cap, cap_aux, per_thread>(v, valid, index, dead_bits, buf, abuf, k, k_aux, st, ast, sc, th);
   }
 
   finish_selection<T, block>(buf, k, st, sc, x, a.values + row * std::int64_t(k), a.indices + row * std::int64_t(k));
@@ -287,6 +307,10 @@ template <class T, class Config>
 void launch_topk_tiled(const topk_args<T>& a, int rows, cudaStream_t stream) {
   auto* kernel = &topk_tiled_kernel<T, Config>;
   HSAE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Config::smem_bytes)));
+  // Three CTAs of the k <= 1024 configuration (64 KiB buffer) fit an H100 SM only with the
+  // largest shared-memory carveout.
+  HSAE_CUDA_TRY(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, int(cudaSharedmemCarveoutMaxShared)));
   kernel<<<unsigned(rows), unsigned(Config::block), Config::smem_bytes, stream>>>(a);
   HSAE_CUDA_CHECK_LAUNCH();
 }
