@@ -192,6 +192,64 @@ TEST_CASE("trainer: a partial last batch trains exactly total_tokens", "[trainer
   REQUIRE_THROWS_AS(tr.evaluate_held_out(), config_error);
 }
 
+TEST_CASE("trainer: reading the next batch during a step changes nothing", "[trainer]") {
+  const cpu_backend be;
+  auto run = [&](bool prefetch, std::vector<double>& losses) {
+    synthetic_source<float> src(small_data(11));
+    trainer_options o = small_run();
+    o.total_tokens = 256 * 12 + 100;  // a partial last batch, read ahead like the others
+    o.normalize_inputs = true;        // the reader also applies the input scale
+    o.prefetch_batches = prefetch;
+    trainer<float, dynamic, all_prefixes<4>> tr(be, sae<float>(24, 48), all_prefixes<4>{}, o);
+    tr.on_step = [&](const step_record& r) { losses.push_back(r.loss); };
+    const train_summary s = tr.fit(src);
+    CHECK(s.tokens == o.total_tokens);
+    return std::make_pair(tr.model(), src.position());
+  };
+  std::vector<double> with, without;
+  const auto [m_with, served_with] = run(true, with);
+  const auto [m_without, served_without] = run(false, without);
+  REQUIRE(with.size() == 13);
+  CHECK(with == without);
+  CHECK(served_with == served_without);  // nothing read beyond the last batch
+  CHECK(hsae_test::bitwise_equal(m_with.W_enc, m_without.W_enc));
+  CHECK(hsae_test::bitwise_equal(m_with.W_dec, m_without.W_dec));
+  CHECK(hsae_test::bitwise_equal(m_with.b_enc, m_without.b_enc));
+}
+
+namespace {
+
+/// cycling_source that throws hsae::io_error on its `fail_at`-th call (0-based).
+struct failing_source : hsae_test::cycling_source {
+  int fail_at = -1;
+  void next(Eigen::Index rows, row_matrix<float>& x) {
+    if (calls == fail_at) {
+      ++calls;
+      throw io_error("failing_source: read error");
+    }
+    cycling_source::next(rows, x);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("trainer: a source error read ahead surfaces when that batch is due", "[trainer][errors]") {
+  const cpu_backend be;
+  synthetic_source<float> src(small_data());
+  for (bool prefetch : {true, false}) {
+    INFO("prefetch " << prefetch);
+    failing_source bad;
+    bad.data = src.next(300);
+    bad.fail_at = 5;  // eval rows, init rows, then training batches 1-3 train; the 4th fails
+    trainer_options o = small_run();
+    o.prefetch_batches = prefetch;
+    trainer<float, dynamic, top_k<4>> tr(be, sae<float>(24, 32), top_k<4>{}, o);
+    REQUIRE_THROWS_WITH(tr.fit(bad), Catch::Contains("read error"));
+    CHECK(tr.steps_done() == 3);
+    CHECK(bad.calls == 6);  // nothing was read after the failure
+  }
+}
+
 TEST_CASE("trainer: JSON-lines metrics and the progress line", "[trainer]") {
   const cpu_backend be;
   synthetic_source<float> src(small_data());

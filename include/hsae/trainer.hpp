@@ -29,6 +29,7 @@
 #include <cstdio>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <string>
 #include <utility>
 #include <vector>
@@ -80,6 +81,12 @@ struct trainer_options {
   step_options step{};
   /// A latent is dead after this many tokens without firing.
   std::int64_t dead_after_tokens = 10'000'000;
+  /// Read the next batch from the source on a second host thread while the current step
+  /// runs (the result is the same either way). With a GPU backend the host is otherwise
+  /// idle during the step; on the CPU the reader shares the cores with the step. The
+  /// source must not be used elsewhere during `fit`; no batch is read ahead of a
+  /// checkpoint, so a checkpoint's source state is that of the rows trained on.
+  bool prefetch_batches = true;
   /// Progress line / JSON record interval in steps.
   std::int64_t log_every_steps = 100;
   progress_mode progress = progress_mode::automatic;
@@ -197,11 +204,31 @@ class trainer {
     const std::int64_t tokens_at_start = tokens_;
     step_record rec;
     double final_loss = 0;
+    // The next batch, read on another thread while a step runs (prefetch_batches).
+    // `fetch` is declared after `x_next` so that unwinding joins the reader first.
+    row_matrix<T> x_next;
+    std::future<void> fetch;
+    auto read_batch = [this, &source](std::int64_t rows, row_matrix<T>& dst) {
+      source.next(Eigen::Index(rows), dst);
+      if (scale_ != 1.0) dst *= T(scale_);
+    };
     for (std::int64_t s = step_; s < steps; ++s) {
       const std::int64_t rows = std::min(opt_.batch_size, opt_.total_tokens - tokens_);
-      source.next(Eigen::Index(rows), x);
+      if (fetch.valid()) {
+        fetch.get();  // rethrows what the source threw
+        x.swap(x_next);
+      } else {
+        read_batch(rows, x);
+      }
       rows_pulled_ += rows;
-      if (scale_ != 1.0) x *= T(scale_);
+      const bool last = s + 1 == steps;
+      const bool checkpoint_after =
+          !opt_.checkpoint_path.empty() &&
+          (last || (opt_.checkpoint_every_steps > 0 && (step_ + 1) % opt_.checkpoint_every_steps == 0));
+      if (opt_.prefetch_batches && !last && !checkpoint_after) {
+        const std::int64_t next_rows = std::min(opt_.batch_size, opt_.total_tokens - tokens_ - rows);
+        fetch = std::async(std::launch::async, read_batch, next_rows, std::ref(x_next));
+      }
       const engine_step es = engine_.step(x, schedule_, opt_.step);
       const step_stats& st = es.stats;
       ++step_;
@@ -221,7 +248,6 @@ class trainer {
       rec.tokens_per_second = secs > 0 ? double(tokens_ - tokens_at_start) / secs : 0;
       if (on_step) on_step(rec);
 
-      const bool last = s + 1 == steps;
       const bool logged = step_ % opt_.log_every_steps == 0 || last;
       if (logged) write_json(step_json(rec));
       if (!quiet) {
