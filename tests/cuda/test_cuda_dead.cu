@@ -50,6 +50,13 @@ void check_same(const cuda_backend& be, const device_dead_latent_tracker& d, con
   }
 }
 
+std::uint64_t read_max_since(const cuda_backend& be, const device_dead_latent_tracker& d) {
+  unsigned long long v = 0;
+  HSAE_CUDA_TRY(cudaMemcpyAsync(&v, d.max_since_device(), sizeof v, cudaMemcpyDeviceToHost, be.stream()));
+  be.synchronize();
+  return v;
+}
+
 }  // namespace
 
 TEST_CASE("GPU dead-latent tracker matches the CPU tracker", "[cuda][dead]") {
@@ -73,6 +80,8 @@ TEST_CASE("GPU dead-latent tracker matches the CPU tracker", "[cuda][dead]") {
       h.update(code, limit);
       d.update(be, dc, limit);
       check_same(be, d, h);
+      const std::vector<std::int64_t>& since = h.tokens_since_fired();
+      CHECK(read_max_since(be, d) == std::uint64_t(*std::max_element(since.begin(), since.end())));
     }
     if (F > 10) CHECK(h.num_dead() > 0);  // latents >= active never fire
   }
@@ -97,4 +106,48 @@ TEST_CASE("GPU dead-latent tracker: checkpoint round trip", "[cuda][dead]") {
   CHECK_THROWS_AS(d.upload(be, other), config_error);
   CHECK_THROWS_AS(d.set_tokens_since_fired(be, std::vector<std::int64_t>(3)), shape_error);
   CHECK_THROWS_AS(device_dead_latent_tracker(be, 0), config_error);
+}
+
+TEST_CASE("GPU dead-latent tracker: an observed maximum tightens the host bound", "[cuda][dead]") {
+  hsae_test::test_stream stream;
+  const cuda_backend be(stream.s);
+  const int F = 40;
+  device_dead_latent_tracker d(be, F, 100);
+  // Every latent fires in every batch of 30 rows: counters stay 0, but the host bound
+  // (rows counted since the start) passes dead_after after 4 batches.
+  sparse_code<float> code;
+  code.resize(30, 4);
+  for (int b = 0; b < 30; ++b)
+    for (int t = 0; t < 4; ++t) {
+      code.indices(b, t) = (b * 4 + t) % F;
+      code.values(b, t) = float(4 - t);
+    }
+  device_code dc;
+  upload_code(be, code, dc);
+  for (int i = 0; i < 4; ++i) d.update(be, dc);
+  CHECK(d.may_have_dead());  // 120 rows >= 100: the bound alone cannot exclude it
+  const auto at = d.where();
+  const std::uint64_t largest = read_max_since(be, d);
+  CHECK(largest == 0);
+  d.observe(largest, at);
+  CHECK_FALSE(d.may_have_dead());
+  // Rows counted after the observed update are added back: 0 + 3 * 30 < 100, then 120.
+  for (int i = 0; i < 3; ++i) d.update(be, dc);
+  d.observe(largest, at);
+  CHECK_FALSE(d.may_have_dead());
+  device_code none;  // a batch where nothing fires: counters 30 after it
+  upload_code(be, sparse_code<float>{row_matrix<float>::Zero(30, 4), index_matrix::Zero(30, 4)}, none);
+  d.update(be, none);
+  CHECK(d.may_have_dead());  // bound 90 + 30 = 120 (the device maximum is 30)
+  const auto at2 = d.where();
+  const std::uint64_t largest2 = read_max_since(be, d);
+  CHECK(largest2 == 30);
+  d.observe(largest2, at2);
+  CHECK_FALSE(d.may_have_dead());
+  // A value observed on other counters (before an upload) is ignored.
+  d.set_tokens_since_fired(be, std::vector<std::int64_t>(F, 150));
+  CHECK(d.may_have_dead());
+  d.observe(0, at2);
+  CHECK(d.may_have_dead());
+  CHECK(d.num_dead(be) == F);
 }

@@ -324,6 +324,8 @@ void compare_step(const cuda_backend& be, const scenario& sc, const S& sched, st
   // Dead latents after the update.
   CHECK(gst.dead_after_update == ct.num_dead());
   CHECK(dt.tokens_since_fired(be) == ct.tokens_since_fired());
+  const std::vector<std::int64_t>& since = ct.tokens_since_fired();
+  CHECK(gst.max_tokens_since_fired == *std::max_element(since.begin(), since.end()));
 }
 
 template <class T>

@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -37,8 +38,10 @@ class device_dead_latent_tracker {
     mask_.resize(be, std::size_t((d_sae + 31) / 32));
     list_.resize(be, std::size_t(d_sae));
     count_.resize(be, 1);
+    max_dev_.resize(be, 1);
     since_.zero(be);
     refresh(be);
+    identity_ = next_identity();
   }
 
   /// Counts the code's rows as seen tokens; latents with a positive value among the
@@ -56,13 +59,34 @@ class device_dead_latent_tracker {
     cuda::detail::update_dead_latents(state(), code.values.data(), code.indices.data(), code.rows(), code.k(), kk,
                                       scratch(be, bytes), bytes, be.stream(), reject);
     max_since_ += std::int64_t(code.rows());
+    rows_counted_ += std::int64_t(code.rows());
   }
 
   /// False when no latent can be dead, known on the host without synchronising: every
-  /// counter is at most the largest uploaded counter plus the tokens counted since (the
-  /// bound ignores firing). Early in a run (fewer than dead_after_tokens tokens) this is
-  /// false, and `train_step` skips AuxK's selection and backward altogether.
+  /// counter is at most a host bound, the largest counter last observed (uploaded, or
+  /// read back with a step's statistics: `observe`) plus the tokens counted since. Early
+  /// in a run, and whenever every latent has fired within the last dead_after_tokens
+  /// tokens before the last observation, this is false, and `train_step` skips AuxK's
+  /// selection and backward altogether.
   bool may_have_dead() const { return max_since_ >= dead_after_; }
+
+  /// The largest counter after the last update, on the device ([1]; what `observe` takes).
+  const unsigned long long* max_since_device() const { return max_dev_.data(); }
+  /// What identifies the current counters and how many rows updates have counted on them:
+  /// a step records this after its update, and `observe` uses it to know how many rows
+  /// were counted after the observed value (and to ignore a value from other counters).
+  struct position {
+    std::uint64_t identity = 0;
+    std::int64_t rows_counted = 0;
+  };
+  position where() const { return {identity_, rows_counted_}; }
+  /// Tightens the host bound with `largest`, the value of *max_since_device() right after
+  /// the update at `at` (read back by read_step_stats).
+  void observe(std::uint64_t largest, position at) {
+    if (at.identity != identity_ || at.rows_counted > rows_counted_) return;  // other counters
+    const std::int64_t bound = std::int64_t(largest) + (rows_counted_ - at.rows_counted);
+    max_since_ = std::min(max_since_, bound);
+  }
 
   /// Bit (f % 32) of word f / 32 is set when latent f is dead; [ceil(d_sae / 32)] words
   /// (the `dead_mask` argument of `topk_with_auxk`).
@@ -111,6 +135,7 @@ class device_dead_latent_tracker {
     // Pageable source: cudaMemcpyAsync returns once `s` is staged.
     refresh(be);
     max_since_ = s.empty() ? 0 : *std::max_element(s.begin(), s.end());
+    identity_ = next_identity();  // observations of the previous counters no longer apply
   }
   /// Copies a host tracker's counters (its dead_after_tokens must match).
   void upload(const cuda_backend& be, const dead_latent_tracker& host) {
@@ -132,7 +157,11 @@ class device_dead_latent_tracker {
     ::hsae::detail::expects<config_error>(d_sae_ >= 1, "device_dead_latent_tracker: not constructed with a width");
   }
   cuda::detail::dead_latent_state state() {
-    return {since_.data(), mask_.data(), list_.data(), count_.data(), d_sae_, dead_after_};
+    return {since_.data(), mask_.data(), list_.data(), count_.data(), max_dev_.data(), d_sae_, dead_after_};
+  }
+  static std::uint64_t next_identity() {
+    static std::atomic<std::uint64_t> n{0};
+    return ++n;
   }
   void* scratch(const cuda_backend& be, std::size_t bytes) {
     if (bytes > scratch_.size()) scratch_.resize(be, bytes);
@@ -145,11 +174,14 @@ class device_dead_latent_tracker {
 
   int d_sae_ = 0;
   std::int64_t dead_after_ = 10'000'000;
-  std::int64_t max_since_ = 0;  ///< host upper bound on every counter (may_have_dead)
+  std::int64_t max_since_ = 0;     ///< host upper bound on every counter (may_have_dead)
+  std::int64_t rows_counted_ = 0;  ///< rows counted by updates on the current counters
+  std::uint64_t identity_ = 0;     ///< changes whenever the counters are replaced
   device_buffer<std::int64_t> since_;
   device_buffer<std::uint32_t> mask_;
   device_buffer<int> list_;
   device_buffer<int> count_;
+  device_buffer<unsigned long long> max_dev_;
   device_buffer<unsigned char> scratch_;  ///< workspace of the update (grows only)
 };
 

@@ -19,11 +19,15 @@
 ///    update read on the device: the step then changes nothing (model, moments, storage
 ///    copies, dead counters), and `read_step_stats` throws the CPU's hsae::numeric_error
 ///    naming the entry and takes the step back from the optimizer's step count. A step
-///    whose gradient norm is not finite is reported the same way (as `check_last_step`).
+///    whose gradient norm is not finite is reported the same way (as `check_last_step`);
+///    its model and moments are unchanged, and its dead-latent update is applied, as on
+///    the CPU (whose update runs before the optimizer throws).
 ///  - The dead count is not known on the host. AuxK's selection and backward run when the
-///    tracker's host-side bound says latents may be dead (`may_have_dead`: from
-///    dead_after_tokens tokens on); the backward then reads the count on the device, so
-///    a step with no dead latent adds nothing and reports an AuxK loss of 0, as the CPU.
+///    tracker's host-side bound says latents may be dead (`may_have_dead`); the backward
+///    then reads the count on the device, so a step with no dead latent adds nothing and
+///    reports an AuxK loss of 0, as the CPU. The bound is the largest counter plus the
+///    rows counted since; `read_step_stats` with the tracker tightens it from the largest
+///    counter the step recorded, so a run whose latents all keep firing skips AuxK.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -77,12 +81,14 @@ struct device_train_workspace {
     std::int64_t rows = 0;   ///< B
     int d_model = 0;         ///< D
     std::vector<int> level_k;
+    device_dead_latent_tracker::position dead_at;  ///< the tracker after the step's update
   } pending;
 };
 
 /// The CPU's step_stats plus what the GPU step also records.
 struct device_step_stats : step_stats {
-  std::int64_t dead_after_update = 0;  ///< dead latents after this step's update
+  std::int64_t dead_after_update = 0;        ///< dead latents after this step's update
+  std::int64_t max_tokens_since_fired = 0;  ///< the largest dead-latent counter after it
 };
 
 namespace cuda::detail {
@@ -135,6 +141,7 @@ void train_step(const cuda_backend& be, device_sae<T, F>& m, device_adam<T, F>& 
   const std::size_t levels = schedule.size();
   const std::size_t n = std::size_t(x.rows) * std::size_t(x.cols);
 
+  ws.pending.valid = false;  // until this step is fully enqueued (a throw leaves no record to read)
   ws.record.resize(be, cuda::detail::step_record_bytes(levels));
   auto* rec = reinterpret_cast<cuda::detail::step_record*>(ws.record.data());
   HSAE_CUDA_TRY(cudaMemsetAsync(rec, 0, sizeof(cuda::detail::step_record), be.stream()));
@@ -167,6 +174,7 @@ void train_step(const cuda_backend& be, device_sae<T, F>& m, device_adam<T, F>& 
   src.aux_loss = aux ? ws.aux.loss.data() : nullptr;
   src.grad_norm = opt.norm_device();
   src.dead_after = dead.num_dead_device();
+  src.max_since = dead.max_since_device();
   src.x = x.data;
   src.n = n;
   cuda::detail::gather_step_record(src, rec, be.stream());
@@ -179,6 +187,7 @@ void train_step(const cuda_backend& be, device_sae<T, F>& m, device_adam<T, F>& 
   p.d_model = x.cols;
   p.level_k.resize(levels);
   for (std::size_t l = 0; l < levels; ++l) p.level_k[l] = int(schedule.k(l));
+  p.dead_at = dead.where();
 }
 
 /// The statistics of the last `train_step` on `ws`, as the CPU step returns them (loss,
@@ -222,12 +231,25 @@ device_step_stats read_step_stats(const cuda_backend& be, device_adam<T, F>& opt
   st.lr = p.lr;
   st.dead = rec.dead_before;
   st.dead_after_update = rec.dead_after;
+  st.max_tokens_since_fired = std::int64_t(rec.max_since);
   st.levels.loss = rec.loss;
   st.levels.level_k = p.level_k;
   st.levels.level_sse.resize(levels);
   if (levels > 0) std::memcpy(st.levels.level_sse.data(), bytes.data() + sizeof rec, levels * sizeof(double));
   st.levels.rows = p.rows;
   st.levels.d_model = p.d_model;
+  return st;
+}
+
+/// `read_step_stats`, and tightens `dead`'s host bound on its counters from the largest
+/// counter the step recorded (device_dead_latent_tracker::observe), so that AuxK's
+/// selection is skipped while no latent can be dead. Pass the tracker the step used;
+/// counters replaced since (a restore) are recognised and left alone.
+template <class T, int F>
+device_step_stats read_step_stats(const cuda_backend& be, device_adam<T, F>& opt, device_dead_latent_tracker& dead,
+                                  device_train_workspace<T, F>& ws) {
+  device_step_stats st = read_step_stats(be, opt, ws);  // throws on a rejected step: nothing to observe
+  dead.observe(std::uint64_t(st.max_tokens_since_fired), ws.pending.dead_at);
   return st;
 }
 

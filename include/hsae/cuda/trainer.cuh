@@ -23,6 +23,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -89,6 +90,7 @@ class cuda_training_engine {
   template <class InitFn>
   void start(InitFn&& init_model, const adam_options& ao, std::int64_t dead_after_tokens) {
     if (model_stale_) (void)model();  // a second fit continues from the trained weights
+    started_ = false;                 // until everything below has succeeded
     init_model(host_model_);
     m_.upload(*be_, host_model_);
     opt_ = device_adam<Storage, F>(*be_, m_, ao);
@@ -103,6 +105,7 @@ class cuda_training_engine {
   void restore(sae<float, F> model, const adam_options& ao, std::int64_t steps, sae_gradients<float, F> m1,
                sae_gradients<float, F> m2, double last_lr, std::int64_t dead_after_tokens,
                std::vector<std::int64_t> tokens_since_fired) {
+    started_ = false;  // until everything below has succeeded
     host_model_ = std::move(model);
     m_.upload(*be_, host_model_);
     opt_ = device_adam<Storage, F>(*be_, m_, ao);
@@ -130,14 +133,14 @@ class cuda_training_engine {
       // beyond +-65504 have become inf: check the rows as the user gave them instead.
       if (opts.check_finite) {
         ::hsae::detail::expect_finite("training batch", x);
-        expect_half_range(x);
+        expect_half_range(cref<float>(x));
         opts.check_finite = false;
       }
     }
     const device_matrix_view<const Storage> xd = upload_batch(cref<float>(x));
+    model_stale_ = opt_stale_ = dead_stale_ = true;  // before: a throw after enqueueing leaves them stale too
     train_step(*be_, m_, opt_, dead_, xd, schedule, ws_, opts);
-    model_stale_ = opt_stale_ = dead_stale_ = true;
-    const device_step_stats st = read_step_stats(*be_, opt_, ws_);
+    const device_step_stats st = read_step_stats(*be_, opt_, dead_, ws_);
     engine_step r;
     r.stats = st;
     r.dead_fraction = double(st.dead_after_update) / double(host_model_.d_sae());
@@ -160,6 +163,7 @@ class cuda_training_engine {
     for (Eigen::Index r0 = 0; r0 < x.rows(); r0 += Eigen::Index(chunk)) {
       const Eigen::Index rows = std::min<Eigen::Index>(Eigen::Index(chunk), x.rows() - r0);
       const cref<float> part = x.middleRows(r0, rows);
+      if constexpr (std::is_same_v<Storage, __half>) expect_half_range(part, "evaluation rows", r0);
       const device_matrix_view<const Storage> xd = upload_batch(part);
       encode(*be_, m_, xd, schedule.k_max(), eval_code_, eval_pre_, ws_.enc);
       hierarchical_loss(*be_, m_, xd, eval_code_, schedule, eval_loss_);
@@ -206,12 +210,12 @@ class cuda_training_engine {
 
  private:
   /// \throws hsae::numeric_error naming the first entry of `x` that half storage cannot
-  ///         hold (|v| > 65504 would become inf).
-  static void expect_half_range(const row_matrix<float>& x) {
+  ///         hold (|v| > 65504 would become inf); `row0` is added to the row shown.
+  static void expect_half_range(cref<float> x, const char* what = "training batch", Eigen::Index row0 = 0) {
     for (Eigen::Index r = 0; r < x.rows(); ++r)
       for (Eigen::Index c = 0; c < x.cols(); ++c)
         if (std::fabs(x(r, c)) > 65504.0f)
-          ::hsae::detail::throw_error<numeric_error>("training batch: the value ", x(r, c), " at [", r, ", ", c,
+          ::hsae::detail::throw_error<numeric_error>(what, ": the value ", x(r, c), " at [", row0 + r, ", ", c,
                                               "] exceeds the range of half storage (65504); scale the data or "
                                               "use float or bfloat16 storage");
   }

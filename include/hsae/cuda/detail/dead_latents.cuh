@@ -32,6 +32,9 @@ struct dead_latent_state {
   std::uint32_t* mask = nullptr;  ///< [ceil(F / 32)] dead bitmask
   int* dead_list = nullptr;       ///< [F] dead latents, ascending; the first *num_dead are valid
   int* num_dead = nullptr;        ///< [1]
+  /// [1] optional: set by every update to the largest counter after it (the host's
+  /// bound on the counters, device_dead_latent_tracker::may_have_dead, is tightened from it).
+  unsigned long long* max_since = nullptr;
   int F = 0;
   std::int64_t dead_after = 10'000'000;
 };
@@ -59,7 +62,8 @@ __global__ void mark_kernel(const float* __restrict__ values, const index_t* __r
   if (f >= 0 && f < F) flags[f] = 1;
 }
 
-/// Counters, dead flags (replacing the fired flags) and mask words. With `reject` set
+/// Counters, dead flags (replacing the fired flags) and mask words, and the largest
+/// counter (atomicMax per warp into s.max_since, zeroed before). With `reject` set
 /// (nonzero) the counters stay as they are and only the flags and mask are rebuilt.
 template <int Dummy = 0>
 __global__ void update_kernel(dead_latent_state s, std::int64_t rows, std::uint8_t* __restrict__ flags,
@@ -67,14 +71,24 @@ __global__ void update_kernel(dead_latent_state s, std::int64_t rows, std::uint8
   const std::int64_t f = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool apply = reject == nullptr || *reject == 0;
   bool dead = false;
+  unsigned long long largest = 0;  // counters are >= 0
   if (f < s.F) {
     const std::int64_t since = !apply ? s.since[f] : (flags[f] != 0 ? 0 : s.since[f] + rows);
     s.since[f] = since;
     dead = since >= s.dead_after;
     flags[f] = dead ? 1 : 0;
+    largest = static_cast<unsigned long long>(since);
   }
   const unsigned word = __ballot_sync(0xffffffffu, dead);
   if ((threadIdx.x & 31) == 0 && f < s.F) s.mask[f / 32] = word;
+  if (s.max_since != nullptr) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const unsigned long long o = __shfl_xor_sync(0xffffffffu, largest, off);
+      largest = o > largest ? o : largest;
+    }
+    if ((threadIdx.x & 31) == 0 && largest != 0) atomicMax(s.max_since, largest);
+  }
 }
 
 }  // namespace dead_impl
@@ -105,6 +119,7 @@ inline void update_dead_latents(const dead_latent_state& s, const float* values,
   std::size_t temp_bytes = dead_impl::select_temp_bytes(s.F);
   void* temp = c.take_bytes(temp_bytes);
   HSAE_CUDA_TRY(cudaMemsetAsync(flags, 0, std::size_t(s.F), stream));
+  if (s.max_since != nullptr) HSAE_CUDA_TRY(cudaMemsetAsync(s.max_since, 0, sizeof(*s.max_since), stream));
   const std::int64_t pairs = std::int64_t(rows) * k;
   if (pairs > 0) {
     dead_impl::mark_kernel<<<unsigned((pairs + 255) / 256), 256, 0, stream>>>(values, indices, rows, kc, k, s.F, flags);

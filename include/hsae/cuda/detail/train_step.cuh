@@ -6,7 +6,8 @@
 ///    device, so that a rejected step changes nothing) and keeps the flat position of the
 ///    first non-finite entry (atomicMax of n - i: the largest key is the lowest index);
 ///  - the gathering of the step's statistics (loss, per-level squared errors, AuxK loss,
-///    gradient norm, dead counts, the first non-finite entry's value) into one block of
+///    gradient norm, dead counts, the largest dead-latent counter, the first non-finite
+///    entry's value) into one block of
 ///    device memory, so that the host reads a step's statistics with one copy.
 /// Both are stream-ordered and never synchronise.
 #pragma once
@@ -33,6 +34,7 @@ struct step_record {
   int dead_after = 0;              ///< and after it
   float bad_value = 0;             ///< the first non-finite entry (when reject)
   unsigned long long bad_key = 0;  ///< n - (flat index of the first non-finite entry); 0: none
+  unsigned long long max_since = 0;  ///< the largest dead-latent counter after the update
   double loss = 0;
   double aux_loss = 0;
   double grad_norm = 0;
@@ -74,6 +76,7 @@ struct step_record_sources {
   const double* aux_loss = nullptr;
   const double* grad_norm = nullptr;
   const int* dead_after = nullptr;
+  const unsigned long long* max_since = nullptr;  ///< may be null: 0
   const T* x = nullptr;  ///< the batch (for the first non-finite value)
   std::size_t n = 0;     ///< its entries
 };
@@ -87,6 +90,7 @@ __global__ void gather_step_record_kernel(step_record_sources<T> s, step_record*
   rec->aux_loss = s.aux_loss != nullptr ? *s.aux_loss : 0.0;
   rec->grad_norm = *s.grad_norm;
   rec->dead_after = *s.dead_after;
+  rec->max_since = s.max_since != nullptr ? *s.max_since : 0ull;
   if (rec->bad_key != 0) rec->bad_value = storage_traits<T>::to_float(s.x[s.n - rec->bad_key]);
 }
 
