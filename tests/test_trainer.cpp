@@ -199,7 +199,7 @@ TEST_CASE("trainer: reading the next batch during a step changes nothing", "[tra
     trainer_options o = small_run();
     o.total_tokens = 256 * 12 + 100;  // a partial last batch, read ahead like the others
     o.normalize_inputs = true;        // the reader also applies the input scale
-    o.prefetch_batches = prefetch;
+    o.prefetch = prefetch ? prefetch_mode::always : prefetch_mode::never;
     trainer<float, dynamic, all_prefixes<4>> tr(be, sae<float>(24, 48), all_prefixes<4>{}, o);
     tr.on_step = [&](const step_record& r) { losses.push_back(r.loss); };
     const train_summary s = tr.fit(src);
@@ -242,7 +242,7 @@ TEST_CASE("trainer: a source error read ahead surfaces when that batch is due", 
     bad.data = src.next(300);
     bad.fail_at = 5;  // eval rows, init rows, then training batches 1-3 train; the 4th fails
     trainer_options o = small_run();
-    o.prefetch_batches = prefetch;
+    o.prefetch = prefetch ? prefetch_mode::always : prefetch_mode::never;
     trainer<float, dynamic, top_k<4>> tr(be, sae<float>(24, 32), top_k<4>{}, o);
     REQUIRE_THROWS_WITH(tr.fit(bad), Catch::Contains("read error"));
     CHECK(tr.steps_done() == 3);

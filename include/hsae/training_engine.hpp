@@ -68,6 +68,8 @@ class training_engine<cpu_backend, T, F> {
  public:
   using backend_type = cpu_backend;
   static constexpr bool borrows_backend = false;  ///< the trainer copies the CPU backend
+  /// prefetch_mode::automatic: the reader would compete with the step's threads.
+  static constexpr bool prefetch_by_default = false;
 
   training_engine(const cpu_backend& be, sae<T, F> model) : be_(be), model_(std::move(model)) {}
 

@@ -75,6 +75,8 @@ class cuda_training_engine {
  public:
   using backend_type = cuda_backend;
   static constexpr bool borrows_backend = true;  ///< the trainer keeps a pointer to it
+  /// prefetch_mode::automatic: the host waits for each step, so the next batch is read then.
+  static constexpr bool prefetch_by_default = true;
   using storage_type = Storage;
 
   /// Rows per chunk of `evaluate` at most (and fewer when [rows, d_sae] pre-activations
