@@ -14,6 +14,7 @@
 #include <limits>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -300,7 +301,7 @@ TEMPLATE_TEST_CASE("GPU top-k with AuxK: both selections equal the CPU's", "[cud
         mask_dev.resize(be, mask.size());
         HSAE_CUDA_TRY(cudaMemcpyAsync(mask_dev.data(), mask.data(), mask.size() * sizeof(std::uint32_t),
                                       cudaMemcpyHostToDevice, be.stream()));
-        row_matrix<float> rv, ra;
+        row_matrix<float> rv, ra;  // the CPU's main and AuxK selections
         index_matrix ri, rai;
         cpu::topk_rows(cpu_backend{}, cref<float>(x), sh.k, rv, ri);
         reference_auxk(x, mask, sh.k_aux, ra, rai);
@@ -311,19 +312,16 @@ TEMPLATE_TEST_CASE("GPU top-k with AuxK: both selections equal the CPU's", "[cud
           INFO(name(kernel));
           INFO(storage_traits<TestType>::name << " " << name(p) << " mask " << int(mk) << " B=" << sh.rows
                                               << " n=" << sh.n << " k=" << sh.k << " k_aux=" << sh.k_aux);
-          copy_to_host(be, code.values, gv);
-          copy_to_host(be, code.indices, gi);
-          comparison main_cmp;
-          main_cmp.compare(gv, gi, rv, ri);
-          INFO("main: " << main_cmp.mismatches << " mismatches; first: " << main_cmp.first);
-          REQUIRE(main_cmp.mismatches == 0);
           REQUIRE(aux.k() == sh.k_aux);
-          copy_to_host(be, aux.values, gv);
-          copy_to_host(be, aux.indices, gi);
-          comparison aux_cmp;
-          aux_cmp.compare(gv, gi, ra, rai);
-          INFO("auxk: " << aux_cmp.mismatches << " mismatches; first: " << aux_cmp.first);
-          REQUIRE(aux_cmp.mismatches == 0);
+          for (const auto& [what, got, ref_v, ref_i] :
+               {std::tie("main", code, rv, ri), std::tie("auxk", aux, ra, rai)}) {
+            copy_to_host(be, got.values, gv);
+            copy_to_host(be, got.indices, gi);
+            comparison cmp;
+            cmp.compare(gv, gi, ref_v, ref_i);
+            INFO(what << ": " << cmp.mismatches << " mismatches; first: " << cmp.first);
+            REQUIRE(cmp.mismatches == 0);
+          }
         }
       }
     }

@@ -482,31 +482,57 @@ __global__ void __launch_bounds__(Config::block) topk_kernel(topk_args<T> a) {
   }
 }
 
-template <class T, class Config>
+/// The streaming kernel's configurations by k range and AuxK (the tiled kernel has its
+/// own set, detail/topk_tiled.cuh), for `topk_rows_with`.
+struct topk_streaming_configs {
+  using k256 = topk_config_256;
+  using k256_aux = topk_config_256_aux;
+  using k1024 = topk_config_1024;
+  using k1024_aux = topk_config_1024_aux;
+  using k4096 = topk_config_4096;
+  using k4096_aux = topk_config_4096_aux;
+  template <class T, class Config>
+  static auto kernel() {
+    return &topk_kernel<T, Config>;
+  }
+  static constexpr bool max_shared_carveout = false;
+};
+
+template <class Configs, class T, class Config>
 void launch_topk(const topk_args<T>& a, int rows, cudaStream_t stream) {
-  auto* kernel = &topk_kernel<T, Config>;
+  auto* kernel = Configs::template kernel<T, Config>();
   HSAE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(Config::smem_bytes)));
+  if constexpr (Configs::max_shared_carveout)
+    HSAE_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       int(cudaSharedmemCarveoutMaxShared)));
   kernel<<<unsigned(rows), unsigned(Config::block), Config::smem_bytes, stream>>>(a);
   HSAE_CUDA_CHECK_LAUNCH();
 }
 
 /// Row-wise sorted top-k of `a.in` [rows, n] (see topk_args; AuxK when a.dead_mask is
-/// set). Requires 1 <= k <= min(n, topk_max_k) and, with AuxK, 1 <= k_aux <=
-/// min(n, topk_max_k_aux); n <= 2^31 - 1. Needs no workspace. Asynchronous on `stream`.
-template <class T>
-void topk_rows(const topk_args<T>& a, int rows, cudaStream_t stream) {
+/// set) with the kernel whose configurations are `Configs`, picked by k. Requires 1 <= k
+/// <= min(n, topk_max_k) and, with AuxK, 1 <= k_aux <= min(n, topk_max_k_aux); n <=
+/// 2^31 - 1. Needs no workspace. Asynchronous on `stream`.
+template <class Configs, class T>
+void topk_rows_with(const topk_args<T>& a, int rows, cudaStream_t stream) {
   if (rows <= 0) return;
   const bool aux = a.dead_mask != nullptr;
-  if (a.k <= topk_config_256::k_max) {
-    if (aux) launch_topk<T, topk_config_256_aux>(a, rows, stream);
-    else launch_topk<T, topk_config_256>(a, rows, stream);
-  } else if (a.k <= topk_config_1024::k_max) {
-    if (aux) launch_topk<T, topk_config_1024_aux>(a, rows, stream);
-    else launch_topk<T, topk_config_1024>(a, rows, stream);
+  if (a.k <= Configs::k256::k_max) {
+    if (aux) launch_topk<Configs, T, typename Configs::k256_aux>(a, rows, stream);
+    else launch_topk<Configs, T, typename Configs::k256>(a, rows, stream);
+  } else if (a.k <= Configs::k1024::k_max) {
+    if (aux) launch_topk<Configs, T, typename Configs::k1024_aux>(a, rows, stream);
+    else launch_topk<Configs, T, typename Configs::k1024>(a, rows, stream);
   } else {
-    if (aux) launch_topk<T, topk_config_4096_aux>(a, rows, stream);
-    else launch_topk<T, topk_config_4096>(a, rows, stream);
+    if (aux) launch_topk<Configs, T, typename Configs::k4096_aux>(a, rows, stream);
+    else launch_topk<Configs, T, typename Configs::k4096>(a, rows, stream);
   }
+}
+
+/// `topk_rows_with` the streaming kernel.
+template <class T>
+void topk_rows(const topk_args<T>& a, int rows, cudaStream_t stream) {
+  topk_rows_with<topk_streaming_configs>(a, rows, stream);
 }
 
 }  // namespace cuda::detail
