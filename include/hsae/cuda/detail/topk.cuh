@@ -386,6 +386,49 @@ __device__ void finish_selection(std::uint64_t* buf, unsigned k, topk_buffer_sta
   }
 }
 
+/// A row split at 16-byte boundaries: `head` scalar elements, `nvec` 16-byte vectors
+/// (`xv`, elements head .. body_end), then `tail` (< 16 / sizeof(T)) scalar elements.
+template <class T>
+struct topk_row_split {
+  unsigned head, nvec, body_end, tail;
+  const uint4* xv;
+  __device__ topk_row_split(const T* x, unsigned n) {
+    constexpr unsigned vec = 16u / unsigned(sizeof(T));
+    const auto addr = reinterpret_cast<std::uintptr_t>(x);
+    head = unsigned(((16u - unsigned(addr % 16u)) % 16u) / sizeof(T));
+    head = head < n ? head : n;
+    nvec = (n - head) / vec;
+    body_end = head + nvec * vec;
+    tail = n - body_end;
+    xv = reinterpret_cast<const uint4*>(x + head);
+  }
+};
+
+/// Sorts and writes row `row`'s selection (and, WithAux, its AuxK selection) to a's outputs.
+template <class T, int Block, bool WithAux>
+__device__ void finish_row(const topk_args<T>& a, std::int64_t row, const T* x, std::uint64_t* buf, std::uint64_t* abuf,
+                           topk_buffer_state& st, topk_buffer_state& ast, topk_scratch<Block>& sc) {
+  const unsigned k = unsigned(a.k), k_aux = unsigned(a.k_aux);
+  finish_selection<T, Block>(buf, k, st, sc, x, a.values + row * std::int64_t(k), a.indices + row * std::int64_t(k));
+  if constexpr (WithAux) {
+    __syncthreads();
+    finish_selection<T, Block>(abuf, k_aux, ast, sc, x, a.aux_values + row * std::int64_t(k_aux),
+                               a.aux_indices + row * std::int64_t(k_aux));
+  }
+}
+
+/// Both buffers empty with tau = 0 (every real key is > 0: its inverted index is
+/// nonzero); thread 0 writes, then a barrier.
+__device__ __forceinline__ void reset_buffers(topk_buffer_state& st, topk_buffer_state& ast) {
+  if (threadIdx.x == 0) {
+    st.count = 0u;
+    st.tau = 0ull;
+    ast.count = 0u;
+    ast.tau = 0ull;
+  }
+  __syncthreads();
+}
+
 /// One CTA per row; dynamic shared memory Config::smem_bytes.
 template <class T, class Config>
 __global__ void __launch_bounds__(Config::block) topk_kernel(topk_args<T> a) {
@@ -407,21 +450,10 @@ __global__ void __launch_bounds__(Config::block) topk_kernel(topk_args<T> a) {
   const std::int64_t row = blockIdx.x;
   const T* const x = a.in + row * a.ld;
   const unsigned n = unsigned(a.n), k = unsigned(a.k), k_aux = unsigned(a.k_aux);
-  if (tid == 0) {
-    st.count = 0u;
-    st.tau = 0ull;  // every real key is > 0 (its inverted index is nonzero)
-    ast.count = 0u;
-    ast.tau = 0ull;
-  }
-
-  // Split the row at 16-byte boundaries: head (scalar), body (vectors), tail (scalar).
-  const auto addr = reinterpret_cast<std::uintptr_t>(x);
-  unsigned head = unsigned(((16u - unsigned(addr % 16u)) % 16u) / sizeof(T));
-  head = head < n ? head : n;
-  const unsigned nvec = (n - head) / unsigned(vec);
-  const unsigned body_end = head + nvec * unsigned(vec);
-  const unsigned tail = n - body_end;  // < vec
-  const uint4* const xv = reinterpret_cast<const uint4*>(x + head);
+  reset_buffers(st, ast);
+  const topk_row_split<T> rs(x, n);
+  const unsigned head = rs.head, nvec = rs.nvec, body_end = rs.body_end, tail = rs.tail;
+  const uint4* const xv = rs.xv;
 
   int compactions = 0;
   // One step: every thread offers up to `vec` keys.
@@ -474,12 +506,7 @@ __global__ void __launch_bounds__(Config::block) topk_kernel(topk_args<T> a) {
     step(c, ca);
   }
 
-  finish_selection<T, block>(buf, k, st, sc, x, a.values + row * std::int64_t(k), a.indices + row * std::int64_t(k));
-  if constexpr (with_aux) {
-    __syncthreads();
-    finish_selection<T, block>(abuf, k_aux, ast, sc, x, a.aux_values + row * std::int64_t(k_aux),
-                                        a.aux_indices + row * std::int64_t(k_aux));
-  }
+  finish_row<T, block, with_aux>(a, row, x, buf, abuf, st, ast, sc);
 }
 
 /// The streaming kernel's configurations by k range and AuxK (the tiled kernel has its

@@ -266,26 +266,15 @@ __global__ void __launch_bounds__(Config::block, Config::min_blocks) topk_tiled_
   const std::int64_t row = blockIdx.x;
   const T* const x = a.in + row * a.ld;
   const unsigned n = unsigned(a.n), k = unsigned(a.k), k_aux = unsigned(a.k_aux);
-  if (tid == 0) {
-    st.count = 0u;
-    st.tau = 0ull;  // every real key is > 0 (its inverted index is nonzero)
-    ast.count = 0u;
-    ast.tau = 0ull;
-  }
-  __syncthreads();
+  reset_buffers(st, ast);
   tiled_thresholds th;
   th.tau = th.atau = 0ull;
   th.tau_f = th.atau_f = threshold_value(0ull);  // a NaN: nothing is rejected until tau is set
   th.compactions = 0;
 
-  // Split the row at 16-byte boundaries: head (scalar), body (vectors), tail (scalar).
-  const auto addr = reinterpret_cast<std::uintptr_t>(x);
-  unsigned head = unsigned(((16u - unsigned(addr % 16u)) % 16u) / sizeof(T));
-  head = head < n ? head : n;
-  const unsigned nvec = (n - head) / unsigned(vec);
-  const unsigned body_end = head + nvec * unsigned(vec);
-  const unsigned tail = n - body_end;  // < vec
-  const uint4* const xv = reinterpret_cast<const uint4*>(x + head);
+  const topk_row_split<T> rs(x, n);
+  const unsigned head = rs.head, nvec = rs.nvec, body_end = rs.body_end, tail = rs.tail;
+  const uint4* const xv = rs.xv;
 
   // The first tile, loaded before anything else: it also seeds the threshold.
   uint4 next[loads];
@@ -350,12 +339,7 @@ __global__ void __launch_bounds__(Config::block, Config::min_blocks) topk_tiled_
     offer_tile<block, cap, cap_aux, per_thread>(v, valid, index, dead_bits, buf, abuf, k, k_aux, st, ast, sc, th);
   }
 
-  finish_selection<T, block>(buf, k, st, sc, x, a.values + row * std::int64_t(k), a.indices + row * std::int64_t(k));
-  if constexpr (with_aux) {
-    __syncthreads();
-    finish_selection<T, block>(abuf, k_aux, ast, sc, x, a.aux_values + row * std::int64_t(k_aux),
-                               a.aux_indices + row * std::int64_t(k_aux));
-  }
+  finish_row<T, block, with_aux>(a, row, x, buf, abuf, st, ast, sc);
 }
 
 /// The tiled kernel's configurations, for `topk_rows_with`. Three CTAs of the k <= 1024
