@@ -267,9 +267,7 @@ class trainer {
       }
       if (opt_.eval_rows > 0 && opt_.eval_every_steps > 0 && step_ % opt_.eval_every_steps == 0 && !last)
         run_eval();
-      if (!opt_.checkpoint_path.empty() &&
-          (last || (opt_.checkpoint_every_steps > 0 && step_ % opt_.checkpoint_every_steps == 0)))
-        save_checkpoint(opt_.checkpoint_path, source);
+      if (checkpoint_after) save_checkpoint(opt_.checkpoint_path, source);
     }
 
     train_summary sum;
