@@ -14,6 +14,8 @@
 #include <chrono>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -236,4 +238,208 @@ TEST_CASE("checkpoint: foreign, truncated and mismatched checkpoints raise hsae 
     auto t3 = fresh(schedule{}, o);
     CHECK_THROWS_AS(t3.resume(tmp / "missing.ckpt", s2), io_error);
   }
+}
+
+// --- Hostile checkpoints ----------------------------------------------------------------
+// A checkpoint is input: each case below edits one entry of a real checkpoint (written
+// mid-run, with a partly served read chunk and a partly filled shuffle buffer) and checks
+// that resume refuses it with an hsae::io_error naming the checkpoint and the entry,
+// before anything is used as an index or a count (under ASan the first four of these
+// were heap overflows, a SEGV and a memcpy from null).
+
+namespace {
+
+using Catch::Matchers::Contains;
+
+/// The message of the E that `fn` throws ("<nothing thrown>" if none; another type propagates).
+template <class E, class Fn>
+std::string message_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const E& e) {
+    return e.what();
+  }
+  return "<nothing thrown>";
+}
+
+struct hostile_fixture {
+  hsae_test::temp_dir tmp;
+  std::vector<fs::path> files;
+  npy_source_options no;
+  fs::path good = tmp / "good.ckpt";
+  fs::path bad = tmp / "bad.ckpt";
+
+  hostile_fixture() {
+    synthetic_source<T> gen(data_options(5));
+    write_npy(tmp / "a.npy", gen.next(2300), npy_dtype::f32);
+    write_npy(tmp / "b.npy", gen.next(1700), npy_dtype::f32);
+    files = {tmp / "a.npy", tmp / "b.npy"};
+    no.shuffle_buffer_rows = 999;
+    no.read_chunk_rows = 333;
+    no.seed = 9;
+    auto src = npy_source<T>(files, no);
+    CHECK_THROWS_AS(run(src, run_options(good), 17), interrupted);  // the checkpoint of step 15
+  }
+  /// The good checkpoint with `edit` applied, written to `bad`.
+  template <class Edit>
+  void write_edited(Edit&& edit) {
+    checkpoint_state<T> st = read_checkpoint<T>(good);
+    edit(st);
+    write_checkpoint(bad, st);
+  }
+  /// resume(bad) on a fresh trainer and source.
+  void resume_bad() {
+    cpu_backend be;
+    trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, run_options(bad));
+    auto src = npy_source<T>(files, no);
+    tr.resume(bad, src);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("checkpoint: the good checkpoint of the hostile cases resumes", "[checkpoint][hostile]") {
+  hostile_fixture fx;
+  fx.write_edited([](checkpoint_state<T>&) {});
+  REQUIRE_NOTHROW(fx.resume_bad());
+  // The state it restores is a partly served chunk inside a partly filled buffer: the
+  // cases below start from the state the memory-safety bugs needed.
+  const checkpoint_state<T> st = read_checkpoint<T>(fx.good);
+  CHECK(st.get_int("source.chunk_pos") < st.get_int("source.chunk_rows"));
+  CHECK(st.get_int("source.fill") > 0);
+}
+
+TEST_CASE("checkpoint: npy_source state from a hostile checkpoint is refused", "[checkpoint][hostile]") {
+  hostile_fixture fx;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  struct edit_case {
+    const char* name;
+    std::function<void(checkpoint_state<T>&)> edit;
+    const char* message;
+  };
+  const std::vector<edit_case> cases = {
+      {"order names a file that does not exist", [](auto& st) { st.arrays["source.order"] = {0, 5}; },
+       "tensor 'source.order' holds 5 at index 1, not a whole number in [0, 1]"},
+      {"order repeats a file", [](auto& st) { st.arrays["source.order"] = {1, 1}; },
+       "tensor 'source.order' names file 1 twice"},
+      {"order holds NaN", [&](auto& st) { st.arrays["source.order"] = {nan, 0}; }, "tensor 'source.order' holds nan"},
+      {"order holds a negative index", [](auto& st) { st.arrays["source.order"] = {-1, 0}; },
+       "tensor 'source.order' holds -1"},
+      {"order holds a fraction", [](auto& st) { st.arrays["source.order"] = {0.5, 1}; },
+       "tensor 'source.order' holds 0.5"},
+      {"order of the wrong length", [](auto& st) { st.arrays["source.order"] = {0}; },
+       "tensor 'source.order' has 1 entries, expected 2"},
+      {"huge epoch_served", [](auto& st) { st.meta["source.epoch_served"] = "4611686018427387904"; },
+       "entry 'source.epoch_served' = 4611686018427387904 is out of range [0, 3999]"},
+      {"epoch_served off the stream position", [](auto& st) { st.meta["source.epoch_served"] = "5"; },
+       "entry 'source.epoch_served' = 5 disagrees with the stream position"},
+      {"huge file_pos", [](auto& st) { st.meta["source.file_pos"] = "9223372036854775807"; },
+       "entry 'source.file_pos' = 9223372036854775807 is out of range [0, 2]"},
+      {"negative chunk_rows", [](auto& st) { st.meta["source.chunk_rows"] = "-7"; },
+       "entry 'source.chunk_rows' = -7 is out of range"},
+      {"chunk beyond the rows read", [](auto& st) { st.meta["source.chunk_rows"] = "100000"; },
+       "name a partly served chunk beyond row"},
+      {"row_in_file beyond the file", [](auto& st) { st.meta["source.row_in_file"] = "100000"; },
+       "entry 'source.row_in_file' = 100000 is out of range"},
+      {"fill beyond the buffer", [](auto& st) { st.meta["source.fill"] = "5000"; },
+       "entry 'source.fill' = 5000 is out of range [0, 999]"},
+      {"buffer of the wrong width",
+       [](auto& st) { st.matrices["source.buffer"] = row_matrix<T>::Zero(st.get_int("source.fill"), 17); },
+       "tensor 'source.buffer' has shape"},
+      {"buffer holding NaN", [&](auto& st) { st.matrices["source.buffer"](0, 0) = T(nan); },
+       "tensor 'source.buffer' holds NaN or Inf"},
+      {"served off epoch and epoch_served", [](auto& st) { st.meta["source.served"] = "1"; },
+       "entry 'source.served' = 1 disagrees with epoch 1 of 4000 rows"},
+      {"negative epoch", [](auto& st) { st.meta["source.epoch"] = "-1"; }, "entry 'source.epoch' = -1 is out of range"},
+      {"all-zero generator state",
+       [](auto& st) {
+         for (int i = 0; i < 4; ++i) st.meta["source.rng.s" + std::to_string(i)] = "0";
+       },
+       "entry 'source.rng' is an all-zero generator state"},
+      {"NaN generator spare", [](auto& st) { st.set("source.rng.spare", std::numeric_limits<double>::quiet_NaN()); },
+       "entry 'source.rng.spare' = nan is not finite"},
+  };
+  for (const auto& c : cases) {
+    INFO(c.name);
+    fx.write_edited(c.edit);
+    CHECK_THAT(message_of<io_error>([&] { fx.resume_bad(); }),
+               Contains("checkpoint '" + fx.bad.string() + "'") && Contains(c.message));
+  }
+}
+
+TEST_CASE("checkpoint: trainer state from a hostile checkpoint is refused", "[checkpoint][hostile]") {
+  hostile_fixture fx;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  struct edit_case {
+    const char* name;
+    std::function<void(checkpoint_state<T>&)> edit;
+    const char* message;
+  };
+  auto scale = [](double v) { return [v](checkpoint_state<T>& st) { st.set("input_scale", v); }; };
+  const std::vector<edit_case> cases = {
+      {"input_scale 0", scale(0.0), "entry 'input_scale' = 0 must be positive and finite"},
+      {"input_scale negative", scale(-2.0), "entry 'input_scale' = -2 must be positive and finite"},
+      {"input_scale NaN", scale(nan), "entry 'input_scale' = nan must be positive and finite"},
+      {"input_scale Inf", scale(inf), "entry 'input_scale' = inf must be positive and finite"},
+      {"held-out rows with NaN", [&](auto& st) { st.matrices["held_out"](3, 4) = T(nan); },
+       "tensor 'held_out' holds a non-finite value (nan) at [3, 4]"},
+      {"held-out rows of the wrong width", [](auto& st) { st.matrices["held_out"] = row_matrix<T>::Ones(500, 17); },
+       "tensor 'held_out' has shape [500, 17], expected [500, 24]"},
+      {"negative step", [](auto& st) { st.meta["step"] = "-3"; }, "entry 'step' = -3 is out of range [0, 45]"},
+      {"absurd step", [](auto& st) { st.meta["step"] = "9223372036854775807"; }, "entry 'step' = 9223372036854775807"},
+      {"tokens off the step count", [](auto& st) { st.meta["tokens"] = "2999"; },
+       "entry 'tokens' = 2999 disagrees with step 15"},
+      {"negative tokens", [](auto& st) { st.meta["tokens"] = "-200"; }, "entry 'tokens' = -200 is out of range"},
+      {"absurd rows_pulled", [](auto& st) { st.meta["rows_pulled"] = "1000000000000000"; },
+       "entry 'rows_pulled' = 1000000000000000 disagrees"},
+      {"negative dead counter", [](auto& st) { st.arrays["dead.tokens_since_fired"][7] = -1; },
+       "tensor 'dead.tokens_since_fired' holds -1 at index 7, not a whole number in [0, 3000]"},
+      {"NaN dead counter", [&](auto& st) { st.arrays["dead.tokens_since_fired"][0] = nan; },
+       "tensor 'dead.tokens_since_fired' holds nan at index 0"},
+      {"1e30 dead counter", [](auto& st) { st.arrays["dead.tokens_since_fired"][2] = 1e30; },
+       "tensor 'dead.tokens_since_fired' holds 1e+30 at index 2"},
+      {"dead counter beyond the tokens trained", [](auto& st) { st.arrays["dead.tokens_since_fired"][2] = 3001; },
+       "tensor 'dead.tokens_since_fired' holds 3001 at index 2"},
+      {"dead counters for another width", [](auto& st) { st.arrays["dead.tokens_since_fired"].resize(95); },
+       "dead-latent counters for 95 latents, expected 96"},
+      {"adam.steps INT64_MAX", [](auto& st) { st.meta["adam.steps"] = "9223372036854775807"; },
+       "entry 'adam.steps' = 9223372036854775807 is out of range [0, 15]"},
+      {"negative adam.steps", [](auto& st) { st.meta["adam.steps"] = "-1"; }, "entry 'adam.steps' = -1"},
+      {"NaN learning rate", [&](auto& st) { st.set("adam.last_lr", nan); }, "entry 'adam.last_lr' = nan is not finite"},
+      {"negative learning rate", [](auto& st) { st.set("adam.last_lr", -1e-3); }, "entry 'adam.last_lr' = -0.001"},
+      {"NaN weight", [&](auto& st) { st.matrices["model.W_dec"](5, 1) = T(nan); },
+       "tensor 'model.W_dec' holds a non-finite value (nan) at [5, 1]"},
+      {"Inf bias", [&](auto& st) { st.matrices["model.b_enc"](0, 9) = T(inf); },
+       "tensor 'model.b_enc' holds a non-finite value (inf) at [0, 9]"},
+      {"NaN first moment", [&](auto& st) { st.matrices["adam.m.W_enc"](1, 1) = T(nan); },
+       "tensor 'adam.m.W_enc' holds a non-finite value"},
+      {"negative second moment", [](auto& st) { st.matrices["adam.v.b_dec"](0, 3) = T(-1); },
+       "tensor 'adam.v.b_dec' holds a negative second moment"},
+      {"weights of another shape", [](auto& st) { st.matrices["model.W_enc"] = row_matrix<T>::Zero(96, 23); },
+       "tensor 'model.W_enc' has shape [96, 23], expected [96, 24]"},
+  };
+  for (const auto& c : cases) {
+    INFO(c.name);
+    fx.write_edited(c.edit);
+    CHECK_THAT(message_of<io_error>([&] { fx.resume_bad(); }),
+               Contains("checkpoint '" + fx.bad.string() + "'") && Contains(c.message));
+  }
+}
+
+TEST_CASE("checkpoint: a refused checkpoint leaves the trainer and the source as they were",
+          "[checkpoint][hostile]") {
+  hostile_fixture fx;
+  fx.write_edited([](auto& st) { st.arrays["dead.tokens_since_fired"][0] = -1; });
+  cpu_backend be;
+  trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, run_options());
+  auto src = npy_source<T>(fx.files, fx.no);
+  CHECK_THROWS_AS(tr.resume(fx.bad, src), io_error);
+  CHECK(src.rows_served() == 0);
+  CHECK(tr.steps_done() == 0);
+  // The untouched pair trains like fresh ones.
+  auto src2 = npy_source<T>(fx.files, fx.no);
+  const auto fresh = run(src2, run_options());
+  tr.fit(src);
+  CHECK(hsae_test::bitwise_equal(tr.model().W_dec, fresh.model().W_dec));
 }

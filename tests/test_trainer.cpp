@@ -6,6 +6,8 @@
 
 #include <cstdio>
 #include <fstream>
+#include <limits>
+#include <cmath>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -363,4 +365,135 @@ TEST_CASE("trainer: bad settings and bad data raise hsae errors", "[trainer][err
   bad_path.metrics_path = "/nonexistent-dir/metrics.jsonl";
   trainer<float, dynamic, top_k<4>> tp(be, sae<float>(24, 32), top_k<4>{}, bad_path);
   REQUIRE_THROWS_AS(tp.fit(src), io_error);
+}
+
+namespace {
+/// A source that serves `extra` rows more (or fewer, when negative) than asked from call
+/// `wrong_at` on, or rows `width_delta` columns too wide.
+struct miscounting_source {
+  synthetic_source<float> inner{small_data()};
+  int calls = 0, wrong_at = 0;
+  Eigen::Index extra = 0, width_delta = 0;
+  int d_model() const { return 24; }
+  void next(Eigen::Index rows, row_matrix<float>& x) {
+    const bool wrong = calls++ >= wrong_at;
+    inner.next(std::max<Eigen::Index>(0, rows + (wrong ? extra : 0)), x);
+    if (wrong && width_delta != 0) x.conservativeResize(x.rows(), x.cols() + width_delta);
+  }
+};
+
+template <class Fn>
+std::string message_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const hsae::error& e) {
+    return e.what();
+  }
+  return "<nothing thrown>";
+}
+}  // namespace
+
+TEST_CASE("trainer: options are checked at construction, not hours into a run", "[trainer][errors]") {
+  const cpu_backend be;
+  using tr_t = trainer<float, dynamic, top_k<4>>;
+  SECTION("total_tokens near INT64_MAX: the step count does not overflow") {
+    trainer_options o = small_run();
+    o.total_tokens = std::numeric_limits<std::int64_t>::max();
+    o.batch_size = 4096;
+    CHECK(o.steps() == std::numeric_limits<std::int64_t>::max() / 4096 + 1);
+    o.batch_size = 1;
+    CHECK(o.steps() == std::numeric_limits<std::int64_t>::max());
+    o.batch_size = std::numeric_limits<std::int64_t>::max();
+    CHECK(o.steps() == 1);
+  }
+  SECTION("a held-out, init or batch buffer larger than memory") {
+    for (const char* field : {"eval_rows", "init_rows", "batch_size"}) {
+      trainer_options o = small_run();
+      const std::int64_t huge = std::int64_t(1) << 40;  // 2^40 rows of 24 floats: 96 TiB
+      if (std::string(field) == "eval_rows") o.eval_rows = huge;
+      if (std::string(field) == "init_rows") o.init_rows = huge;
+      if (std::string(field) == "batch_size") o.batch_size = o.total_tokens = huge;
+      INFO(field);
+      CHECK_THROWS_AS(tr_t(be, sae<float>(24, 32), top_k<4>{}, o), config_error);
+      CHECK_THAT(message_of([&] { tr_t(be, sae<float>(24, 32), top_k<4>{}, o); }),
+                 Catch::Contains(std::string(field) + "=1099511627776") && Catch::Contains("more than this machine"));
+    }
+  }
+  SECTION("a checkpoint path that cannot be written") {
+    hsae_test::temp_dir tmp;
+    trainer_options o = small_run();
+    o.checkpoint_path = tmp.dir.string();  // a directory
+    CHECK_THAT(message_of([&] { tr_t(be, sae<float>(24, 32), top_k<4>{}, o); }),
+               Catch::Contains("checkpoint_path") && Catch::Contains("is a directory"));
+    o.checkpoint_path = (tmp / "no-such-dir" / "run.ckpt").string();
+    CHECK_THAT(message_of([&] { tr_t(be, sae<float>(24, 32), top_k<4>{}, o); }),
+               Catch::Contains("checkpoint_path") && Catch::Contains("does not exist"));
+    o.checkpoint_path = (tmp / "run.ckpt").string();
+    CHECK_NOTHROW(tr_t(be, sae<float>(24, 32), top_k<4>{}, o));
+  }
+}
+
+TEST_CASE("trainer: a source that returns more or fewer rows than asked is refused", "[trainer][errors]") {
+  const cpu_backend be;
+  struct wrong_case {
+    int wrong_at;
+    Eigen::Index extra, width_delta;
+    const char* what;
+  };
+  // Calls: 0 held-out rows, 1 init sample, 2.. batches.
+  for (const wrong_case c : {wrong_case{0, -1, 0, "the held-out rows of shape [1023, 24]"},
+                             wrong_case{1, 5, 0, "the init sample of shape [1029, 24]"},
+                             wrong_case{3, -17, 0, "a batch of shape [239, 24]"},
+                             wrong_case{3, 1, 0, "a batch of shape [257, 24]"},
+                             wrong_case{2, 0, 3, "a batch of shape [256, 27]"}}) {
+    INFO(c.what);
+    miscounting_source src;
+    src.wrong_at = c.wrong_at;
+    src.extra = c.extra;
+    src.width_delta = c.width_delta;
+    trainer<float, dynamic, top_k<4>> tr(be, sae<float>(24, 32), top_k<4>{}, small_run());
+    CHECK_THROWS_AS(tr.fit(src), shape_error);
+    src = miscounting_source{};
+    src.wrong_at = c.wrong_at;
+    src.extra = c.extra;
+    src.width_delta = c.width_delta;
+    trainer<float, dynamic, top_k<4>> tr2(be, sae<float>(24, 32), top_k<4>{}, small_run());
+    CHECK_THAT(message_of([&] { tr2.fit(src); }),
+               Catch::Contains("the data source (") && Catch::Contains("miscounting_source") &&
+                   Catch::Contains(std::string("returned ") + c.what));
+  }
+}
+
+TEST_CASE("adam and the dead-latent tracker refuse restored state out of range", "[optimizer][errors]") {
+  sae<float> m(8, 16);
+  adam<float> opt(m, adam_options{});
+  sae_gradients<float> m1, m2;
+  m1.zeros_like(m);
+  m2.zeros_like(m);
+  const auto max = std::numeric_limits<std::int64_t>::max();
+  CHECK_THROWS_WITH(opt.set_state(max, m1, m2), Catch::Contains("restored step count 9223372036854775807"));
+  CHECK_THROWS_WITH(opt.set_state(-1, m1, m2), Catch::Contains("restored step count -1"));
+  CHECK_THROWS_WITH(opt.set_state(3, m1, m2, std::nan("")), Catch::Contains("last learning rate nan"));
+  sae_gradients<float> neg = m2;
+  neg.b_dec[2] = -1;
+  CHECK_THROWS_WITH(opt.set_state(3, m1, neg), Catch::Contains("second moments hold a negative value"));
+  sae_gradients<float> nan1 = m1;
+  nan1.W_enc(1, 1) = std::nanf("");
+  CHECK_THROWS_WITH(opt.set_state(3, nan1, m2), Catch::Contains("first moments hold NaN or Inf"));
+  sae_gradients<float> narrow;
+  narrow.zeros_like(sae<float>(8, 15));
+  CHECK_THROWS_WITH(opt.set_state(3, narrow, m2), Catch::Contains("first moments do not match"));
+  // The last representable step: set, then one more step is refused instead of overflowing.
+  opt.set_state(max - 1, m1, m2);
+  const cpu_backend be;
+  sae_gradients<float> g;
+  g.zeros_like(m);
+  CHECK_NOTHROW(opt.step(be, m, g));
+  CHECK(opt.steps() == max);
+  CHECK_THROWS_WITH(opt.step(be, m, g), Catch::Contains("step count 9223372036854775807 cannot grow further"));
+
+  dead_latent_tracker dead(16, 100);
+  std::vector<std::int64_t> counters(16, 0);
+  counters[4] = -5;
+  CHECK_THROWS_WITH(dead.set_tokens_since_fired(counters), Catch::Contains("counter of latent 4 is negative (-5)"));
 }

@@ -59,6 +59,9 @@ class dead_latent_tracker {
   void set_tokens_since_fired(std::vector<std::int64_t> s) {
     detail::expects<shape_error>(s.size() == since_.size(), "dead_latent_tracker: ", s.size(),
                                  " counters given, expected d_sae=", since_.size());
+    for (std::size_t f = 0; f < s.size(); ++f)
+      detail::expects<config_error>(s[f] >= 0, "dead_latent_tracker: counter of latent ", f, " is negative (", s[f],
+                                    ")");
     since_ = std::move(s);
   }
 

@@ -27,8 +27,12 @@
 #include <concepts>
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
+#include <system_error>
 #include <fstream>
 #include <functional>
+#include <limits>
+#include <string_view>
 #include <future>
 #include <string>
 #include <utility>
@@ -49,6 +53,36 @@
 #include "training_engine.hpp"
 
 HSAE_NAMESPACE_BEGIN
+
+namespace detail {
+/// The spelling of a type, for messages (from the compiler's function signature).
+template <class X>
+std::string type_name() {
+  const std::string_view sig = __PRETTY_FUNCTION__;  // "... [with X = ns::type; ...]" (GCC), "[X = ns::type]" (Clang)
+  const std::size_t at = sig.find("X = ");
+  if (at == std::string_view::npos) return "a data source";
+  const std::string_view rest = sig.substr(at + 4);
+  return std::string(rest.substr(0, rest.find_first_of(";]")));
+}
+}  // namespace detail
+
+namespace detail {
+/// Refuses a path that cannot become a file: an existing directory or non-regular file,
+/// or a parent that is not a writable directory. \throws hsae::config_error.
+inline void expect_writable_file(const char* what, const std::filesystem::path& p) {
+  std::error_code ec;
+  const auto st = std::filesystem::status(p, ec);
+  expects<config_error>(!std::filesystem::is_directory(st), what, " '", p.string(), "' is a directory");
+  expects<config_error>(!std::filesystem::exists(st) || std::filesystem::is_regular_file(st), what, " '", p.string(),
+                        "' exists and is not a regular file");
+  const std::filesystem::path dir = p.has_parent_path() ? p.parent_path() : std::filesystem::path(".");
+  expects<config_error>(std::filesystem::is_directory(dir, ec), what, " '", p.string(), "': the directory '",
+                        dir.string(), "' does not exist");
+  expects<config_error>(::access(dir.c_str(), W_OK | X_OK) == 0, what, " '", p.string(), "': the directory '",
+                        dir.string(), "' is not writable (", std::error_code(errno, std::generic_category()).message(),
+                        ")");
+}
+}  // namespace detail
 
 /// What a trainer can read batches from.
 template <class S, class T>
@@ -121,7 +155,8 @@ struct trainer_options {
     if (a.total_steps == 0) a.total_steps = steps();
     a.validate();
   }
-  std::int64_t steps() const { return (total_tokens + batch_size - 1) / batch_size; }
+  /// ceil(total_tokens / batch_size), without overflow for any valid options.
+  std::int64_t steps() const { return total_tokens / batch_size + (total_tokens % batch_size != 0); }
 };
 
 /// What one logged step reported (also passed to `trainer::on_step`).
@@ -172,6 +207,12 @@ class trainer {
                                   schedule_.k_max(), " exceeds d_sae=", engine_.model().d_sae());
     if (opt_.adam.total_steps == 0) opt_.adam.total_steps = opt_.steps();
     opt_.adam.validate();
+    // What fit allocates per request, and where it writes, checked now rather than hours in.
+    const auto d = std::int64_t(engine_.model().d_model());
+    expect_fits_memory("batch_size", opt_.batch_size, d);
+    expect_fits_memory("eval_rows", opt_.eval_rows, d);
+    if (opt_.initialize) expect_fits_memory("init_rows", opt_.init_rows, d);
+    if (!opt_.checkpoint_path.empty()) detail::expect_writable_file("trainer: checkpoint_path", opt_.checkpoint_path);
   }
   /// A borrowed (CUDA) backend must outlive the trainer: a temporary one is refused.
   trainer(backend_type&&, sae<T, F>, S, trainer_options)
@@ -215,7 +256,7 @@ class trainer {
     row_matrix<T> x_next;
     std::future<void> fetch;
     auto read_batch = [this, &source](std::int64_t rows, row_matrix<T>& dst) {
-      source.next(Eigen::Index(rows), dst);
+      pull(source, rows, dst, "a batch");
       if (scale_ != 1.0) dst *= T(scale_);
     };
     for (std::int64_t s = step_; s < steps; ++s) {
@@ -334,50 +375,32 @@ class trainer {
   /// again and dropped. On the CPU the continued run is bitwise identical to an
   /// uninterrupted one. The trainer's options must describe the same run (the same
   /// total_tokens and batch_size: the lr schedule depends on them).
-  /// \throws hsae::io_error on an unreadable, foreign or inconsistent checkpoint.
+  /// Every value read back is checked before use (shapes, finiteness, counts and
+  /// positions against this run's options and the source's files); nothing is changed
+  /// when a check fails.
+  /// \throws hsae::io_error naming the checkpoint and the entry: an unreadable, foreign,
+  ///         inconsistent or out-of-range checkpoint.
   template <batch_source<T> Source>
   void resume(const std::filesystem::path& path, Source& source) {
-    sae<T, F> m = engine_.model();
     const checkpoint_state<T> st = read_checkpoint<T>(path);
-    const std::string where = path.string();
-    detail::expects<io_error>(st.get_int("d_model") == m.d_model() && st.get_int("d_sae") == m.d_sae(),
-                              "checkpoint '", where, "': shapes d_model=", st.get_int("d_model"), " d_sae=",
-                              st.get_int("d_sae"), " differ from this trainer's model (", m.d_model(), ", ",
-                              m.d_sae(), ")");
-    detail::expects<io_error>(st.text("schedule") == schedule_text(), "checkpoint '", where,
-                              "': written under schedule ", st.text("schedule"), ", this trainer has ",
-                              schedule_text());
-    detail::expects<io_error>(st.get_int("total_tokens") == opt_.total_tokens &&
-                                  st.get_int("batch_size") == opt_.batch_size,
-                              "checkpoint '", where, "': written for total_tokens=", st.get_int("total_tokens"),
-                              " batch_size=", st.get_int("batch_size"), ", this trainer has ", opt_.total_tokens,
-                              " and ", opt_.batch_size);
-    if constexpr (requires { source.load_state(st); }) source.load_state(st);
-    get_params(st, "model.", m.W_enc, m.b_enc, m.W_dec, m.b_dec, where);
-    sae_gradients<T, F> m1, m2;
-    m1.zeros_like(m);
-    m2.zeros_like(m);
-    get_params(st, "adam.m.", m1.W_enc, m1.b_enc, m1.W_dec, m1.b_dec, where);
-    get_params(st, "adam.v.", m2.W_enc, m2.b_enc, m2.W_dec, m2.b_dec, where);
-    const std::vector<double>& since = st.array("dead.tokens_since_fired");
-    detail::expects<io_error>(std::int64_t(since.size()) == m.d_sae(), "checkpoint '", where,
-                              "': dead-latent counters for ", since.size(), " latents, expected ", m.d_sae());
-    engine_.restore(std::move(m), opt_.adam, st.get_int("adam.steps"), std::move(m1), std::move(m2),
-                    st.get_double("adam.last_lr"), opt_.dead_after_tokens,
-                    std::vector<std::int64_t>(since.begin(), since.end()));
-    eval_x_ = st.matrix("held_out");
-    scale_ = st.get_double("input_scale");
-    step_ = st.get_int("step");
-    tokens_ = st.get_int("tokens");
-    rows_pulled_ = st.get_int("rows_pulled");
-    if constexpr (!requires { source.load_state(st); }) {  // replay: read and drop the rows the run had pulled
+    restored r = check_checkpoint(st);
+    if constexpr (requires { source.load_state(st); }) {
+      source.load_state(st);
+    } else {  // replay: read and drop the rows the run had pulled
       row_matrix<T> skip;
-      for (std::int64_t left = rows_pulled_; left > 0;) {
+      for (std::int64_t left = r.rows_pulled; left > 0;) {
         const std::int64_t n = std::min<std::int64_t>(left, 1 << 16);
-        source.next(Eigen::Index(n), skip);
+        pull(source, n, skip, "replayed rows");
         left -= n;
       }
     }
+    engine_.restore(std::move(r.model), opt_.adam, r.adam_steps, std::move(r.m1), std::move(r.m2), r.last_lr,
+                    opt_.dead_after_tokens, std::move(r.since));
+    eval_x_ = st.matrix("held_out");
+    scale_ = r.scale;
+    step_ = r.step;
+    tokens_ = r.tokens;
+    rows_pulled_ = r.rows_pulled;
     resumed_ = true;
   }
 
@@ -490,12 +513,12 @@ class trainer {
   void start(Source& source, row_matrix<T>& x) {
     step_ = tokens_ = rows_pulled_ = 0;
     if (opt_.eval_rows > 0) {
-      source.next(Eigen::Index(opt_.eval_rows), eval_x_);
+      pull(source, opt_.eval_rows, eval_x_, "the held-out rows");
       rows_pulled_ += opt_.eval_rows;
       detail::expect_finite("evaluation rows", cref<T>(eval_x_));
     }
     if (opt_.initialize) {
-      source.next(Eigen::Index(opt_.init_rows), x);
+      pull(source, opt_.init_rows, x, "the init sample");
       rows_pulled_ += opt_.init_rows;
       detail::expect_finite("init sample", cref<T>(x));
       if (opt_.normalize_inputs) {
@@ -531,14 +554,80 @@ class trainer {
     st.matrices[prefix + "W_dec"] = W_dec;
     st.matrices[prefix + "b_dec"] = b_dec.transpose();
   }
+  /// Refuses a host buffer of `rows` x `d` values of T larger than the machine's memory.
+  static void expect_fits_memory(const char* field, std::int64_t rows, std::int64_t d) {
+    const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+    if (pages <= 0 || page <= 0) return;  // unknown: nothing to compare with
+    const double mem = double(pages) * double(page);
+    const double need = double(rows) * double(d) * double(sizeof(T));
+    detail::expects<config_error>(need <= mem, "trainer: ", field, "=", rows, " needs ", need,
+                                  " bytes for its rows (d_model=", d, ", ", sizeof(T),
+                                  " bytes a value), more than this machine's memory (", mem, " bytes)");
+  }
+
+  /// The checkpoint's values, each checked against this run before any is used.
+  struct restored {
+    sae<T, F> model;
+    sae_gradients<T, F> m1, m2;
+    std::vector<std::int64_t> since;
+    double scale = 1, last_lr = 0;
+    std::int64_t step = 0, tokens = 0, rows_pulled = 0, adam_steps = 0;
+  };
+
+  /// Reads and range-checks everything `resume` restores; the trainer and the source are
+  /// left untouched when this throws (hsae::io_error naming the checkpoint and the entry).
+  restored check_checkpoint(const checkpoint_state<T>& st) const {
+    restored r;
+    const sae<T, F>& cur = engine_.model();
+    const Eigen::Index d = cur.d_model(), f = cur.d_sae();
+    st.expects(st.get_int("d_model") == d && st.get_int("d_sae") == f, "shapes d_model=", st.get_int("d_model"),
+               " d_sae=", st.get_int("d_sae"), " differ from this trainer's model (", d, ", ", f, ")");
+    st.expects(st.text("schedule") == schedule_text(), "written under schedule ", st.text("schedule"),
+               ", this trainer has ", schedule_text());
+    st.expects(st.get_int("total_tokens") == opt_.total_tokens && st.get_int("batch_size") == opt_.batch_size,
+               "written for total_tokens=", st.get_int("total_tokens"), " batch_size=", st.get_int("batch_size"),
+               ", this trainer has ", opt_.total_tokens, " and ", opt_.batch_size);
+    // Counters: a step trains min(batch_size, what is left) rows.
+    r.step = st.get_int("step", 0, opt_.steps());
+    r.tokens = st.get_int("tokens", 0, opt_.total_tokens);
+    const std::int64_t want_tokens = r.step == opt_.steps() ? opt_.total_tokens : r.step * opt_.batch_size;
+    st.expects(r.tokens == want_tokens, "entry 'tokens' = ", r.tokens, " disagrees with step ", r.step,
+               " of batch_size ", opt_.batch_size, " (expected ", want_tokens, ")");
+    r.scale = st.get_double("input_scale");
+    st.expects(std::isfinite(r.scale) && r.scale > 0, "entry 'input_scale' = ", r.scale,
+               " must be positive and finite");
+    const row_matrix<T>& held = st.matrix("held_out");
+    if (held.rows() > 0) st.finite_matrix("held_out", held.rows(), d);
+    // Rows pulled: the held-out rows, the init sample (at most init_rows), then the training rows.
+    const std::int64_t before_training = st.get_int("rows_pulled") - r.tokens - std::int64_t(held.rows());
+    st.expects(before_training >= 0 && before_training <= std::max<std::int64_t>(opt_.init_rows, 0),
+               "entry 'rows_pulled' = ", st.get_int("rows_pulled"), " disagrees with ", r.tokens, " training rows, ",
+               held.rows(), " held-out rows and init_rows=", opt_.init_rows);
+    r.rows_pulled = st.get_int("rows_pulled");
+    r.adam_steps = st.get_int("adam.steps", 0, r.step);
+    r.last_lr = st.get_double("adam.last_lr", 0, std::numeric_limits<double>::max());
+    r.model = cur;
+    r.m1.zeros_like(cur);
+    r.m2.zeros_like(cur);
+    get_params(st, "model.", r.model.W_enc, r.model.b_enc, r.model.W_dec, r.model.b_dec);
+    get_params(st, "adam.m.", r.m1.W_enc, r.m1.b_enc, r.m1.W_dec, r.m1.b_dec);
+    get_params(st, "adam.v.", r.m2.W_enc, r.m2.b_enc, r.m2.W_dec, r.m2.b_dec);
+    for (const char* name : {"W_enc", "b_enc", "W_dec", "b_dec"}) {
+      const row_matrix<T>& v = st.matrix(std::string("adam.v.") + name);
+      st.expects((v.array() >= T(0)).all(), "tensor 'adam.v.", name, "' holds a negative second moment");
+    }
+    // A latent's count of tokens since it fired never exceeds the tokens trained on.
+    r.since = st.int_array("dead.tokens_since_fired", 0, r.tokens);
+    st.expects(std::int64_t(r.since.size()) == f, "dead-latent counters for ", r.since.size(),
+               " latents, expected ", f);
+    return r;
+  }
+
   template <class W, class V>
   static void get_params(const checkpoint_state<T>& st, const std::string& prefix, W& W_enc, V& b_enc, W& W_dec,
-                         V& b_dec, const std::string& where) {
+                         V& b_dec) {
     auto take = [&](const std::string& name, auto& dst, Eigen::Index rows, Eigen::Index cols) {
-      const row_matrix<T>& src = st.matrix(prefix + name);
-      detail::expects<io_error>(src.rows() == rows && src.cols() == cols, "checkpoint '", where, "': tensor '",
-                                prefix, name, "' has shape [", src.rows(), ", ", src.cols(), "], expected [", rows,
-                                ", ", cols, "]");
+      const row_matrix<T>& src = st.finite_matrix(prefix + name, rows, cols);
       if constexpr (std::decay_t<decltype(dst)>::ColsAtCompileTime == 1) dst = src.transpose();
       else dst = src;
     };
@@ -546,6 +635,17 @@ class trainer {
     take("b_enc", b_enc, 1, b_enc.size());
     take("W_dec", W_dec, W_dec.rows(), W_dec.cols());
     take("b_dec", b_dec, 1, b_dec.size());
+  }
+
+  /// Reads `rows` rows from the source into `dst` and checks that it returned exactly
+  /// that many of width d_model (a source that miscounts would corrupt the run's counts).
+  template <class Source>
+  void pull(Source& source, std::int64_t rows, row_matrix<T>& dst, const char* what) const {
+    source.next(Eigen::Index(rows), dst);
+    detail::expects<shape_error>(dst.rows() == Eigen::Index(rows) && dst.cols() == model().d_model(),
+                                 "trainer: the data source (", detail::type_name<Source>(), ") returned ", what,
+                                 " of shape [", dst.rows(), ", ", dst.cols(), "] when asked for [", rows, ", ",
+                                 model().d_model(), "]");
   }
 
   engine_type engine_;

@@ -185,43 +185,82 @@ class npy_source {
     st.set("source.served", served_);
     st.matrices["source.buffer"] = buf_.topRows(Eigen::Index(fill_));
   }
+  /// Every restored index and count is checked against these files before it is used:
+  /// the file order must be a permutation, the position must lie inside the files and
+  /// agree with the rows served, the buffer must hold `fill` finite rows of this width.
   template <class State>
   void load_state(const State& st) {
-    detail::expects<io_error>(st.text("source.kind") == "npy", "checkpoint: the data source was '",
-                              st.text("source.kind"), "', not an npy_source");
+    st.expects(st.text("source.kind") == "npy", "the data source was '", st.text("source.kind"),
+               "', not an npy_source");
     bool same = st.get_int("source.files") == std::int64_t(files_.size()) &&
                 st.get_int("source.capacity") == std::int64_t(cap_);
     for (std::size_t i = 0; same && i < files_.size(); ++i)
       same = st.text("source.file" + std::to_string(i)) == files_[i].path().string() &&
              st.get_int("source.file" + std::to_string(i) + ".rows") == files_[i].rows();
-    detail::expects<io_error>(same, "checkpoint: the npy_source was written for other files (or another "
-                                    "shuffle buffer size) than the ones given");
-    const std::vector<double>& order = st.array("source.order");
-    const auto fill = std::size_t(st.get_int("source.fill"));
+    st.expects(same, "the npy_source was written for other files (or another shuffle buffer size) than the ones given");
+
+    // The file order: a permutation of the file indices.
+    const auto n_files = std::int64_t(files_.size());
+    const std::vector<std::int64_t> order = st.int_array("source.order", 0, n_files - 1);
+    st.expects(order.size() == files_.size(), "tensor 'source.order' has ", order.size(), " entries, expected ",
+               files_.size());
+    std::vector<char> seen(files_.size(), 0);
+    for (const std::int64_t f : order) {
+      st.expects(!seen[std::size_t(f)], "tensor 'source.order' names file ", f, " twice (not a permutation)");
+      seen[std::size_t(f)] = 1;
+    }
+    // The stream position: file, row in it, the chunk read last and how much of it is served.
+    const auto file_pos = std::size_t(st.get_int("source.file_pos", 0, n_files));
+    const std::int64_t file_rows = file_pos < files_.size() ? files_[std::size_t(order[file_pos])].rows() : 0;
+    const std::int64_t row_in_file = st.get_int("source.row_in_file", 0, file_rows);
+    // A chunk fully served may be left over from the previous file; one partly served
+    // holds rows [row_in_file - chunk_rows, row_in_file) of the current file.
+    const std::int64_t chunk_rows = st.get_int("source.chunk_rows", 0, std::numeric_limits<std::int64_t>::max());
+    const std::int64_t chunk_pos = st.get_int("source.chunk_pos", 0, chunk_rows);
+    if (chunk_pos < chunk_rows)
+      st.expects(file_pos < files_.size() && chunk_rows <= row_in_file, "entries 'source.chunk_rows' = ", chunk_rows,
+                 " and 'source.chunk_pos' = ", chunk_pos, " name a partly served chunk beyond row ", row_in_file,
+                 " of file ", file_pos < files_.size() ? std::int64_t(order[file_pos]) : -1);
+    const auto fill = std::size_t(st.get_int("source.fill", 0, std::int64_t(cap_)));
+    // Rows streamed this epoch, and so served: the buffer holds the streamed rows not yet served.
+    std::int64_t streamed = row_in_file - (chunk_rows - chunk_pos);
+    for (std::size_t i = 0; i < file_pos; ++i) streamed += files_[std::size_t(order[i])].rows();
+    const std::int64_t epoch_served = st.get_int("source.epoch_served", 0, total_ - 1);
+    st.expects(epoch_served == streamed - std::int64_t(fill), "entry 'source.epoch_served' = ", epoch_served,
+               " disagrees with the stream position (", streamed, " rows streamed this epoch, ", fill,
+               " of them in the shuffle buffer)");
+    const std::int64_t epoch = st.get_int("source.epoch", 0, std::numeric_limits<std::int64_t>::max() / total_ - 1);
+    const std::int64_t served = st.get_int("source.served", 0, std::numeric_limits<std::int64_t>::max());
+    st.expects(served == epoch * total_ + epoch_served, "entry 'source.served' = ", served,
+               " disagrees with epoch ", epoch, " of ", total_, " rows and ", epoch_served, " rows into it");
     const row_matrix<T>& buffer = st.matrix("source.buffer");
-    detail::expects<io_error>(order.size() == files_.size() && fill <= cap_ &&
-                                  buffer.rows() == Eigen::Index(fill) && (fill == 0 || buffer.cols() == d_),
-                              "checkpoint: inconsistent npy_source state");
-    st.get_rng("source.rng", gen_);
+    st.expects(buffer.rows() == Eigen::Index(fill) && (fill == 0 || buffer.cols() == d_), "tensor 'source.buffer' has shape [",
+               buffer.rows(), ", ", buffer.cols(), "], expected [", fill, ", ", d_, "]");
+    if (opt_.check_finite && fill > 0 && !detail::all_finite(buffer))
+      st.fail("tensor 'source.buffer' holds NaN or Inf (the source refuses non-finite rows)");
+    rng gen;
+    st.get_rng("source.rng", gen);
+
+    // All checked: commit.
+    gen_ = gen;
     for (std::size_t i = 0; i < order.size(); ++i) order_[i] = std::size_t(order[i]);
-    file_pos_ = std::size_t(st.get_int("source.file_pos"));
-    row_in_file_ = st.get_int("source.row_in_file");
-    chunk_rows_ = st.get_int("source.chunk_rows");
-    chunk_pos_ = st.get_int("source.chunk_pos");
-    epoch_served_ = st.get_int("source.epoch_served");
-    epoch_ = st.get_int("source.epoch");
-    served_ = st.get_int("source.served");
+    file_pos_ = file_pos;
+    row_in_file_ = row_in_file;
+    chunk_rows_ = chunk_rows;
+    chunk_pos_ = chunk_pos;
+    epoch_served_ = epoch_served;
+    epoch_ = epoch;
+    served_ = served;
     fill_ = fill;
     if (cap_ > 0) {
       buf_.resize(Eigen::Index(cap_), d_);
       buf_.topRows(Eigen::Index(fill_)) = buffer;
     }
     if (chunk_pos_ < chunk_rows_) {  // a chunk partly served: rows [row_in_file - chunk_rows, row_in_file) of this file
-      detail::expects<io_error>(file_pos_ < order_.size() && chunk_rows_ <= row_in_file_ &&
-                                    row_in_file_ <= files_[order_[file_pos_]].rows() && chunk_pos_ <= chunk_rows_,
-                                "checkpoint: inconsistent npy_source position");
+      const npy_file& f = files_[order_[file_pos_]];
       chunk_.resize(chunk_rows_, d_);
-      files_[order_[file_pos_]].read_rows(row_in_file_ - chunk_rows_, chunk_rows_, chunk_.data());
+      f.read_rows(row_in_file_ - chunk_rows_, chunk_rows_, chunk_.data());
+      if (opt_.check_finite) check_chunk(f, row_in_file_ - chunk_rows_);
     }
   }
 

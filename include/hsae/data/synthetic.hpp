@@ -121,13 +121,13 @@ class synthetic_source {
   }
   template <class State>
   void load_state(const State& st) {
-    detail::expects<io_error>(st.text("source.kind") == "synthetic", "checkpoint: the data source was '",
-                              st.text("source.kind"), "', not a synthetic_source");
-    detail::expects<io_error>(st.get_uint("source.stream_seed") == stream_seed_ &&
-                                  st.get_int("source.d_model") == opt_.d_model,
-                              "checkpoint: the synthetic source has other options (seed or d_model) than the one "
-                              "the checkpoint was written with");
-    pos_ = st.get_int("source.position");
+    st.expects(st.text("source.kind") == "synthetic", "the data source was '", st.text("source.kind"),
+               "', not a synthetic_source");
+    st.expects(st.get_uint("source.stream_seed") == stream_seed_ && st.get_int("source.d_model") == opt_.d_model,
+               "the synthetic source has other options (seed or d_model) than the one the checkpoint was written "
+               "with");
+    // Row positions are added to as int64: keep far from overflow.
+    pos_ = st.get_int("source.position", 0, std::int64_t(1) << 62);
   }
 
   /// Fills `x` with the next `rows` rows of the stream.
