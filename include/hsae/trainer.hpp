@@ -407,7 +407,7 @@ class trainer {
   /// Metrics of the current model on the held-out rows (in the trained input units).
   evaluation evaluate_held_out() const { return evaluate_held_out(schedule_); }
   /// The same at the levels of another schedule, e.g. every prefix 1..K of a model
-  /// trained as plain TopK (its top-k' code for k' != K). 	hrows hsae::config_error
+  /// trained as plain TopK (its top-k' code for k' != K). \throws hsae::config_error
   /// when there are no held-out rows or the schedule's k_max exceeds d_sae.
   template <k_schedule_like S2>
   evaluation evaluate_held_out(const S2& schedule) const {
