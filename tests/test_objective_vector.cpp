@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// The hand-checked test vector of OBJECTIVE.md, exactly:
+// The hand-checked test vector of docs/OBJECTIVE.md, exactly:
 //   B=1, K=2, D=2, x=[1,0], b_dec=[0,0], e_0=[1,0], e_1=[0,1], indices [0,1],
 //   values [0.8,0.3], schedule (1,1),(2,1):
 //   L = (0.04 + 0.13) / 4 = 0.0425 (plain TopK: 0.065),
@@ -27,7 +27,7 @@ struct expected {
   int levels;
 };
 
-// All prefixes (1,1),(2,1): the numbers of OBJECTIVE.md.
+// All prefixes (1,1),(2,1): the numbers of docs/OBJECTIVE.md.
 constexpr expected all_prefix_expected{0.0425, {-0.2, 0.15}, {-0.16, 0.12}, {-0.03, 0.045}, {-0.2, 0.15}, {0.04, 0.13}, 2};
 // Plain TopK, the single level (2,1).
 constexpr expected plain_topk_expected{0.065, {-0.2, 0.3}, {-0.16, 0.24}, {-0.06, 0.09}, {-0.2, 0.3}, {0.13, 0.0}, 1};
@@ -121,7 +121,7 @@ void run_vector(const S& schedule, const expected& want, T grad_preload = T(0)) 
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("OBJECTIVE.md vector: HierarchicalTopK over all prefixes", "[objective][vector]", float, double) {
+TEMPLATE_TEST_CASE("docs/OBJECTIVE.md vector: HierarchicalTopK over all prefixes", "[objective][vector]", float, double) {
   using T = TestType;
   SECTION("compile-time all_prefixes<2>") { run_vector<T>(hsae::all_prefixes<2>{}, all_prefix_expected); }
   SECTION("compile-time k_schedule<1, 2>") { run_vector<T>(hsae::k_schedule<1, 2>{}, all_prefix_expected); }
@@ -134,21 +134,21 @@ TEMPLATE_TEST_CASE("OBJECTIVE.md vector: HierarchicalTopK over all prefixes", "[
   }
 }
 
-TEMPLATE_TEST_CASE("OBJECTIVE.md vector: plain TopK", "[objective][vector]", float, double) {
+TEMPLATE_TEST_CASE("docs/OBJECTIVE.md vector: plain TopK", "[objective][vector]", float, double) {
   using T = TestType;
   SECTION("compile-time top_k<2>") { run_vector<T>(hsae::top_k<2>{}, plain_topk_expected); }
   SECTION("dynamic top_k(2)") { run_vector<T>(hsae::dynamic_k_schedule::top_k(2), plain_topk_expected); }
   SECTION("dynamic {(2, 0.25)}") { run_vector<T>(hsae::dynamic_k_schedule{{2, 0.25}}, plain_topk_expected); }
 }
 
-TEMPLATE_TEST_CASE("OBJECTIVE.md vector: the backward adds to existing gradients", "[objective][vector]", float,
+TEMPLATE_TEST_CASE("docs/OBJECTIVE.md vector: the backward adds to existing gradients", "[objective][vector]", float,
                    double) {
   using T = TestType;
   SECTION("all prefixes") { run_vector<T>(hsae::all_prefixes<2>{}, all_prefix_expected, T(1)); }
   SECTION("plain TopK") { run_vector<T>(hsae::dynamic_k_schedule::top_k(2), plain_topk_expected, T(1)); }
 }
 
-TEST_CASE("OBJECTIVE.md vector: two backward calls accumulate exactly twice", "[objective][vector]") {
+TEST_CASE("docs/OBJECTIVE.md vector: two backward calls accumulate exactly twice", "[objective][vector]") {
   using namespace hsae;
   vector_case<double> c;
   const cpu_backend be;
@@ -164,7 +164,7 @@ TEST_CASE("OBJECTIVE.md vector: two backward calls accumulate exactly twice", "[
   CHECK_FALSE(once.W_dec.isZero(0));
 }
 
-TEST_CASE("OBJECTIVE.md vector: the full encoder path on the same numbers", "[objective][vector]") {
+TEST_CASE("docs/OBJECTIVE.md vector: the full encoder path on the same numbers", "[objective][vector]") {
   // Choose W_enc, b_enc so that encode() itself produces the code of the vector:
   // pre = ReLU(W_enc x + b_enc) = [0.8, 0.3] with x = [1, 0] and b_dec = 0.
   using namespace hsae;

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file metrics.hpp
-/// The evaluation metrics of OBJECTIVE.md, defined once:
+/// The evaluation metrics of docs/OBJECTIVE.md, defined once:
 ///
 ///   FVU@k = sum ||x - xhat_k||^2 / sum ||x - mean(x)||^2   over the evaluation set,
 ///   explained variance = 1 - FVU@k,   MSE@k = sum ||x - xhat_k||^2 / (N * D),

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file model.hpp
-/// The SAE parameters, their gradients, and the initialisation recipe of OBJECTIVE.md.
+/// The SAE parameters, their gradients, and the initialisation recipe of docs/OBJECTIVE.md.
 ///
-/// Layout (OBJECTIVE.md notation): `W_enc [F, D]` (row f = latent f's encoder vector),
+/// Layout (docs/OBJECTIVE.md notation): `W_enc [F, D]` (row f = latent f's encoder vector),
 /// `b_enc [F]`, `W_dec [F, D]` (row f = atom e_f, unit L2 norm), `b_dec [D]`.
 /// Forward: `pre = ReLU((x - b_dec) W_enc^T + b_enc)`, sorted top-k, and
 /// `x_hat = b_dec + sum_t v_t W_dec[i_t]` (see cpu/encode.hpp).
@@ -146,7 +146,7 @@ void normalize_decoder_rows(const cpu_backend& be, sae<T, F>& m) {
   });
 }
 
-/// The initialisation recipe of OBJECTIVE.md: decoder rows drawn N(0, 1) and scaled to
+/// The initialisation recipe of docs/OBJECTIVE.md: decoder rows drawn N(0, 1) and scaled to
 /// unit norm, `W_enc = W_dec`, `b_enc = 0`, and `b_dec` the geometric median (or mean,
 /// or zero) of `sample` [N, d_model]. Deterministic for a given seed on every platform.
 /// \throws hsae::shape_error if the sample width is not d_model (or it is empty when

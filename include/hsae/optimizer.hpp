@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file optimizer.hpp
-/// Adam with the SAE decoder constraint (OBJECTIVE.md): before the update each decoder
+/// Adam with the SAE decoder constraint (docs/OBJECTIVE.md): before the update each decoder
 /// row's gradient loses its component along the row, after it each row is scaled back
 /// to unit norm. Learning rate: linear warm-up, then optional linear decay; optional
 /// global-norm gradient clipping.

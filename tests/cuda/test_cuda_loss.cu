@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 // The GPU schedule loss (forward, decoder-side backward, decoder gradient) against the CPU
-// reference cpu/loss.hpp on the same data, the OBJECTIVE.md hand-checked vector, and
+// reference cpu/loss.hpp on the same data, the docs/OBJECTIVE.md hand-checked vector, and
 // bitwise determinism of the deterministic mode (run to run and across staging chunk
 // sizes).
 #include <algorithm>
@@ -131,7 +131,7 @@ void compare_with_cpu(const cuda_backend& be, const problem& p, const S& schedul
 
 // ---------------------------------------------------------------------------------------
 
-TEST_CASE("GPU loss: the OBJECTIVE.md hand-checked vector", "[cuda][loss]") {
+TEST_CASE("GPU loss: the docs/OBJECTIVE.md hand-checked vector", "[cuda][loss]") {
   hsae_test::test_stream stream;
   for (const bool det : {true, false}) {
     cuda_backend be(stream.s);

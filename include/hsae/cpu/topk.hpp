@@ -7,15 +7,15 @@
 /// non-NaN entries). When a row has fewer than k positive entries the result still
 /// holds k distinct indices: the zero (or negative) entries with the lowest indices.
 ///
-/// Method (../shared/docs/TOPK.md, 5.8): a row with n >= 32 k is scanned once with a
+/// Method (docs/TOPK.md): a row with n >= 32 k and n >= 256 is scanned once with a
 /// running threshold. The first threshold is the "delegate" bound, the minimum over k
 /// block maxima (at least k entries reach it); survivors go to a candidate buffer of
 /// max(8k, 2048) entries that is trimmed back to k by `nth_element` when full, after
 /// which the threshold is the current k-th value and the filter is strict. Candidates
 /// are 64-bit composite keys (order-preserving value bits, inverted index), so one
 /// integer comparison implements the tie rule. Guard: a row whose survivors exceed
-/// n/8 (e.g. an ascending row) switches to one `nth_element` over the whole row, so no
-/// input costs more than a constant times a plain selection. Narrow rows (n < 32 k)
+/// n/8 + max(8k, 2048) (e.g. an ascending row) switches to one `nth_element` over the whole row, so no
+/// input costs more than a constant times a plain selection. Narrow rows (n < 32 k or n < 256)
 /// take that path directly. Cost: O(n) per row plus O(k log k) for the final sort.
 #pragma once
 

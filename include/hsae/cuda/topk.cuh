@@ -28,9 +28,9 @@ inline constexpr int cuda_topk_max_k_aux = cuda::detail::topk_max_k_aux;
 ///  - `streaming` (default): one 16-byte vector per thread and step; tested and
 ///    benchmarked on an H100 (bench/RESULTS.md).
 ///  - `tiled`: 16 keys per thread and tile, a float comparison per key in the common
-///    case, one barrier per tile. Compiled in CI, not yet run on a GPU: it becomes the
-///    default once test_cuda_topk and bench_cuda_topk, which run both kernels, have
-///    passed on a GPU and shown it faster.
+///    case, one barrier per tile. Tested on an H200 (bit for bit equal to the CPU);
+///    faster in most shapes but slower for bf16 at large K and F, so not the default
+///    (bench/RESULTS.md, docs/TOPK.md).
 enum class cuda_topk_kernel { streaming, tiled };
 
 namespace cuda::detail {

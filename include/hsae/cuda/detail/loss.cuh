@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cuda/detail/loss.cuh
 /// The weighted k-schedule (HierarchicalTopK) loss on the GPU: forward, decoder-side
-/// backward, and the decoder gradient. Formulas: OBJECTIVE.md; CPU reference:
+/// backward, and the decoder gradient. Formulas: docs/OBJECTIVE.md; CPU reference:
 /// cpu/loss.hpp (same recurrences, same skip rules).
 ///
 /// Kernel design. One CTA per batch row; the row's D columns are split over the

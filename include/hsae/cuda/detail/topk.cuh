@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cuda/detail/topk.cuh
 /// Sorted segmented (per-row) top-k on the GPU: one CTA per row, one read of the row
-/// (../shared/docs/TOPK.md, 5.2), optionally a second top-k over dead latents (AuxK,
-/// 5.4) taken in the same read.
+/// (docs/TOPK.md), optionally a second top-k over dead latents (AuxK) taken in the
+/// same read.
 ///
 /// Order (identical to cpu/topk.hpp): values descending; equal values rank by the lower
 /// index first; -0.0 equals +0.0; NaN ranks below every number. Every element becomes
