@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
+#include "fifo_util.hpp"
 #include "test_util.hpp"
 
 #include <unistd.h>
@@ -613,6 +614,14 @@ TEST_CASE("npy_file: hostile files raise io_error naming the file and the proble
                                   data)),
                Contains("too large"));
   }
+}
+
+TEST_CASE("npy_file: a named pipe is refused at once, not waited on", "[npy][errors]") {
+  temp_dir tmp;
+  const fs::path fifo = tmp / "pipe.npy";
+  const std::string msg = hsae_test::fifo_open_message<hsae::io_error>(fifo, [fifo] { hsae::npy_file f(fifo); });
+  CHECK_THAT(msg, Catch::StartsWith("hsae: npy file '") && Catch::Contains("pipe.npy") &&
+                      Catch::Contains("not a regular file"));
 }
 
 // --- numpy cross-check (optional) ---------------------------------------------------------

@@ -17,6 +17,7 @@
 #include <hsae/io/safetensors.hpp>
 #include <hsae/rng.hpp>
 
+#include "fifo_util.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -342,4 +343,13 @@ TEST_CASE("safetensors_file: errors name the file; NaN tensors read as NaN", "[s
   w.write(tmp / "nan.safetensors");
   const auto r = hsae::safetensors_file(tmp / "nan.safetensors").read_matrix<float>("nan");
   CHECK(r.array().isNaN().all());
+}
+
+TEST_CASE("safetensors_file: a named pipe is refused at once, not waited on", "[safetensors][hostile]") {
+  hsae_test::temp_dir tmp;
+  const auto fifo = tmp / "pipe.safetensors";
+  const std::string msg =
+      hsae_test::fifo_open_message<hsae::io_error>(fifo, [fifo] { hsae::safetensors_file f(fifo); });
+  CHECK_THAT(msg, Catch::StartsWith("hsae: safetensors file '") && Catch::Contains("pipe.safetensors") &&
+                      Catch::Contains("not a regular file"));
 }

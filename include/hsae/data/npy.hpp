@@ -442,12 +442,16 @@ struct npy_header {
 
 /// A read-only, memory-mapped .npy file viewed as a row-major [rows, cols] matrix.
 /// Move-only; the mapping is released by the destructor (the descriptor is closed as
-/// soon as the file is mapped).
+/// soon as the file is mapped). A path that is not a regular file (a directory, a named
+/// pipe, a device) raises hsae::io_error "... not a regular file" at once: the open never
+/// waits for a writer.
 class npy_file {
  public:
   explicit npy_file(std::filesystem::path path) : path_(std::move(path)) {
     if constexpr (std::endian::native != std::endian::little) fail("big-endian hosts are not supported");
-    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below as any
+    // other non-regular file. (No effect on a regular file.)
+    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) fail("cannot open: ", detail::npy_errno_text(errno));
     struct stat st {};
     if (::fstat(fd, &st) != 0) {

@@ -463,7 +463,9 @@ class safetensors_view {
 /// `safetensors_view` is available through `view()` and forwarded below.
 class safetensors_file {
  public:
-  /// \throws hsae::io_error naming the file and the problem.
+  /// \throws hsae::io_error naming the file and the problem; a path that is not a regular
+  ///         file (a directory, a named pipe, a device) is refused at once, without waiting
+  ///         for a writer.
   explicit safetensors_file(std::filesystem::path path)
       : path_(std::move(path)), map_(path_, "safetensors file"), view_(map_.bytes(), path_.string()) {}
 
