@@ -42,7 +42,6 @@
 #include <limits>
 #include <map>
 #include <optional>
-#include <set>
 #include <span>
 #include <string>
 #include <string_view>
@@ -176,29 +175,101 @@ inline std::uint64_t load_u64le(const std::byte* p) {
 /// Nesting limit of the safetensors library's JSON parser (serde_json: 127 levels).
 inline constexpr int safetensors_max_nesting = 127;
 
+/// A SAX handler for nlohmann::json::sax_parse that builds the document (as the library's
+/// own DOM parser does) and rejects, as the events arrive, nesting deeper than
+/// `max_nesting` levels and, if `unique_keys`, a key given twice in one object (otherwise
+/// the last one wins). Each event costs O(log n) in the size of the object it lands in, so
+/// a header of many tensors parses in O(n log n); nlohmann's callback parser, which these
+/// checks once used, rescans the parent object at every object end (quadratic).
+/// `fail(description)` must throw; syntax errors are rethrown as nlohmann::json::exception.
+template <class Fail>
+class strict_json_builder {
+ public:
+  using json = nlohmann::json;
+
+  strict_json_builder(json& root, int max_nesting, bool unique_keys, Fail& fail)
+      : root_(root), max_nesting_(max_nesting), unique_keys_(unique_keys), fail_(fail) {}
+
+  bool null() { return add(json(nullptr)); }
+  bool boolean(bool v) { return add(json(v)); }
+  bool number_integer(json::number_integer_t v) { return add(json(v)); }
+  bool number_unsigned(json::number_unsigned_t v) { return add(json(v)); }
+  bool number_float(json::number_float_t v, const json::string_t& /*text*/) { return add(json(v)); }
+  bool string(json::string_t& v) { return add(json(std::move(v))); }
+  bool binary(json::binary_t& v) { return add(json::binary(std::move(v))); }  // not produced by JSON text
+
+  bool start_object(std::size_t /*elements*/) { return open(json::value_t::object); }
+  bool key(json::string_t& k) {
+    // One lookup: the slot of the value that follows (a null until then).
+    auto& obj = stack_.back()->get_ref<json::object_t&>();
+    const auto [it, fresh] = obj.try_emplace(std::move(k));
+    if (!fresh && unique_keys_) fail_(concat("key '", it->first, "' appears twice"));
+    slot_ = &it->second;  // map nodes do not move: the address holds until the value arrives
+    return true;
+  }
+  bool end_object() {
+    stack_.pop_back();
+    return true;
+  }
+  bool start_array(std::size_t /*elements*/) { return open(json::value_t::array); }
+  bool end_array() {
+    stack_.pop_back();
+    return true;
+  }
+
+  [[noreturn]] bool parse_error(std::size_t /*position*/, const std::string& /*last_token*/,
+                                const nlohmann::json::exception& e) {
+    throw e;  // what() keeps nlohmann's message ("[json.exception.parse_error.101] ...")
+  }
+
+ private:
+  /// Places `v` in the innermost open container (or as the root); returns its address.
+  json* place(json&& v) {
+    if (stack_.empty()) {
+      root_ = std::move(v);
+      return &root_;
+    }
+    json& parent = *stack_.back();
+    if (parent.is_array()) {
+      auto& a = parent.get_ref<json::array_t&>();
+      a.push_back(std::move(v));
+      return &a.back();
+    }
+    *slot_ = std::move(v);  // a repeated key (without unique_keys): the last one wins
+    return slot_;
+  }
+  bool add(json&& v) {
+    place(std::move(v));
+    return true;
+  }
+  bool open(json::value_t t) {
+    if (stack_.size() >= std::size_t(max_nesting_)) fail_(concat("nested more than ", max_nesting_, " levels deep"));
+    // Only the innermost open container grows, so the addresses of the open ones hold.
+    stack_.push_back(place(json(t)));
+    return true;
+  }
+
+  json& root_;
+  int max_nesting_;
+  bool unique_keys_;
+  Fail& fail_;
+  std::vector<json*> stack_;  // the open containers, outermost first
+  json* slot_ = nullptr;      // in an object: where the value of the last key goes
+};
+
 /// Parses JSON text, rejecting nesting deeper than `max_nesting` levels (which bounds
 /// the work a hostile text can cause) and, if `unique_keys`, a key that appears twice in
-/// one object (otherwise the last one wins, as in Python's json module).
+/// one object (otherwise the last one wins, as in Python's json module). Linear in the
+/// text (up to a log factor), through strict_json_builder.
 /// \throws nlohmann::json::exception on malformed JSON; `fail(description)` must throw
 ///         on a duplicate key or too deep nesting.
 template <class Fail>
 nlohmann::json parse_json_strict(std::string_view text, int max_nesting, bool unique_keys, Fail&& fail) {
-  std::vector<std::set<std::string>> open;  // the keys seen in each open object
-  auto cb = [&](int depth, nlohmann::json::parse_event_t ev, nlohmann::json& parsed) {
-    using ev_t = nlohmann::json::parse_event_t;
-    if ((ev == ev_t::object_start || ev == ev_t::array_start) && depth >= max_nesting)
-      fail(concat("nested more than ", max_nesting, " levels deep"));
-    if (ev == ev_t::object_start) {
-      open.emplace_back();
-    } else if (ev == ev_t::object_end) {
-      if (!open.empty()) open.pop_back();
-    } else if (ev == ev_t::key && unique_keys && !open.empty()) {
-      const auto& k = parsed.template get_ref<const std::string&>();
-      if (!open.back().insert(k).second) fail(concat("key '", k, "' appears twice"));
-    }
-    return true;
-  };
-  return nlohmann::json::parse(text.begin(), text.end(), cb, /*allow_exceptions=*/true, /*ignore_comments=*/false);
+  nlohmann::json root;
+  strict_json_builder<std::remove_reference_t<Fail>> sax(root, max_nesting, unique_keys, fail);
+  nlohmann::json::sax_parse(text.begin(), text.end(), &sax, nlohmann::json::input_format_t::json, /*strict=*/true,
+                            /*ignore_comments=*/false);
+  return root;
 }
 
 /// Converts `n` elements of `dt` at `src` (unaligned little-endian bytes) to T.
@@ -359,6 +430,7 @@ class safetensors_view {
     }
     if (!header.is_object()) fail("malformed header: not a JSON object");
 
+    tensors_.reserve(header.size());
     for (auto it = header.begin(); it != header.end(); ++it) {
       const std::string& name = it.key();
       const nlohmann::json& v = it.value();
@@ -374,9 +446,25 @@ class safetensors_view {
       tensors_.push_back(parse_tensor(name, v));
     }
 
-    std::stable_sort(tensors_.begin(), tensors_.end(), [](const auto& a, const auto& b) {
+    // Data order: a stable sort by offsets, of positions (each tensor then moves once).
+    // tensors_ arrive in name order (the JSON object is a sorted map), so rank[k], the data
+    // position of the k-th name, lets index_ be filled in key order at the end (O(n)).
+    const std::size_t count = tensors_.size();
+    std::vector<std::size_t> order(count), rank(count);
+    for (std::size_t i = 0; i < count; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t i, std::size_t j) {
+      const auto &a = tensors_[i], &b = tensors_[j];
       return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
     });
+    {
+      std::vector<safetensors_tensor_info> sorted;
+      sorted.reserve(count);
+      for (std::size_t p = 0; p < count; ++p) {
+        sorted.push_back(std::move(tensors_[order[p]]));
+        rank[order[p]] = p;
+      }
+      tensors_ = std::move(sorted);
+    }
     std::uint64_t expected = 0;
     const std::string* prev = nullptr;
     for (const auto& t : tensors_) {
@@ -399,7 +487,7 @@ class safetensors_view {
     if (expected != have)
       fail("the tensors cover ", expected, " bytes of data but the file holds ", have, " after the header (",
            expected > have ? "truncated" : "trailing bytes", ")");
-    for (std::size_t i = 0; i < tensors_.size(); ++i) index_.emplace(tensors_[i].name, i);
+    for (std::size_t k = 0; k < count; ++k) index_.emplace_hint(index_.end(), tensors_[rank[k]].name, rank[k]);
   }
 
   safetensors_tensor_info parse_tensor(const std::string& name, const nlohmann::json& v) const {
