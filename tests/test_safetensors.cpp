@@ -298,6 +298,31 @@ TEST_CASE("safetensors hostile input: headers", "[safetensors][hostile]") {
   CHECK_THAT(parse_error(make_file("{\"a\xfe\":1}", 0)), Contains("\\xfe"));
 }
 
+TEST_CASE("safetensors hostile input: what may surround the JSON header", "[safetensors][hostile]") {
+  // The safetensors library parses the header with serde_json::from_str: JSON whitespace
+  // (space, tab, CR, LF) may pad it on either side, nothing else may.
+  using Catch::Contains;
+  const std::string ok = R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
+  REQUIRE(ok.size() == 54);
+  CHECK(parse_error(make_file(ok + "      ", 4)).empty());
+  CHECK(parse_error(make_file(" \t\r\n" + ok + "\r\n\t ", 4)).empty());
+  // A NUL byte ended nlohmann's input: "{...}\0GARBAGE" used to parse.
+  const std::string garbage = std::string("\0GARBAGE", 8);
+  CHECK_THAT(parse_error(make_file(ok + garbage, 4)),
+             Contains("hostile.safetensors") && Contains("malformed header: NUL byte at offset 54 of the JSON text"));
+  CHECK_THAT(parse_error(make_file(ok + std::string(1, '\0'), 4)), Contains("NUL byte at offset 54 "));
+  CHECK_THAT(parse_error(make_file(ok + "   " + std::string(5, '\0'), 4)), Contains("NUL byte at offset 57 "));
+  CHECK_THAT(parse_error(make_file(std::string(1, '\0') + ok, 4)), Contains("NUL byte at offset 0 "));
+  CHECK_THAT(parse_error(make_file(R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"n":"a)" +
+                                       std::string(1, '\0') + "\"}",
+                                   4)),
+             Contains("NUL byte at offset 60 "));
+  // Nor is a UTF-8 byte order mark JSON (nlohmann skipped it).
+  CHECK_THAT(parse_error(make_file("\xef\xbb\xbf" + ok, 4)),
+             Contains("malformed header: the JSON text starts with a UTF-8 byte order mark"));
+  CHECK_THAT(parse_error(make_file(" \xef\xbb\xbf" + ok, 4)), Contains("malformed JSON"));
+}
+
 TEST_CASE("safetensors hostile input: shapes and offsets", "[safetensors][hostile]") {
   using Catch::Contains;
   auto two = [](const std::string& a, const std::string& b) {

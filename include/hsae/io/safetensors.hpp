@@ -11,7 +11,8 @@
 ///
 /// Validation follows the safetensors library (0.8.0) and adds two checks of its own:
 ///  - N at most 100,000,000 ("header too large") and 8 + N within the file;
-///  - the header is valid JSON (UTF-8 checked, at most 127 levels deep), an object; `__metadata__` is null or an
+///  - the header is valid JSON (UTF-8 checked, at most 127 levels deep), padded with JSON
+///    whitespace only (no NUL byte, no byte order mark), an object; `__metadata__` is null or an
 ///    object of strings; each tensor an object with a known `dtype` (the 22 codes of
 ///    safetensors 0.8: BOOL, F4, F6_E2M3, F6_E3M2, U8, I8, F8_E5M2, F8_E4M3, F8_E8M0,
 ///    F8_E4M3FNUZ, F8_E5M2FNUZ, I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64, U64),
@@ -420,6 +421,14 @@ class safetensors_view {
       fail("header length ", n, " extends beyond the end of the file (", size, " bytes)");
     data_offset_ = 8 + std::size_t(n);
     const std::string_view text(reinterpret_cast<const char*>(bytes_.data()) + 8, std::size_t(n));
+
+    // The safetensors library parses the header with serde_json::from_str: JSON text, padded
+    // with JSON whitespace (space, tab, CR, LF) only. nlohmann's lexer ends the input at a
+    // NUL byte (so "{...}\0GARBAGE" would parse) and skips a leading byte order mark.
+    if (const auto nul = text.find('\0'); nul != std::string_view::npos)
+      fail("malformed header: NUL byte at offset ", nul, " of the JSON text (JSON allows none; pad with spaces)");
+    if (text.starts_with("\xef\xbb\xbf"))
+      fail("malformed header: the JSON text starts with a UTF-8 byte order mark (JSON allows none)");
 
     nlohmann::json header;
     try {
