@@ -232,6 +232,32 @@ TEST_CASE("safetensors reader: files written by hand, as other tools write them"
   CHECK(parse_error(make_file("{}", 0)).empty());
 }
 
+TEST_CASE("safetensors reader: zero-size tensors read as empty matrices, copying nothing", "[safetensors]") {
+  // Legal files (a dimension 0, data_offsets [x, x]); the destinations have no storage
+  // (Eigen's data() is null), so a memcpy of 0 bytes would be undefined behaviour (UBSan
+  // reports it in the sanitizer build).
+  const std::string h = R"({"e32":{"dtype":"F32","shape":[2,0],"data_offsets":[0,0]},)"
+                        R"("e64":{"dtype":"F64","shape":[0,3],"data_offsets":[0,0]},)"
+                        R"("v":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},)"
+                        R"("h":{"dtype":"BF16","shape":[0,5],"data_offsets":[0,0]},)"
+                        R"("x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
+  const auto file = make_file(h, 4);
+  const hsae::safetensors_view v(file, "empty_tensors.safetensors");
+  const auto a = v.read_matrix<float>("e32", 2, 0);
+  CHECK((a.rows() == 2 && a.cols() == 0));
+  const auto b = v.read_matrix<double>("e64", 0, 3);
+  CHECK((b.rows() == 0 && b.cols() == 3));
+  const auto b2 = v.read_matrix<float>("e64");
+  CHECK(b2.size() == 0);
+  CHECK(v.read_vector<float>("v", 0).size() == 0);
+  CHECK(v.read_vector<double>("v").size() == 0);
+  CHECK(v.read_matrix<float>("h", 0, 5).size() == 0);
+  std::vector<float> none;
+  v.read_to("e32", none.data());  // null destination, nothing to write
+  CHECK(none.empty());
+  CHECK(v.read_vector<float>("x", 1)(0) == 0.0f);
+}
+
 TEST_CASE("safetensors hostile input: every truncation of a valid file is an io_error", "[safetensors][hostile]") {
   hsae::safetensors_writer w;
   const auto m = random_matrix(3, 4, 5);

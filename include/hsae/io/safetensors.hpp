@@ -273,9 +273,11 @@ nlohmann::json parse_json_strict(std::string_view text, int max_nesting, bool un
   return root;
 }
 
-/// Converts `n` elements of `dt` at `src` (unaligned little-endian bytes) to T.
+/// Converts `n` elements of `dt` at `src` (unaligned little-endian bytes) to T. With n = 0
+/// nothing is touched: `out` (and `src`) may then be null, as an empty Eigen matrix's data() is.
 template <class T>
 void convert_elements(safetensors_dtype dt, const std::byte* src, std::size_t n, T* out) {
+  if (n == 0) return;  // memcpy with a null pointer is undefined even for 0 bytes
   switch (dt) {
     case safetensors_dtype::f32:
       if constexpr (std::is_same_v<T, float>) {
@@ -359,7 +361,8 @@ class safetensors_view {
     return bytes_.subspan(data_offset_ + std::size_t(t.begin), std::size_t(t.nbytes()));
   }
 
-  /// Converts all elements of `name` (any shape, row-major) into `out` (numel values).
+  /// Converts all elements of `name` (any shape, row-major) into `out` (numel values; `out`
+  /// may be null for a tensor of no elements).
   /// \throws hsae::io_error if the tensor is missing or its dtype is not F32/F16/BF16/F64.
   template <cpu_scalar T>
   void read_to(std::string_view name, T* out) const {
