@@ -322,6 +322,10 @@ TEST_CASE("safetensors hostile input: headers", "[safetensors][hostile]") {
   CHECK_THAT(parse_error(make_file(nested(100000), 4)), Contains("nested more than 127 levels"));
   // Hostile bytes are quoted printably in the message.
   CHECK_THAT(parse_error(make_file("{\"a\xfe\":1}", 0)), Contains("\\xfe"));
+  // C1 controls (valid UTF-8, but U+009B is CSI to some terminals) as well.
+  const std::string c1 = parse_error(make_file("{\"t\xc2\x9b[2J\":1}", 0));
+  CHECK_THAT(c1, Contains("'t\\xc2\\x9b[2J'"));
+  CHECK(c1.find("\xc2\x9b") == std::string::npos);
 }
 
 TEST_CASE("safetensors hostile input: what may surround the JSON header", "[safetensors][hostile]") {
