@@ -8,11 +8,14 @@
 #include "fifo_util.hpp"
 #include "test_util.hpp"
 
+#include <fcntl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <bit>
+#include <csignal>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -613,6 +616,45 @@ TEST_CASE("npy_file: hostile files raise io_error naming the file and the proble
     CHECK_THAT(open_msg(npy_bytes("{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296, 2), }",
                                   data)),
                Contains("too large"));
+  }
+}
+
+TEST_CASE("npy_file: the mapping contract (replace by rename: safe; truncate in place: SIGBUS)", "[npy]") {
+  // npy_file memory-maps the file (the choice over pread is measured in bench/bench_io.cpp).
+  // Its documented contract, pinned here: a reader keeps the contents of a file replaced by
+  // rename, and a file truncated under a reader is a fatal SIGBUS, not an exception.
+  temp_dir tmp;
+  const auto p = tmp / "mapped.npy";
+  const auto m = ramp(4096, 64);  // 1 MiB of data: many pages
+  hsae::write_npy(p, m);
+  SECTION("replaced by rename") {
+    const hsae::npy_file f(p);
+    hsae::write_npy(p, ramp(3, 64, 100.0f));  // temporary file + rename
+    CHECK(f.read_all<float>() == m);
+    CHECK(hsae::npy_file(p).rows() == 3);
+  }
+  SECTION("truncated in place") {
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {  // the child reads; no Catch assertions here
+      const int null_fd = ::open("/dev/null", O_WRONLY);
+      if (null_fd >= 0) ::dup2(null_fd, 2);  // a sanitizer's report of the fault, not wanted in the log
+      try {
+        const hsae::npy_file f(p);
+        if (::truncate(p.c_str(), off_t(f.data_offset())) != 0) ::_exit(3);
+        std::vector<float> row(64);
+        f.read_rows(4095, 1, row.data());  // a page past the new end
+        ::_exit(0);                        // no fault: the contract (and the docs) changed
+      } catch (...) {
+        ::_exit(4);
+      }
+    }
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    INFO("child status " << status);
+    const bool sigbus = WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS;
+    const bool sanitizer_reported = WIFEXITED(status) && WEXITSTATUS(status) == 1;  // ASan catches the SIGBUS
+    CHECK((sigbus || sanitizer_reported));
   }
 }
 

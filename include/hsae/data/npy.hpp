@@ -452,6 +452,13 @@ struct npy_header {
 /// soon as the file is mapped). A path that is not a regular file (a directory, a named
 /// pipe, a device) raises hsae::io_error "... not a regular file" at once: the open never
 /// waits for a writer.
+///
+/// The file must not shrink while an npy_file maps it. Replacing it by rename (write_npy,
+/// `mv`, any atomic writer) is safe: this npy_file keeps reading the old contents until it
+/// is destroyed. Truncating or rewriting it in place (`truncate`, a writer opening it with
+/// O_TRUNC) makes the next read of a page past the new end raise SIGBUS, which ends the
+/// process: it cannot become an exception (the header checks at open time cannot see a
+/// later truncation). Bytes changed in place, same size, may show up in later reads.
 class npy_file {
  public:
   explicit npy_file(std::filesystem::path path) : path_(std::move(path)) {
