@@ -5,13 +5,17 @@
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
+#include "fifo_util.hpp"
 #include "test_util.hpp"
 
+#include <fcntl.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <bit>
+#include <csignal>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -613,6 +617,94 @@ TEST_CASE("npy_file: hostile files raise io_error naming the file and the proble
                                   data)),
                Contains("too large"));
   }
+}
+
+TEST_CASE("npy_file: the mapping contract (replace by rename: safe; truncate in place: SIGBUS)", "[npy]") {
+  // npy_file memory-maps the file (the choice over pread is measured in bench/bench_io.cpp).
+  // Its documented contract, pinned here: a reader keeps the contents of a file replaced by
+  // rename, and a file truncated under a reader is a fatal SIGBUS, not an exception.
+  temp_dir tmp;
+  const auto p = tmp / "mapped.npy";
+  const auto m = ramp(4096, 64);  // 1 MiB of data: many pages
+  hsae::write_npy(p, m);
+  SECTION("replaced by rename") {
+    const hsae::npy_file f(p);
+    hsae::write_npy(p, ramp(3, 64, 100.0f));  // temporary file + rename
+    CHECK(f.read_all<float>() == m);
+    CHECK(hsae::npy_file(p).rows() == 3);
+  }
+  SECTION("truncated in place") {
+    const pid_t pid = ::fork();
+    REQUIRE(pid >= 0);
+    if (pid == 0) {  // the child reads; no Catch assertions here
+      const int null_fd = ::open("/dev/null", O_WRONLY);
+      if (null_fd >= 0) ::dup2(null_fd, 2);  // a sanitizer's report of the fault, not wanted in the log
+      try {
+        const hsae::npy_file f(p);
+        if (::truncate(p.c_str(), off_t(f.data_offset())) != 0) ::_exit(3);
+        std::vector<float> row(64);
+        f.read_rows(4095, 1, row.data());  // a page past the new end
+        ::_exit(0);                        // no fault: the contract (and the docs) changed
+      } catch (...) {
+        ::_exit(4);
+      }
+    }
+    int status = 0;
+    REQUIRE(::waitpid(pid, &status, 0) == pid);
+    INFO("child status " << status);
+    const bool sigbus = WIFSIGNALED(status) && WTERMSIG(status) == SIGBUS;
+    const bool sanitizer_reported = WIFEXITED(status) && WEXITSTATUS(status) == 1;  // ASan catches the SIGBUS
+    CHECK((sigbus || sanitizer_reported));
+  }
+}
+
+TEST_CASE("npy_file: bytes quoted from the header are escaped in messages", "[npy][errors]") {
+  // An ANSI escape in a header once reached the terminal through the error message.
+  temp_dir tmp;
+  using Catch::Contains;
+  const auto data = raw_bytes(std::vector<float>{1, 2, 3, 4, 5, 6});
+  int counter = 0;
+  const auto open_msg = [&](const std::string& dict) {
+    const std::string name = numbered("esc_", counter++, ".npy");
+    write_bytes(tmp / name, npy_bytes(dict, data));
+    return message_of<hsae::io_error>([&] { hsae::npy_file f(tmp / name); });
+  };
+  const auto raw_control = [](const std::string& m) {
+    return std::any_of(m.begin(), m.end(), [](char ch) {
+      const auto c = static_cast<unsigned char>(ch);
+      return c < 0x20 || c == 0x7f;
+    });
+  };
+  // A value quoted by the dtype check.
+  const std::string m1 = open_msg("{'descr': '\x1b[2J\x1b[31m<i4\x07', 'fortran_order': False, 'shape': (2, 3), }");
+  CHECK_THAT(m1, Contains("unknown dtype '\\x1b[2J\\x1b[31m<i4\\x07'"));
+  CHECK_FALSE(raw_control(m1));
+  // The whole header text, quoted by the dict parser (its padding newline included).
+  const std::string m2 = open_msg("{'descr': '<f4', \x1b]0;title\x07 'fortran_order': False, 'shape': (2, 3), }");
+  CHECK_THAT(m2, Contains("malformed header: unexpected character") && Contains("\\x1b]0;title\\x07") &&
+                     Contains("\\x0a\""));
+  CHECK_FALSE(raw_control(m2));
+  // A key: C0 and DEL, a C1 control (U+009B, CSI) and a lone invalid byte.
+  const std::string m3 =
+      open_msg("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'k\x1b\x7f\xc2\x9b\xff\t\r': 1}");
+  CHECK_THAT(m3, Contains("unexpected key 'k\\x1b\\x7f\\xc2\\x9b\\xff\\x09\\x0d'"));
+  CHECK_FALSE(raw_control(m3));
+  CHECK(m3.find("\xc2\x9b") == std::string::npos);
+  // Valid UTF-8 text stays as it is.
+  CHECK_THAT(open_msg("{'descr': '<f4\xc3\xa9', 'fortran_order': False, 'shape': (2, 3), }"),
+             Contains("unknown dtype '<f4\xc3\xa9'"));
+  // The file's name.
+  const std::string m4 = message_of<hsae::io_error>([&] { hsae::npy_file f(tmp / "evil\x1b[2J.npy"); });
+  CHECK_THAT(m4, Contains("evil\\x1b[2J.npy") && Contains("cannot open"));
+  CHECK_FALSE(raw_control(m4));
+}
+
+TEST_CASE("npy_file: a named pipe is refused at once, not waited on", "[npy][errors]") {
+  temp_dir tmp;
+  const fs::path fifo = tmp / "pipe.npy";
+  const std::string msg = hsae_test::fifo_open_message<hsae::io_error>(fifo, [fifo] { hsae::npy_file f(fifo); });
+  CHECK_THAT(msg, Catch::StartsWith("hsae: npy file '") && Catch::Contains("pipe.npy") &&
+                      Catch::Contains("not a regular file"));
 }
 
 // --- numpy cross-check (optional) ---------------------------------------------------------

@@ -4,9 +4,13 @@
 // raises hsae::io_error naming the file and the problem, and nothing crashes.
 #include <catch2/catch.hpp>
 
+#include <time.h>
+
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <limits>
@@ -17,6 +21,7 @@
 #include <hsae/io/safetensors.hpp>
 #include <hsae/rng.hpp>
 
+#include "fifo_util.hpp"
 #include "test_util.hpp"
 
 namespace {
@@ -227,6 +232,32 @@ TEST_CASE("safetensors reader: files written by hand, as other tools write them"
   CHECK(parse_error(make_file("{}", 0)).empty());
 }
 
+TEST_CASE("safetensors reader: zero-size tensors read as empty matrices, copying nothing", "[safetensors]") {
+  // Legal files (a dimension 0, data_offsets [x, x]); the destinations have no storage
+  // (Eigen's data() is null), so a memcpy of 0 bytes would be undefined behaviour (UBSan
+  // reports it in the sanitizer build).
+  const std::string h = R"({"e32":{"dtype":"F32","shape":[2,0],"data_offsets":[0,0]},)"
+                        R"("e64":{"dtype":"F64","shape":[0,3],"data_offsets":[0,0]},)"
+                        R"("v":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},)"
+                        R"("h":{"dtype":"BF16","shape":[0,5],"data_offsets":[0,0]},)"
+                        R"("x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
+  const auto file = make_file(h, 4);
+  const hsae::safetensors_view v(file, "empty_tensors.safetensors");
+  const auto a = v.read_matrix<float>("e32", 2, 0);
+  CHECK((a.rows() == 2 && a.cols() == 0));
+  const auto b = v.read_matrix<double>("e64", 0, 3);
+  CHECK((b.rows() == 0 && b.cols() == 3));
+  const auto b2 = v.read_matrix<float>("e64");
+  CHECK(b2.size() == 0);
+  CHECK(v.read_vector<float>("v", 0).size() == 0);
+  CHECK(v.read_vector<double>("v").size() == 0);
+  CHECK(v.read_matrix<float>("h", 0, 5).size() == 0);
+  std::vector<float> none;
+  v.read_to("e32", none.data());  // null destination, nothing to write
+  CHECK(none.empty());
+  CHECK(v.read_vector<float>("x", 1)(0) == 0.0f);
+}
+
 TEST_CASE("safetensors hostile input: every truncation of a valid file is an io_error", "[safetensors][hostile]") {
   hsae::safetensors_writer w;
   const auto m = random_matrix(3, 4, 5);
@@ -291,6 +322,35 @@ TEST_CASE("safetensors hostile input: headers", "[safetensors][hostile]") {
   CHECK_THAT(parse_error(make_file(nested(100000), 4)), Contains("nested more than 127 levels"));
   // Hostile bytes are quoted printably in the message.
   CHECK_THAT(parse_error(make_file("{\"a\xfe\":1}", 0)), Contains("\\xfe"));
+  // C1 controls (valid UTF-8, but U+009B is CSI to some terminals) as well.
+  const std::string c1 = parse_error(make_file("{\"t\xc2\x9b[2J\":1}", 0));
+  CHECK_THAT(c1, Contains("'t\\xc2\\x9b[2J'"));
+  CHECK(c1.find("\xc2\x9b") == std::string::npos);
+}
+
+TEST_CASE("safetensors hostile input: what may surround the JSON header", "[safetensors][hostile]") {
+  // The safetensors library parses the header with serde_json::from_str: JSON whitespace
+  // (space, tab, CR, LF) may pad it on either side, nothing else may.
+  using Catch::Contains;
+  const std::string ok = R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
+  REQUIRE(ok.size() == 54);
+  CHECK(parse_error(make_file(ok + "      ", 4)).empty());
+  CHECK(parse_error(make_file(" \t\r\n" + ok + "\r\n\t ", 4)).empty());
+  // A NUL byte ended nlohmann's input: "{...}\0GARBAGE" used to parse.
+  const std::string garbage = std::string("\0GARBAGE", 8);
+  CHECK_THAT(parse_error(make_file(ok + garbage, 4)),
+             Contains("hostile.safetensors") && Contains("malformed header: NUL byte at offset 54 of the JSON text"));
+  CHECK_THAT(parse_error(make_file(ok + std::string(1, '\0'), 4)), Contains("NUL byte at offset 54 "));
+  CHECK_THAT(parse_error(make_file(ok + "   " + std::string(5, '\0'), 4)), Contains("NUL byte at offset 57 "));
+  CHECK_THAT(parse_error(make_file(std::string(1, '\0') + ok, 4)), Contains("NUL byte at offset 0 "));
+  CHECK_THAT(parse_error(make_file(R"({"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"n":"a)" +
+                                       std::string(1, '\0') + "\"}",
+                                   4)),
+             Contains("NUL byte at offset 60 "));
+  // Nor is a UTF-8 byte order mark JSON (nlohmann skipped it).
+  CHECK_THAT(parse_error(make_file("\xef\xbb\xbf" + ok, 4)),
+             Contains("malformed header: the JSON text starts with a UTF-8 byte order mark"));
+  CHECK_THAT(parse_error(make_file(" \xef\xbb\xbf" + ok, 4)), Contains("malformed JSON"));
 }
 
 TEST_CASE("safetensors hostile input: shapes and offsets", "[safetensors][hostile]") {
@@ -342,4 +402,73 @@ TEST_CASE("safetensors_file: errors name the file; NaN tensors read as NaN", "[s
   w.write(tmp / "nan.safetensors");
   const auto r = hsae::safetensors_file(tmp / "nan.safetensors").read_matrix<float>("nan");
   CHECK(r.array().isNaN().all());
+}
+
+TEST_CASE("safetensors_file: a named pipe is refused at once, not waited on", "[safetensors][hostile]") {
+  hsae_test::temp_dir tmp;
+  const auto fifo = tmp / "pipe.safetensors";
+  const std::string msg =
+      hsae_test::fifo_open_message<hsae::io_error>(fifo, [fifo] { hsae::safetensors_file f(fifo); });
+  CHECK_THAT(msg, Catch::StartsWith("hsae: safetensors file '") && Catch::Contains("pipe.safetensors") &&
+                      Catch::Contains("not a regular file"));
+}
+
+TEST_CASE("parse_json_strict: the document nlohmann's parser builds, with the key and depth checks",
+          "[safetensors][json]") {
+  using Catch::Contains;
+  using hsae::detail::parse_json_strict;
+  const auto fail = [](const std::string& what) { throw hsae::io_error(what); };
+  const std::string doc = " {\"a\": [1, -2, 3.5e3, \"s\", true, false, null, {}, [], {\"x\": {\"y\": [[0]]}}],"
+                          " \"b\": {\"c\": 18446744073709551615, \"d\": -9223372036854775808},"
+                          " \"\\u00e9\": \"\\ud83d\\ude00\", \"a2\": {\"k\": 1}, \"a3\": {\"k\": 2}}\n";
+  const nlohmann::json built = parse_json_strict(doc, 127, /*unique_keys=*/true, fail);
+  CHECK(built == nlohmann::json::parse(doc));
+  CHECK(built.dump() == nlohmann::json::parse(doc).dump());
+  CHECK(parse_json_strict("42", 127, true, fail) == nlohmann::json(42));
+  CHECK(parse_json_strict("\"s\"", 127, true, fail) == nlohmann::json("s"));
+  // A repeated key: an error with unique_keys (in any object), else the last one wins.
+  CHECK(parse_json_strict(R"({"k":1,"k":{"z":[2]}})", 127, false, fail) == nlohmann::json::parse(R"({"k":{"z":[2]}})"));
+  CHECK_THROWS_WITH(parse_json_strict(R"({"o":[{"k":1,"j":0,"k":2}]})", 127, true, fail),
+                    Contains("key 'k' appears twice"));
+  // Depth: max_nesting levels of objects and arrays, not one more.
+  CHECK_NOTHROW(parse_json_strict(R"([{"a":[]}])", 3, true, fail));
+  CHECK_THROWS_WITH(parse_json_strict(R"([{"a":[{}]}])", 3, true, fail), Contains("nested more than 3 levels deep"));
+  // Syntax errors stay nlohmann's exceptions (safetensors_view reports their text).
+  CHECK_THROWS_AS(parse_json_strict(R"({"a":})", 127, true, fail), nlohmann::json::exception);
+  CHECK_THROWS_AS(parse_json_strict("{} x", 127, true, fail), nlohmann::json::exception);
+  CHECK_THROWS_AS(parse_json_strict("", 127, true, fail), nlohmann::json::exception);
+  CHECK_THROWS_WITH(parse_json_strict("[1,]", 127, true, fail), Contains("parse_error"));
+}
+
+TEST_CASE("safetensors: a header of 200,000 tensors parses in linear time", "[safetensors][hostile][perf]") {
+  // Empty tensors (legal): a 11.7 MB header and no data. nlohmann's callback parser, which
+  // once did the duplicate-key and depth checks, took minutes here (quadratic in the tensors).
+  constexpr int n = 200'000;
+  std::string h = "{";
+  for (int i = 0; i < n; ++i)
+    h += hsae_test::numbered(i ? ",\"t" : "\"t", i, R"(":{"dtype":"F32","shape":[0,8],"data_offsets":[0,0]})");
+  h += "}";
+  const auto file = make_file(h, 0);
+  const auto cpu_seconds = [] {
+    timespec ts{};
+    ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+  };
+  const double cpu0 = cpu_seconds();
+  const auto t0 = std::chrono::steady_clock::now();
+  const hsae::safetensors_view v(file, "many.safetensors");
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double cpu = cpu_seconds() - cpu0;
+  std::printf("safetensors: %d tensors, %zu header bytes parsed in %.3f s (%.3f s CPU)\n", n, h.size(), wall, cpu);
+  REQUIRE(v.tensors().size() == std::size_t(n));
+  CHECK(v.at("t199999").shape == std::vector<std::int64_t>{0, 8});
+  CHECK(v.at("t0").nbytes() == 0);
+  // The bound is on the thread's CPU time, which a busy machine does not inflate much.
+  // Optimised builds take about 0.4 s; Debug + ASan/UBSan builds about 10 s.
+#ifdef NDEBUG
+  constexpr double limit = 1.0;
+#else
+  constexpr double limit = 60.0;
+#endif
+  CHECK(cpu < limit);
 }

@@ -8,7 +8,9 @@
 /// leading shape is flattened to [N, D] with D the last dimension: shape (2, 3, 5) reads
 /// as [6, 5], a 1-D array of length D as [1, D]. The data need not be aligned. Every
 /// problem (truncated file, bad magic, malformed header, unsupported dtype, Fortran
-/// order, size mismatch, ...) raises hsae::io_error naming the file and the problem.
+/// order, size mismatch, ...) raises hsae::io_error naming the file and the problem; bytes
+/// quoted from the file (and the file's name) have control characters and invalid UTF-8
+/// escaped as \xNN.
 ///
 /// Writing: version 1.0, C order, shape [rows, cols] (or any shape), written to
 /// `<path>.tmp.<pid>`, fsync'd, then renamed over `path`, so readers never see a
@@ -39,6 +41,7 @@
 #include <vector>
 
 #include "../config.hpp"
+#include "../detail/printable.hpp"
 #include "../error.hpp"
 #include "../matrix.hpp"
 
@@ -170,6 +173,13 @@ namespace detail {
 
 inline std::string npy_errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
 
+/// Throws hsae::io_error "hsae: npy file '<where>': <args...>", with control characters and
+/// invalid UTF-8 (from the file's header, or its name) escaped as \xNN.
+template <class... Args>
+[[noreturn]] void throw_npy_error(const std::string& where, Args&&... args) {
+  throw io_error(printable_utf8(concat("hsae: npy file '", where, "': ", std::forward<Args>(args)...)));
+}
+
 /// A minimal Python-literal value: what a .npy header dict holds.
 struct npy_pyval {
   enum kind_t { str, boolean, none, integer, seq } kind = none;
@@ -222,8 +232,7 @@ class npy_header_parser {
 
  private:
   [[noreturn]] void fail(const std::string& what) const {
-    throw_error<io_error>("npy file '", where_, "': malformed header: ", what, " at offset ", p_, " in \"", t_,
-                          "\"");
+    throw_npy_error(where_, "malformed header: ", what, " at offset ", p_, " in \"", t_, "\"");
   }
   char peek() const { return p_ < t_.size() ? t_[p_] : '\0'; }
   void ws() {
@@ -341,9 +350,7 @@ struct npy_header {
   static npy_header parse(std::span<const std::byte> bytes, const std::string& where) {
     npy_header h;
     const std::size_t size_ = bytes.size();
-    auto fail = [&](auto&&... args) {
-      detail::throw_error<io_error>("npy file '", where, "': ", std::forward<decltype(args)>(args)...);
-    };
+    auto fail = [&](auto&&... args) { detail::throw_npy_error(where, std::forward<decltype(args)>(args)...); };
     if (size_ < 10) fail("file too small (", size_, " bytes) for the .npy magic and header");
     const auto* b = reinterpret_cast<const unsigned char*>(bytes.data());
     static constexpr unsigned char magic[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
@@ -442,12 +449,23 @@ struct npy_header {
 
 /// A read-only, memory-mapped .npy file viewed as a row-major [rows, cols] matrix.
 /// Move-only; the mapping is released by the destructor (the descriptor is closed as
-/// soon as the file is mapped).
+/// soon as the file is mapped). A path that is not a regular file (a directory, a named
+/// pipe, a device) raises hsae::io_error "... not a regular file" at once: the open never
+/// waits for a writer.
+///
+/// The file must not shrink while an npy_file maps it. Replacing it by rename (write_npy,
+/// `mv`, any atomic writer) is safe: this npy_file keeps reading the old contents until it
+/// is destroyed. Truncating or rewriting it in place (`truncate`, a writer opening it with
+/// O_TRUNC) makes the next read of a page past the new end raise SIGBUS, which ends the
+/// process: it cannot become an exception (the header checks at open time cannot see a
+/// later truncation). Bytes changed in place, same size, may show up in later reads.
 class npy_file {
  public:
   explicit npy_file(std::filesystem::path path) : path_(std::move(path)) {
     if constexpr (std::endian::native != std::endian::little) fail("big-endian hosts are not supported");
-    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below as any
+    // other non-regular file. (No effect on a regular file.)
+    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) fail("cannot open: ", detail::npy_errno_text(errno));
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
@@ -591,7 +609,7 @@ class npy_file {
  private:
   template <class... Args>
   [[noreturn]] void fail(Args&&... args) const {
-    detail::throw_error<io_error>("npy file '", path_.string(), "': ", std::forward<Args>(args)...);
+    detail::throw_npy_error(path_.string(), std::forward<Args>(args)...);
   }
 
   void release() noexcept {

@@ -7,7 +7,9 @@
 ///
 /// - matrix_source<T>: an in-memory matrix, a fresh random permutation per epoch.
 /// - npy_source<T>: one or more .npy files (memory-mapped) as one stream, through a
-///   shuffle buffer.
+///   shuffle buffer. The files must not be truncated or rewritten in place while the
+///   source lives (a read past the new end is a fatal SIGBUS); replacing them by rename is
+///   safe (see npy_file).
 ///
 /// Both wrap around at the end of their data and count epochs; within an epoch every
 /// row is served exactly once. Both are deterministic for a given seed.

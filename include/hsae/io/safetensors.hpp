@@ -11,7 +11,8 @@
 ///
 /// Validation follows the safetensors library (0.8.0) and adds two checks of its own:
 ///  - N at most 100,000,000 ("header too large") and 8 + N within the file;
-///  - the header is valid JSON (UTF-8 checked, at most 127 levels deep), an object; `__metadata__` is null or an
+///  - the header is valid JSON (UTF-8 checked, at most 127 levels deep), padded with JSON
+///    whitespace only (no NUL byte, no byte order mark), an object; `__metadata__` is null or an
 ///    object of strings; each tensor an object with a known `dtype` (the 22 codes of
 ///    safetensors 0.8: BOOL, F4, F6_E2M3, F6_E3M2, U8, I8, F8_E5M2, F8_E4M3, F8_E8M0,
 ///    F8_E4M3FNUZ, F8_E5M2FNUZ, I16, U16, F16, BF16, I32, U32, F32, C64, F64, I64, U64),
@@ -42,7 +43,6 @@
 #include <limits>
 #include <map>
 #include <optional>
-#include <set>
 #include <span>
 #include <string>
 #include <string_view>
@@ -55,6 +55,7 @@
 
 #include "../config.hpp"
 #include "../data/npy.hpp"
+#include "../detail/printable.hpp"
 #include "../error.hpp"
 #include "../matrix.hpp"
 #include "detail/files.hpp"
@@ -129,44 +130,6 @@ namespace detail {
 /// Header size limit of the safetensors library (MAX_HEADER_SIZE).
 inline constexpr std::uint64_t safetensors_max_header = 100'000'000;
 
-/// `s` with every byte that is not part of valid UTF-8, and every control character,
-/// written as \xNN: error messages quote hostile file contents.
-inline std::string printable_utf8(std::string_view s) {
-  static constexpr char hex[] = "0123456789abcdef";
-  std::string out;
-  out.reserve(s.size());
-  const auto* b = reinterpret_cast<const unsigned char*>(s.data());
-  const std::size_t n = s.size();
-  for (std::size_t i = 0; i < n;) {
-    const unsigned c = b[i];
-    std::size_t len = 0;
-    if (c >= 0x20 && c < 0x7f) len = 1;
-    else if (c >= 0xc2 && c <= 0xdf) len = 2;
-    else if (c >= 0xe0 && c <= 0xef) len = 3;
-    else if (c >= 0xf0 && c <= 0xf4) len = 4;
-    bool ok = len > 0 && i + len <= n;
-    for (std::size_t j = 1; ok && j < len; ++j) ok = (b[i + j] & 0xc0u) == 0x80u;
-    if (ok && len == 3) {
-      const unsigned c1 = b[i + 1];
-      ok = !(c == 0xe0 && c1 < 0xa0) && !(c == 0xed && c1 >= 0xa0);  // overlong, surrogates
-    }
-    if (ok && len == 4) {
-      const unsigned c1 = b[i + 1];
-      ok = !(c == 0xf0 && c1 < 0x90) && !(c == 0xf4 && c1 >= 0x90);  // overlong, > U+10FFFF
-    }
-    if (ok) {
-      out.append(s.substr(i, len));
-      i += len;
-    } else {
-      out += "\\x";
-      out += hex[c >> 4];
-      out += hex[c & 15];
-      ++i;
-    }
-  }
-  return out;
-}
-
 inline std::uint64_t load_u64le(const std::byte* p) {
   std::uint64_t v = 0;
   for (int i = 7; i >= 0; --i) v = (v << 8) | std::uint64_t(std::to_integer<unsigned>(p[i]));
@@ -176,34 +139,108 @@ inline std::uint64_t load_u64le(const std::byte* p) {
 /// Nesting limit of the safetensors library's JSON parser (serde_json: 127 levels).
 inline constexpr int safetensors_max_nesting = 127;
 
+/// A SAX handler for nlohmann::json::sax_parse that builds the document (as the library's
+/// own DOM parser does) and rejects, as the events arrive, nesting deeper than
+/// `max_nesting` levels and, if `unique_keys`, a key given twice in one object (otherwise
+/// the last one wins). Each event costs O(log n) in the size of the object it lands in, so
+/// a header of many tensors parses in O(n log n); nlohmann's callback parser, which these
+/// checks once used, rescans the parent object at every object end (quadratic).
+/// `fail(description)` must throw; syntax errors are rethrown as nlohmann::json::exception.
+template <class Fail>
+class strict_json_builder {
+ public:
+  using json = nlohmann::json;
+
+  strict_json_builder(json& root, int max_nesting, bool unique_keys, Fail& fail)
+      : root_(root), max_nesting_(max_nesting), unique_keys_(unique_keys), fail_(fail) {}
+
+  bool null() { return add(json(nullptr)); }
+  bool boolean(bool v) { return add(json(v)); }
+  bool number_integer(json::number_integer_t v) { return add(json(v)); }
+  bool number_unsigned(json::number_unsigned_t v) { return add(json(v)); }
+  bool number_float(json::number_float_t v, const json::string_t& /*text*/) { return add(json(v)); }
+  bool string(json::string_t& v) { return add(json(std::move(v))); }
+  bool binary(json::binary_t& v) { return add(json::binary(std::move(v))); }  // not produced by JSON text
+
+  bool start_object(std::size_t /*elements*/) { return open(json::value_t::object); }
+  bool key(json::string_t& k) {
+    // One lookup: the slot of the value that follows (a null until then).
+    auto& obj = stack_.back()->get_ref<json::object_t&>();
+    const auto [it, fresh] = obj.try_emplace(std::move(k));
+    if (!fresh && unique_keys_) fail_(concat("key '", it->first, "' appears twice"));
+    slot_ = &it->second;  // map nodes do not move: the address holds until the value arrives
+    return true;
+  }
+  bool end_object() {
+    stack_.pop_back();
+    return true;
+  }
+  bool start_array(std::size_t /*elements*/) { return open(json::value_t::array); }
+  bool end_array() {
+    stack_.pop_back();
+    return true;
+  }
+
+  [[noreturn]] bool parse_error(std::size_t /*position*/, const std::string& /*last_token*/,
+                                const nlohmann::json::exception& e) {
+    throw e;  // what() keeps nlohmann's message ("[json.exception.parse_error.101] ...")
+  }
+
+ private:
+  /// Places `v` in the innermost open container (or as the root); returns its address.
+  json* place(json&& v) {
+    if (stack_.empty()) {
+      root_ = std::move(v);
+      return &root_;
+    }
+    json& parent = *stack_.back();
+    if (parent.is_array()) {
+      auto& a = parent.get_ref<json::array_t&>();
+      a.push_back(std::move(v));
+      return &a.back();
+    }
+    *slot_ = std::move(v);  // a repeated key (without unique_keys): the last one wins
+    return slot_;
+  }
+  bool add(json&& v) {
+    place(std::move(v));
+    return true;
+  }
+  bool open(json::value_t t) {
+    if (stack_.size() >= std::size_t(max_nesting_)) fail_(concat("nested more than ", max_nesting_, " levels deep"));
+    // Only the innermost open container grows, so the addresses of the open ones hold.
+    stack_.push_back(place(json(t)));
+    return true;
+  }
+
+  json& root_;
+  int max_nesting_;
+  bool unique_keys_;
+  Fail& fail_;
+  std::vector<json*> stack_;  // the open containers, outermost first
+  json* slot_ = nullptr;      // in an object: where the value of the last key goes
+};
+
 /// Parses JSON text, rejecting nesting deeper than `max_nesting` levels (which bounds
 /// the work a hostile text can cause) and, if `unique_keys`, a key that appears twice in
-/// one object (otherwise the last one wins, as in Python's json module).
+/// one object (otherwise the last one wins, as in Python's json module). Linear in the
+/// text (up to a log factor), through strict_json_builder.
 /// \throws nlohmann::json::exception on malformed JSON; `fail(description)` must throw
 ///         on a duplicate key or too deep nesting.
 template <class Fail>
 nlohmann::json parse_json_strict(std::string_view text, int max_nesting, bool unique_keys, Fail&& fail) {
-  std::vector<std::set<std::string>> open;  // the keys seen in each open object
-  auto cb = [&](int depth, nlohmann::json::parse_event_t ev, nlohmann::json& parsed) {
-    using ev_t = nlohmann::json::parse_event_t;
-    if ((ev == ev_t::object_start || ev == ev_t::array_start) && depth >= max_nesting)
-      fail(concat("nested more than ", max_nesting, " levels deep"));
-    if (ev == ev_t::object_start) {
-      open.emplace_back();
-    } else if (ev == ev_t::object_end) {
-      if (!open.empty()) open.pop_back();
-    } else if (ev == ev_t::key && unique_keys && !open.empty()) {
-      const auto& k = parsed.template get_ref<const std::string&>();
-      if (!open.back().insert(k).second) fail(concat("key '", k, "' appears twice"));
-    }
-    return true;
-  };
-  return nlohmann::json::parse(text.begin(), text.end(), cb, /*allow_exceptions=*/true, /*ignore_comments=*/false);
+  nlohmann::json root;
+  strict_json_builder<std::remove_reference_t<Fail>> sax(root, max_nesting, unique_keys, fail);
+  nlohmann::json::sax_parse(text.begin(), text.end(), &sax, nlohmann::json::input_format_t::json, /*strict=*/true,
+                            /*ignore_comments=*/false);
+  return root;
 }
 
-/// Converts `n` elements of `dt` at `src` (unaligned little-endian bytes) to T.
+/// Converts `n` elements of `dt` at `src` (unaligned little-endian bytes) to T. With n = 0
+/// nothing is touched: `out` (and `src`) may then be null, as an empty Eigen matrix's data() is.
 template <class T>
 void convert_elements(safetensors_dtype dt, const std::byte* src, std::size_t n, T* out) {
+  if (n == 0) return;  // memcpy with a null pointer is undefined even for 0 bytes
   switch (dt) {
     case safetensors_dtype::f32:
       if constexpr (std::is_same_v<T, float>) {
@@ -287,7 +324,8 @@ class safetensors_view {
     return bytes_.subspan(data_offset_ + std::size_t(t.begin), std::size_t(t.nbytes()));
   }
 
-  /// Converts all elements of `name` (any shape, row-major) into `out` (numel values).
+  /// Converts all elements of `name` (any shape, row-major) into `out` (numel values; `out`
+  /// may be null for a tensor of no elements).
   /// \throws hsae::io_error if the tensor is missing or its dtype is not F32/F16/BF16/F64.
   template <cpu_scalar T>
   void read_to(std::string_view name, T* out) const {
@@ -350,6 +388,14 @@ class safetensors_view {
     data_offset_ = 8 + std::size_t(n);
     const std::string_view text(reinterpret_cast<const char*>(bytes_.data()) + 8, std::size_t(n));
 
+    // The safetensors library parses the header with serde_json::from_str: JSON text, padded
+    // with JSON whitespace (space, tab, CR, LF) only. nlohmann's lexer ends the input at a
+    // NUL byte (so "{...}\0GARBAGE" would parse) and skips a leading byte order mark.
+    if (const auto nul = text.find('\0'); nul != std::string_view::npos)
+      fail("malformed header: NUL byte at offset ", nul, " of the JSON text (JSON allows none; pad with spaces)");
+    if (text.starts_with("\xef\xbb\xbf"))
+      fail("malformed header: the JSON text starts with a UTF-8 byte order mark (JSON allows none)");
+
     nlohmann::json header;
     try {
       header = detail::parse_json_strict(text, detail::safetensors_max_nesting, /*unique_keys=*/true,
@@ -359,6 +405,7 @@ class safetensors_view {
     }
     if (!header.is_object()) fail("malformed header: not a JSON object");
 
+    tensors_.reserve(header.size());
     for (auto it = header.begin(); it != header.end(); ++it) {
       const std::string& name = it.key();
       const nlohmann::json& v = it.value();
@@ -374,9 +421,25 @@ class safetensors_view {
       tensors_.push_back(parse_tensor(name, v));
     }
 
-    std::stable_sort(tensors_.begin(), tensors_.end(), [](const auto& a, const auto& b) {
+    // Data order: a stable sort by offsets, of positions (each tensor then moves once).
+    // tensors_ arrive in name order (the JSON object is a sorted map), so rank[k], the data
+    // position of the k-th name, lets index_ be filled in key order at the end (O(n)).
+    const std::size_t count = tensors_.size();
+    std::vector<std::size_t> order(count), rank(count);
+    for (std::size_t i = 0; i < count; ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t i, std::size_t j) {
+      const auto &a = tensors_[i], &b = tensors_[j];
       return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
     });
+    {
+      std::vector<safetensors_tensor_info> sorted;
+      sorted.reserve(count);
+      for (std::size_t p = 0; p < count; ++p) {
+        sorted.push_back(std::move(tensors_[order[p]]));
+        rank[order[p]] = p;
+      }
+      tensors_ = std::move(sorted);
+    }
     std::uint64_t expected = 0;
     const std::string* prev = nullptr;
     for (const auto& t : tensors_) {
@@ -399,7 +462,7 @@ class safetensors_view {
     if (expected != have)
       fail("the tensors cover ", expected, " bytes of data but the file holds ", have, " after the header (",
            expected > have ? "truncated" : "trailing bytes", ")");
-    for (std::size_t i = 0; i < tensors_.size(); ++i) index_.emplace(tensors_[i].name, i);
+    for (std::size_t k = 0; k < count; ++k) index_.emplace_hint(index_.end(), tensors_[rank[k]].name, rank[k]);
   }
 
   safetensors_tensor_info parse_tensor(const std::string& name, const nlohmann::json& v) const {
@@ -463,7 +526,9 @@ class safetensors_view {
 /// `safetensors_view` is available through `view()` and forwarded below.
 class safetensors_file {
  public:
-  /// \throws hsae::io_error naming the file and the problem.
+  /// \throws hsae::io_error naming the file and the problem; a path that is not a regular
+  ///         file (a directory, a named pipe, a device) is refused at once, without waiting
+  ///         for a writer.
   explicit safetensors_file(std::filesystem::path path)
       : path_(std::move(path)), map_(path_, "safetensors file"), view_(map_.bytes(), path_.string()) {}
 

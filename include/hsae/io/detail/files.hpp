@@ -34,7 +34,8 @@ class mapped_file {
  public:
   mapped_file() = default;
   mapped_file(const std::filesystem::path& path, std::string_view kind) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (refused below as not regular).
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) throw_error<io_error>(kind, " '", path.string(), "': cannot open: ", npy_errno_text(errno));
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
