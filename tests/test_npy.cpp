@@ -693,6 +693,14 @@ TEST_CASE("npy_file: bytes quoted from the header are escaped in messages", "[np
   // Valid UTF-8 text stays as it is.
   CHECK_THAT(open_msg("{'descr': '<f4\xc3\xa9', 'fortran_order': False, 'shape': (2, 3), }"),
              Contains("unknown dtype '<f4\xc3\xa9'"));
+  // A long header (format 2.0: up to 4 GiB) is quoted around the offset, not whole.
+  {
+    const std::string dict = "{'descr': '<f4', 'fortran_order': False," + std::string(200000, ' ') + "@ 'shape': (2, 3), }";
+    write_bytes(tmp / "long.npy", npy_bytes(dict, data, 2));
+    const std::string m = message_of<hsae::io_error>([&] { hsae::npy_file f(tmp / "long.npy"); });
+    CHECK_THAT(m, Contains("unexpected character at offset 200040 in \"...") && Contains("@ 'shape': (2, 3), }"));
+    CHECK(m.size() < 600);
+  }
   // The file's name.
   const std::string m4 = message_of<hsae::io_error>([&] { hsae::npy_file f(tmp / "evil\x1b[2J.npy"); });
   CHECK_THAT(m4, Contains("evil\\x1b[2J.npy") && Contains("cannot open"));

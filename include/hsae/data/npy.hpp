@@ -231,8 +231,14 @@ class npy_header_parser {
   }
 
  private:
+  /// Quotes the header whole when short, else 256 bytes around the offset (a v2/v3
+  /// header may be gigabytes long).
   [[noreturn]] void fail(const std::string& what) const {
-    throw_npy_error(where_, "malformed header: ", what, " at offset ", p_, " in \"", t_, "\"");
+    constexpr std::size_t quote = 256;
+    const std::size_t lo = t_.size() <= quote || p_ <= quote / 2 ? 0 : std::min(p_ - quote / 2, t_.size() - quote);
+    const std::string_view shown = t_.substr(lo, quote);
+    throw_npy_error(where_, "malformed header: ", what, " at offset ", p_, " in \"", lo > 0 ? "..." : "", shown,
+                    lo + shown.size() < t_.size() ? "..." : "", "\"");
   }
   char peek() const { return p_ < t_.size() ? t_[p_] : '\0'; }
   void ws() {
