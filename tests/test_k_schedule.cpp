@@ -332,3 +332,24 @@ TEST_CASE("dynamic_k_schedule validation names the problem", "[k_schedule][error
     CHECK_NOTHROW(dynamic_k_schedule::geometric(1, 1));
   }
 }
+
+TEST_CASE("multi_topk: a k whose second level 4k overflows an int is refused", "[k_schedule][errors]") {
+  using hsae::config_error;
+  using hsae::dynamic_k_schedule;
+  const int big = std::numeric_limits<int>::max();
+  STATIC_REQUIRE(hsae::multi_topk_max_k == big / 4);
+  // The largest k still works, statically and at run time.
+  STATIC_REQUIRE(hsae::multi_topk<hsae::multi_topk_max_k>::k_max() == 4 * hsae::multi_topk_max_k);
+  const auto top = dynamic_k_schedule::multi_topk(hsae::multi_topk_max_k);
+  CHECK(ks_of(top) == std::vector<int>{hsae::multi_topk_max_k, 4 * hsae::multi_topk_max_k});
+  CHECK(top == dynamic_k_schedule::from(hsae::multi_topk<hsae::multi_topk_max_k>{}));
+  // One more and 4k no longer fits: refused by name, before any multiplication.
+  for (int k : {hsae::multi_topk_max_k + 1, big / 2, big, -(big / 4) - 2, std::numeric_limits<int>::min()}) {
+    INFO("k = " << k);
+    CHECK_THROWS_AS(dynamic_k_schedule::multi_topk(k), config_error);
+    CHECK_THROWS_WITH(dynamic_k_schedule::multi_topk(k), Catch::Contains("multi_topk: k=" + std::to_string(k)) &&
+                                                             Catch::Contains("must be in [1, 536870911]"));
+  }
+  CHECK_THROWS_WITH(dynamic_k_schedule::multi_topk(0), Catch::Contains("multi_topk: k=0"));
+  // hsae::multi_topk<536870912> does not compile: a static_assert names the bound.
+}

@@ -17,6 +17,7 @@
 #include <concepts>
 #include <cstddef>
 #include <initializer_list>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -133,9 +134,22 @@ using top_k = k_schedule<K>;
 /// Weights of Multi-TopK (Gao et al. 2024): (k, 1) and (4k, 1/8).
 inline constexpr std::array<double, 2> multi_topk_weights{1.0, 0.125};
 
-/// Multi-TopK: levels (k, 1), (4k, 1/8); k_max = 4k.
+/// Largest k of Multi-TopK: its second level 4k must fit in an int.
+inline constexpr int multi_topk_max_k = std::numeric_limits<int>::max() / 4;
+
+namespace detail {
 template <int K>
-using multi_topk = weighted_k_schedule<multi_topk_weights, K, 4 * K>;
+struct multi_topk_impl {
+  static constexpr bool fits = K >= 1 && K <= multi_topk_max_k;
+  static_assert(fits, "hsae::multi_topk: k must be in [1, multi_topk_max_k = INT_MAX / 4] (4k must fit in an int)");
+  // 4 * K only when it fits: the static_assert above is then the only error.
+  using type = weighted_k_schedule<multi_topk_weights, (fits ? K : 1), (fits ? 4 * K : 4)>;
+};
+}  // namespace detail
+
+/// Multi-TopK: levels (k, 1), (4k, 1/8); k_max = 4k. `K <= multi_topk_max_k`.
+template <int K>
+using multi_topk = typename detail::multi_topk_impl<K>::type;
 
 /// Run-time schedule, validated on construction.
 class dynamic_k_schedule {
@@ -182,7 +196,12 @@ class dynamic_k_schedule {
     return subset(ks);
   }
   /// Multi-TopK: (k, 1), (4k, 1/8).
-  static dynamic_k_schedule multi_topk(int k) { return dynamic_k_schedule({{k, 1.0}, {4 * k, 0.125}}); }
+  /// \throws hsae::config_error unless 1 <= k <= multi_topk_max_k (4k must fit in an int).
+  static dynamic_k_schedule multi_topk(int k) {
+    detail::expects<config_error>(k >= 1 && k <= multi_topk_max_k, "multi_topk: k=", k, " must be in [1, ",
+                                  multi_topk_max_k, "] (its second level is 4k, which must fit in an int)");
+    return dynamic_k_schedule({{k, 1.0}, {4 * k, 0.125}});
+  }
 
   std::size_t size() const { return levels_.size(); }
   int k(std::size_t l) const { return levels_[l].k; }
