@@ -195,10 +195,9 @@ HSAE_SIMD_SUM(dot)
   for (std::size_t l = 0; l < levels; ++l) st.level_k[l] = schedule.k(l);
   for (Eigen::Index b = 0; b < B; ++b)
     for (std::size_t l = 0; l < levels; ++l) st.level_sse[l] += ws.level_err(b, Eigen::Index(l));
-  double wsum = 0;
-  for (std::size_t l = 0; l < levels; ++l) wsum += schedule.weight(l);
+  // The normalised level weights w_l / W, as the backward used them (no overflow of W).
   for (std::size_t l = 0; l < levels; ++l)
-    st.loss += schedule.weight(l) / wsum * st.level_sse[l] / (double(B) * double(D));
+    st.loss += omega[std::size_t(schedule.k(l) - 1)] * st.level_sse[l] / (double(B) * double(D));
   if constexpr (Backward) grads->b_dec.noalias() += ws.bias_rows.colwise().sum().transpose();
   return st;
 }
