@@ -49,6 +49,8 @@ struct auxk_workspace {
 /// \param pre       ReLU'd pre-activations [B, d_sae] of this batch (from `encode`).
 /// \param residual  x - xhat_K [B, d_model] (`loss_workspace::residual`).
 /// \param dead      dead latents, ascending (`dead_latent_tracker::dead_latents()`).
+/// \throws hsae::shape_error if x, pre, residual or any array of `grads` does not fit
+///         the model, hsae::config_error on invalid options or dead-latent ids.
 template <cpu_scalar T, int F>
 double auxk_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x, cref<T> pre, cref<T> residual,
                      const std::vector<index_t>& dead, const auxk_options& opt, sae_gradients<T, F>& grads,
@@ -56,6 +58,7 @@ double auxk_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x, cref<
   cpu::detail::check_batch(m, x);
   detail::expect_shape("pre-activations", pre.rows(), pre.cols(), x.rows(), m.d_sae());
   detail::expect_shape("residual", residual.rows(), residual.cols(), x.rows(), m.d_model());
+  cpu::detail::check_gradients(m, grads, cpu::detail::grad_all);
   detail::expects<config_error>(opt.alpha >= 0, "auxk: alpha must be >= 0, got ", opt.alpha);
   const int k_aux = opt.resolved_k_aux(m.d_model());
   const auto n_dead = std::int64_t(dead.size());

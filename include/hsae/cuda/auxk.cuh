@@ -55,8 +55,7 @@ void run_auxk_backward(const cuda_backend& be, const device_sae<T, F>& m,
       "the AuxK code's values and indices differ in shape");
   ::hsae::detail::expect_shape("W_dec gradient", grads.W_dec.rows(), grads.W_dec.cols(), m.d_sae(), D);
   ::hsae::detail::expect_shape("W_enc gradient", grads.W_enc.rows(), grads.W_enc.cols(), m.d_sae(), D);
-  expects<shape_error>(grads.b_enc.size() == std::size_t(m.d_sae()) && grads.b_dec.size() == std::size_t(D),
-                       "bias gradients do not match the model");
+  check_bias_gradients(m, grads);
   ws.grad_values.resize(be, x.rows, aux_code.k());
   ws.loss.resize(be, 1);
   cuda::detail::auxk_args<T> a;
