@@ -43,6 +43,7 @@ void run_auxk_backward(const cuda_backend& be, const device_sae<T, F>& m,
                        device_matrix_view<const float> residual, std::int64_t n_dead, const int* n_dead_device,
                        const auxk_options& opt, device_gradients<F>& grads, device_auxk_workspace& ws) {
   using ::hsae::detail::expects;
+  opt.validate();
   m.check_shapes();
   const int D = m.d_model();
   expects<shape_error>(x.cols == D && x.rows >= 1, "the batch has shape [", x.rows, ", ", x.cols,
