@@ -12,7 +12,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <numeric>
+#include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -232,8 +235,62 @@ TEST_CASE("auxk_options: k_aux defaults to min(512, d_model / 2)", "[auxk]") {
   CHECK(e.resolved_k_aux(2304) == 7);
 }
 
+TEST_CASE("auxk_options::validate and step_options::validate name a non-finite or negative alpha", "[auxk]") {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  for (const auto& [alpha, shown] : std::vector<std::pair<double, std::string>>{
+           {nan, "nan"}, {inf, "inf"}, {-inf, "-inf"}, {-1.0, "-1"}, {-1e-300, "-1e-300"}}) {
+    INFO("alpha = " << shown);
+    auxk_options o;
+    o.alpha = alpha;
+    const auto msg = Catch::Contains("auxk_options.alpha must be finite and >= 0, got " + shown);
+    CHECK_THROWS_AS(o.validate(), config_error);
+    CHECK_THROWS_WITH(o.validate(), msg);
+    step_options so;
+    so.auxk = o;
+    CHECK_THROWS_AS(so.validate(), config_error);
+    CHECK_THROWS_WITH(so.validate(), msg);
+    so.use_auxk = false;  // a NaN in the settings is an error whether AuxK runs or not
+    CHECK_THROWS_WITH(so.validate(), msg);
+  }
+  for (double alpha : {0.0, -0.0, 1.0 / 32.0, 1.0, 1e300, std::numeric_limits<double>::denorm_min()}) {
+    INFO("alpha = " << alpha);
+    auxk_options o;
+    o.alpha = alpha;
+    CHECK_NOTHROW(o.validate());
+    CHECK_NOTHROW(step_options{.auxk = o}.validate());
+  }
+  // Every k_aux is valid: <= 0 means the default.
+  for (int k_aux : {std::numeric_limits<int>::min(), -1, 0, 1, 512, std::numeric_limits<int>::max()}) {
+    auxk_options o;
+    o.k_aux = k_aux;
+    CHECK_NOTHROW(o.validate());
+  }
+  CHECK_NOTHROW(auxk_options{}.validate());
+  CHECK_NOTHROW(step_options{}.validate());
+}
+
 // ---------------------------------------------------------------------------
 // auxk_backward
+
+TEST_CASE("auxk_backward checks alpha on every call, with latents dead or not", "[auxk]") {
+  // alpha = NaN was caught only once a latent had died; alpha = Inf never (an infinite
+  // gradient reached Adam).
+  const cpu_backend be;
+  fixture fx(5);
+  auxk_workspace<double> ws;
+  for (double alpha : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity(), -0.5}) {
+    INFO("alpha = " << alpha);
+    const auxk_options opt{.k_aux = 4, .alpha = alpha};
+    for (const std::vector<index_t>& dead : {std::vector<index_t>{}, std::vector<index_t>{0, 3, 5, 9, 11}}) {
+      auto g = zero_grads(fx.m);
+      CHECK_THROWS_AS(auxk_backward(be, fx.m, fx.x, fx.pre, fx.residual, dead, opt, g, ws), config_error);
+      CHECK_THROWS_WITH(auxk_backward(be, fx.m, fx.x, fx.pre, fx.residual, dead, opt, g, ws),
+                        Catch::Contains("auxk_options.alpha"));
+      CHECK(bitwise_equal(g.W_dec, zero_grads(fx.m).W_dec));  // nothing was added
+    }
+  }
+}
 
 TEST_CASE("auxk_backward with no dead latents returns 0 and leaves the gradients alone", "[auxk]") {
   const cpu_backend be;
@@ -505,6 +562,37 @@ TEST_CASE("auxk_backward agrees with the library's own encode and residual (floa
   CHECK(loss > 0);
   for (int f = 0; f < F; ++f)
     if (f % 3 != 0) REQUIRE(ga.W_enc.row(f).cwiseAbs().maxCoeff() == 0.0f);
+}
+
+TEST_CASE("train_step rejects a bad AuxK alpha on the first step, before any latent is dead", "[auxk][train_step]") {
+  const cpu_backend be;
+  const int D = 8, F = 32, B = 4;
+  synthetic_options so;
+  so.d_model = D;
+  so.n_atoms = 16;
+  so.seed = 23;
+  synthetic_source<double> src(so);
+  sae<double> m(D, F);
+  init(be, m, src.next(128), {.seed = 5});
+  const sae<double> before = m;
+  adam<double> opt(m, {});
+  dead_latent_tracker dead(F);  // nothing is dead for millions of tokens
+  train_workspace<double> ws;
+  const row_matrix<double> x = src.next(B);
+  for (double alpha : {std::numeric_limits<double>::quiet_NaN(), std::numeric_limits<double>::infinity(), -1.0}) {
+    INFO("alpha = " << alpha);
+    step_options sopt;
+    sopt.auxk.alpha = alpha;
+    CHECK_THROWS_AS(train_step(be, m, opt, dead, x, top_k<2>{}, ws, sopt), config_error);
+    CHECK_THROWS_WITH(train_step(be, m, opt, dead, x, top_k<2>{}, ws, sopt),
+                      Catch::Contains("auxk_options.alpha must be finite and >= 0"));
+  }
+  CHECK(opt.steps() == 0);
+  CHECK(bitwise_equal(m.W_enc, before.W_enc));
+  CHECK(bitwise_equal(m.W_dec, before.W_dec));
+  CHECK(dead.num_dead() == 0);
+  CHECK_NOTHROW(train_step(be, m, opt, dead, x, top_k<2>{}, ws));
+  CHECK(opt.steps() == 1);
 }
 
 TEST_CASE("train_step: aux_loss is 0 until latents die, then > 0", "[auxk][train_step]") {

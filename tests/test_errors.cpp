@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -12,6 +13,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -187,6 +189,107 @@ TEMPLATE_TEST_CASE("a code whose rows do not match the batch is rejected", "[err
   const hsae::row_matrix<T> gv_bad = hsae::row_matrix<T>::Zero(4, 3);
   CHECK_THROWS_MATCHES(hsae::encoder_backward<T>(be, m, x4, code, gv_bad, g, lw.pairs), hsae::shape_error,
                        what_has({"grad_values", "[4, 3]", "[4, 4]"}));
+}
+
+TEMPLATE_TEST_CASE("hand-built gradients of the wrong shape are rejected by the loss, encoder and AuxK backward",
+                   "[errors]", float, double) {
+  // Only W_enc was checked by encoder_backward, none by auxk_backward (W_dec written
+  // first): a short b_enc / b_dec was an Eigen assert, or a heap overflow with -DNDEBUG.
+  using T = TestType;
+  const hsae::cpu_backend be{};
+  const hsae::sae<T> m = make_model<T>();
+  const hsae::row_matrix<T> x = random_batch<T>(4, kD, 13);
+  hsae::row_matrix<T> pre;
+  hsae::sparse_code<T> code;
+  hsae::encode<T>(be, m, x, 4, code, pre);
+  hsae::loss_workspace<T> lw;
+  hsae::sae_gradients<T> ok;
+  ok.zeros_like(m);
+  (void)hsae::hierarchical_loss_backward(be, m, x, code, hsae::top_k<4>{}, ok, lw);
+  const hsae::row_matrix<T> gv = lw.grad_values, residual = lw.residual;
+  std::vector<hsae::index_t> dead;
+  for (hsae::index_t f = 0; f < kF; ++f) dead.push_back(f);
+  hsae::auxk_workspace<T> aw;
+
+  hsae::sae_gradients<T> g;
+  g.zeros_like(m);
+  const std::string F = std::to_string(kF), D = std::to_string(kD);
+  auto loss_bw = [&] { (void)hsae::hierarchical_loss_backward(be, m, x, code, hsae::top_k<4>{}, g, lw); };
+  auto enc_bw = [&] { hsae::encoder_backward<T>(be, m, x, code, gv, g, lw.pairs); };
+  auto aux_bw = [&] { (void)hsae::auxk_backward<T>(be, m, x, pre, residual, dead, {}, g, aw); };
+  SECTION("b_enc") {
+    for (int n : {0, kF - 1, kF + 5}) {
+      g.b_enc.setZero(n);
+      const auto msg = what_has({"b_enc gradient has shape [" + std::to_string(n) + "], expected [" + F + "]"});
+      CHECK_THROWS_MATCHES(enc_bw(), hsae::shape_error, msg);
+      CHECK_THROWS_MATCHES(aux_bw(), hsae::shape_error, msg);
+      CHECK_NOTHROW(loss_bw());  // the decoder-side backward does not touch b_enc
+    }
+  }
+  SECTION("b_dec") {
+    for (int n : {0, kD - 1, kD + 1}) {
+      g.b_dec.setZero(n);
+      const auto msg = what_has({"b_dec gradient has shape [" + std::to_string(n) + "], expected [" + D + "]"});
+      CHECK_THROWS_MATCHES(enc_bw(), hsae::shape_error, msg);
+      CHECK_THROWS_MATCHES(aux_bw(), hsae::shape_error, msg);
+      CHECK_THROWS_MATCHES(loss_bw(), hsae::shape_error, msg);
+    }
+  }
+  SECTION("W_enc") {
+    g.W_enc.setZero(kF, kD - 1);
+    const auto msg =
+        what_has({"W_enc gradient", "[" + F + ", " + std::to_string(kD - 1) + "]", "[" + F + ", " + D + "]"});
+    CHECK_THROWS_MATCHES(enc_bw(), hsae::shape_error, msg);
+    CHECK_THROWS_MATCHES(aux_bw(), hsae::shape_error, msg);
+  }
+  SECTION("W_dec") {
+    g.W_dec.setZero(kF - 3, kD);
+    const auto msg =
+        what_has({"W_dec gradient", "[" + std::to_string(kF - 3) + ", " + D + "]", "[" + F + ", " + D + "]"});
+    CHECK_THROWS_MATCHES(aux_bw(), hsae::shape_error, msg);
+    CHECK_THROWS_MATCHES(loss_bw(), hsae::shape_error, msg);
+    CHECK_NOTHROW(enc_bw());  // the encoder backward does not touch W_dec
+  }
+  SECTION("never zeros_like'd") {
+    g = hsae::sae_gradients<T>{};
+    CHECK_THROWS_AS(enc_bw(), hsae::shape_error);
+    CHECK_THROWS_AS(aux_bw(), hsae::shape_error);
+    CHECK_THROWS_AS(loss_bw(), hsae::shape_error);
+  }
+  SECTION("AuxK checks the gradients even with nothing dead (before any early return)") {
+    g.b_dec.setZero(1);
+    dead.clear();
+    CHECK_THROWS_MATCHES(aux_bw(), hsae::shape_error, what_has({"b_dec gradient"}));
+  }
+}
+
+TEMPLATE_TEST_CASE("a code whose values and indices differ in shape is rejected", "[errors]", float, double) {
+  // The loss and encoder backward read indices(b, t) for t < values.cols(): a narrower
+  // or shorter index matrix was read out of bounds.
+  using T = TestType;
+  const hsae::cpu_backend be{};
+  const hsae::sae<T> m = make_model<T>();
+  const hsae::row_matrix<T> x = random_batch<T>(4, kD, 14);
+  const auto good = hsae::encode<T>(be, m, x, 4);
+  hsae::loss_workspace<T> lw;
+  hsae::sae_gradients<T> g;
+  g.zeros_like(m);
+  const hsae::row_matrix<T> gv = hsae::row_matrix<T>::Zero(4, 4);
+  for (auto [r, c] : {std::pair{4, 2}, std::pair{3, 4}, std::pair{4, 5}, std::pair{0, 0}}) {
+    hsae::sparse_code<T> code = good;
+    code.indices = good.indices.topLeftCorner(std::min(r, 4), std::min(c, 4));
+    if (c > 4) {
+      code.indices.conservativeResize(r, c);
+      code.indices.col(4).setConstant(0);
+    }
+    INFO("indices [" << r << ", " << c << "]");
+    const auto msg = what_has({"the code's values [4, 4] and indices [" + std::to_string(r) + ", " +
+                               std::to_string(c) + "] differ in shape"});
+    CHECK_THROWS_MATCHES(hsae::hierarchical_loss(be, m, x, code, hsae::top_k<4>{}, lw), hsae::shape_error, msg);
+    CHECK_THROWS_MATCHES(hsae::hierarchical_loss_backward(be, m, x, code, hsae::top_k<4>{}, g, lw),
+                         hsae::shape_error, msg);
+    CHECK_THROWS_MATCHES(hsae::encoder_backward<T>(be, m, x, code, gv, g, lw.pairs), hsae::shape_error, msg);
+  }
 }
 
 TEMPLATE_TEST_CASE("adam::step rejects gradients of the wrong shape", "[errors]", float, double) {

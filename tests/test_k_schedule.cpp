@@ -21,6 +21,12 @@ inline constexpr std::array<double, 3> kWeights{2.0, 0.5, 0.25};
 using weighted3 = hsae::weighted_k_schedule<kWeights, 4, 16, 64>;
 
 inline constexpr std::array<double, 1> kSingle{3.0};
+
+inline constexpr double kMax = std::numeric_limits<double>::max();
+inline constexpr std::array<double, 2> kHuge{1e308, 1e308};
+using huge2 = hsae::weighted_k_schedule<kHuge, 2, 5>;
+inline constexpr std::array<double, 3> kMaxes{kMax, kMax, kMax};
+using maxes3 = hsae::weighted_k_schedule<kMaxes, 1, 2, 3>;
 using weighted1 = hsae::weighted_k_schedule<kSingle, 7>;
 
 /// A user-defined schedule type: satisfies the concept without being one of hsae's.
@@ -29,6 +35,16 @@ struct user_schedule {
   int k(std::size_t l) const { return l == 0 ? 3 : 9; }
   double weight(std::size_t l) const { return l == 0 ? 1.0 : 3.0; }
   int k_max() const { return 9; }
+};
+
+/// A user-defined schedule whose levels the test sets: anything, valid or not.
+struct raw_schedule {
+  std::vector<hsae::schedule_level> levels;
+  int top = 0;  ///< what k_max() reports
+  std::size_t size() const { return levels.size(); }
+  int k(std::size_t l) const { return levels[l].k; }
+  double weight(std::size_t l) const { return levels[l].weight; }
+  int k_max() const { return top; }
 };
 
 struct not_a_schedule {
@@ -331,4 +347,110 @@ TEST_CASE("dynamic_k_schedule validation names the problem", "[k_schedule][error
     CHECK_NOTHROW(dynamic_k_schedule(L{{1, 1e300}, {2, 1e-10}}));
     CHECK_NOTHROW(dynamic_k_schedule::geometric(1, 1));
   }
+}
+
+TEST_CASE("multi_topk: a k whose second level 4k overflows an int is refused", "[k_schedule][errors]") {
+  using hsae::config_error;
+  using hsae::dynamic_k_schedule;
+  const int big = std::numeric_limits<int>::max();
+  STATIC_REQUIRE(hsae::multi_topk_max_k == big / 4);
+  // The largest k still works, statically and at run time.
+  STATIC_REQUIRE(hsae::multi_topk<hsae::multi_topk_max_k>::k_max() == 4 * hsae::multi_topk_max_k);
+  const auto top = dynamic_k_schedule::multi_topk(hsae::multi_topk_max_k);
+  CHECK(ks_of(top) == std::vector<int>{hsae::multi_topk_max_k, 4 * hsae::multi_topk_max_k});
+  CHECK(top == dynamic_k_schedule::from(hsae::multi_topk<hsae::multi_topk_max_k>{}));
+  // One more and 4k no longer fits: refused by name, before any multiplication.
+  for (int k : {hsae::multi_topk_max_k + 1, big / 2, big, -(big / 4) - 2, std::numeric_limits<int>::min()}) {
+    INFO("k = " << k);
+    CHECK_THROWS_AS(dynamic_k_schedule::multi_topk(k), config_error);
+    CHECK_THROWS_WITH(dynamic_k_schedule::multi_topk(k), Catch::Contains("multi_topk: k=" + std::to_string(k)) &&
+                                                             Catch::Contains("must be in [1, 536870911]"));
+  }
+  CHECK_THROWS_WITH(dynamic_k_schedule::multi_topk(0), Catch::Contains("multi_topk: k=0"));
+  // hsae::multi_topk<536870912> does not compile: a static_assert names the bound.
+}
+
+TEST_CASE("weights whose sum overflows normalise by the largest weight", "[k_schedule]") {
+  using hsae::dynamic_k_schedule;
+  using hsae::normalized_rank_weights;
+  // 1e308 + 1e308 overflows: the plain w / W made every weight 0 (a loss identically 0).
+  SECTION("{1e308, 1e308} gives {1/2, 1/2}, bitwise as {1, 1}") {
+    const dynamic_k_schedule huge{{2, 1e308}, {5, 1e308}};
+    const auto w = normalized_rank_weights<double>(huge);
+    CHECK(w == std::vector<double>{0, 0.5, 0, 0, 0.5});
+    CHECK(w == normalized_rank_weights<double>(dynamic_k_schedule{{2, 1.0}, {5, 1.0}}));
+    CHECK(normalized_rank_weights<double>(huge2{}) == w);
+    CHECK(normalized_rank_weights<float>(huge2{}) == std::vector<float>{0, 0.5f, 0, 0, 0.5f});
+  }
+  SECTION("three weights of DBL_MAX give 1/3 each") {
+    const auto w = normalized_rank_weights<double>(maxes3{});
+    REQUIRE(w.size() == 3);
+    for (double x : w) CHECK(x == Approx(1.0 / 3.0).epsilon(1e-15));
+    CHECK(normalized_rank_weights<double>(dynamic_k_schedule::from(maxes3{})) == w);
+  }
+  SECTION("mixed magnitudes: ratios kept, the sum is 1") {
+    const dynamic_k_schedule s{{1, kMax}, {4, kMax / 2}, {9, kMax / 4}, {16, 1.0}};
+    const auto w = normalized_rank_weights<double>(s);
+    CHECK(w[0] == Approx(4.0 / 7.0).epsilon(1e-15));
+    CHECK(w[3] == Approx(2.0 / 7.0).epsilon(1e-15));
+    CHECK(w[8] == Approx(1.0 / 7.0).epsilon(1e-15));
+    CHECK(w[15] > 0.0);  // 1 / (1.75 DBL_MAX): subnormal, not 0
+    CHECK(std::accumulate(w.begin(), w.end(), 0.0) == Approx(1.0).epsilon(1e-15));
+    for (double x : w) CHECK(std::isfinite(x));
+  }
+  SECTION("the predicates behind the static_asserts of weighted_k_schedule") {
+    constexpr double inf = std::numeric_limits<double>::infinity();
+    constexpr double nan = std::numeric_limits<double>::quiet_NaN();
+    STATIC_REQUIRE(hsae::detail::normalizable(kHuge));
+    STATIC_REQUIRE(hsae::detail::normalizable(kMaxes));
+    STATIC_REQUIRE(hsae::detail::normalizable(std::array<double, 2>{1e300, 1e-10}));
+    STATIC_REQUIRE_FALSE(hsae::detail::all_positive_finite(std::array<double, 2>{1.0, inf}));
+    STATIC_REQUIRE_FALSE(hsae::detail::all_positive_finite(std::array<double, 2>{nan, 1.0}));
+    STATIC_REQUIRE_FALSE(hsae::detail::all_positive_finite(std::array<double, 2>{1.0, 0.0}));
+    STATIC_REQUIRE_FALSE(hsae::detail::normalizable(std::array<double, 2>{1.0, inf}));
+    STATIC_REQUIRE_FALSE(hsae::detail::normalizable(std::array<double, 2>{1e308, 1e-20}));
+  }
+}
+
+TEST_CASE("a weight whose normalised weight underflows to 0 is refused", "[k_schedule][errors]") {
+  using L = std::vector<hsae::schedule_level>;
+  // 1e-20 / 1e308 = 1e-328 is below the smallest subnormal: the level would count for nothing.
+  for (const L& levels :
+       {L{{4, 1e308}, {8, 1e-20}}, L{{4, 1e-20}, {8, 1e308}}, L{{4, kMax}, {8, kMax}, {9, 1e-300}}}) {
+    CHECK_THROWS_AS(hsae::dynamic_k_schedule(levels), hsae::config_error);
+    CHECK_THAT(message_of(levels), Catch::Contains("has weight 1e-") &&
+                                       Catch::Contains("negligible next to the largest") &&
+                                       Catch::Contains("underflows to 0"));
+  }
+  CHECK_THAT(message_of(L{{4, 1e308}, {8, 1e-20}}),
+             Catch::Contains("level 1 (k=8) has weight 1e-20") && Catch::Contains("largest weight 1e+308"));
+  // The same from a user schedule, a compile-time one converted, and the JSON-like path of from().
+  raw_schedule r{{{4, 1e308}, {8, 1e-20}}, 8};
+  CHECK_THROWS_AS(hsae::normalized_rank_weights<double>(r), hsae::config_error);
+  CHECK_THROWS_AS(hsae::dynamic_k_schedule::from(r), hsae::config_error);
+}
+
+TEST_CASE("normalized_rank_weights checks a user schedule before indexing by its ks", "[k_schedule][errors]") {
+  using hsae::config_error;
+  using hsae::normalized_rank_weights;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double inf = std::numeric_limits<double>::infinity();
+  const auto message = [](const raw_schedule& r) -> std::string {
+    try {
+      (void)normalized_rank_weights<double>(r);
+    } catch (const config_error& e) {
+      return e.what();
+    }
+    return "<no exception>";
+  };
+  CHECK(normalized_rank_weights<double>(raw_schedule{{{2, 1.0}, {4, 3.0}}, 4}) ==
+        std::vector<double>{0, 0.25, 0, 0.75});
+  CHECK_THAT(message(raw_schedule{{}, 0}), Catch::Contains("empty"));
+  CHECK_THAT(message(raw_schedule{{{0, 1.0}, {4, 1.0}}, 4}), Catch::Contains("level 0 has k=0"));
+  CHECK_THAT(message(raw_schedule{{{4, 1.0}, {2, 1.0}}, 4}), Catch::Contains("not strictly increasing"));
+  CHECK_THAT(message(raw_schedule{{{2, 1.0}, {9, 1.0}}, 4}),
+             Catch::Contains("k_max()=4 differs from its last level's k=9"));
+  CHECK_THAT(message(raw_schedule{{{2, 1.0}, {4, nan}}, 4}), Catch::Contains("(k=4) has weight nan"));
+  CHECK_THAT(message(raw_schedule{{{2, inf}, {4, 1.0}}, 4}), Catch::Contains("(k=2) has weight inf"));
+  CHECK_THAT(message(raw_schedule{{{2, -1.0}, {4, 1.0}}, 4}), Catch::Contains("positive and finite"));
 }

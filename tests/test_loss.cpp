@@ -310,6 +310,33 @@ TEMPLATE_TEST_CASE("the weighted schedule loss is the weighted mean of its level
   CHECK(st.level_sse[1] != st.level_sse[2]);
 }
 
+TEMPLATE_TEST_CASE("weights whose sum overflows a double give the loss of their ratios, not 0", "[loss]", float,
+                   double) {
+  // 1e308 + 1e308 overflowed to inf and every normalised weight was 0: loss and gradients 0.
+  using T = TestType;
+  using namespace hsae;
+  const int B = 5, D = 8, F = 24;
+  const auto m = random_model<T>(30, D, F);
+  const auto x = random_batch<T>(31, B, D);
+  const cpu_backend be;
+  const auto code = random_code<T>(32, B, F, 6);
+  const dynamic_k_schedule unit{{2, 1.0}, {6, 1.0}};
+  const dynamic_k_schedule huge{{2, 1e308}, {6, 1e308}};
+  loss_workspace<T> wu, wh;
+  sae_gradients<T> gu, gh;
+  gu.zeros_like(m);
+  gh.zeros_like(m);
+  const loss_stats su = hierarchical_loss_backward(be, m, x, code, unit, gu, wu);
+  const loss_stats sh = hierarchical_loss_backward(be, m, x, code, huge, gh, wh);
+  CHECK(su.loss > 0);
+  CHECK(sh.loss == su.loss);  // the same normalised weights {1/2, 1/2}, bitwise
+  CHECK(hierarchical_loss(be, m, x, code, huge, wh).loss == su.loss);
+  CHECK(bitwise_equal(wh.grad_values, wu.grad_values));
+  CHECK(bitwise_equal(gh.W_dec, gu.W_dec));
+  CHECK(bitwise_equal(gh.b_dec, gu.b_dec));
+  CHECK(gh.W_dec.cwiseAbs().maxCoeff() > 0);
+}
+
 // (d) -------------------------------------------------------------------------------
 TEMPLATE_TEST_CASE("a code wider than k_max uses only its first k_max ranks", "[loss]", float, double) {
   using T = TestType;

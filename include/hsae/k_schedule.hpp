@@ -12,11 +12,13 @@
 ///    hsae::config_error), for schedules read from config files.
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <concepts>
 #include <cstddef>
 #include <initializer_list>
+#include <limits>
 #include <utility>
 #include <vector>
 
@@ -50,10 +52,57 @@ constexpr bool strictly_increasing(const std::array<int, N>& a) {
   return true;
 }
 
+/// True when `w` is positive and finite (NaN fails both comparisons). Usable in constant
+/// expressions, unlike std::isfinite.
+constexpr bool positive_finite(double w) { return w > 0 && w <= std::numeric_limits<double>::max(); }
+
 template <class Array>
-constexpr bool all_positive(const Array& a) {
+constexpr bool all_positive_finite(const Array& a) {
   for (auto w : a)
-    if (!(w > 0)) return false;
+    if (!positive_finite(double(w))) return false;
+  return true;
+}
+
+/// The normalisation `w_l / W`, W = sum_l w_l, of positive finite weights. When W
+/// overflows (weights near DBL_MAX: {1e308, 1e308} would give {0, 0}), every weight is
+/// first divided by the largest one, so that the total lies in [1, levels]; otherwise
+/// the division is the plain w_l / W (`scale` = 1 divides exactly).
+struct weight_normalizer {
+  double scale = 1;  ///< each weight is divided by this before the total
+  double total = 0;  ///< the sum of the scaled weights
+
+  /// `weight(l)` for l in [0, n): the weights, positive and finite.
+  template <class Weight>
+  static constexpr weight_normalizer of(std::size_t n, const Weight& weight) {
+    constexpr double max = std::numeric_limits<double>::max();
+    weight_normalizer r;
+    bool overflow = false;
+    // Tested before adding: an overflowing sum is not a constant expression.
+    for (std::size_t l = 0; l < n && !overflow; ++l) {
+      const double w = double(weight(l));
+      overflow = w > max - r.total;
+      if (!overflow) r.total += w;
+    }
+    if (overflow) {
+      r.scale = 0;
+      for (std::size_t l = 0; l < n; ++l) r.scale = std::max(r.scale, double(weight(l)));
+      r.total = 0;
+      for (std::size_t l = 0; l < n; ++l) r.total += double(weight(l)) / r.scale;
+    }
+    return r;
+  }
+  /// The normalised weight of `w`, in (0, 1] unless it underflows to 0 (a weight below
+  /// about 5e-324 times the total).
+  constexpr double operator()(double w) const { return w / scale / total; }
+};
+
+/// True when every weight of `a` is positive, finite, and its normalised weight is not 0.
+template <class Array>
+constexpr bool normalizable(const Array& a) {
+  if (!all_positive_finite(a)) return false;
+  const auto norm = weight_normalizer::of(std::size(a), [&](std::size_t l) { return double(a[l]); });
+  for (auto w : a)
+    if (!(norm(double(w)) > 0)) return false;
   return true;
 }
 
@@ -90,8 +139,11 @@ struct weighted_k_schedule {
   static_assert(((Ks >= 1) && ...), "hsae::weighted_k_schedule: every k must be >= 1");
   static_assert(detail::strictly_increasing(std::array<int, sizeof...(Ks)>{Ks...}),
                 "hsae::weighted_k_schedule: prefix sizes must be strictly increasing");
-  static_assert(detail::all_positive(Weights),
-                "hsae::weighted_k_schedule: every weight must be > 0");
+  static_assert(detail::all_positive_finite(Weights),
+                "hsae::weighted_k_schedule: every weight must be positive and finite");
+  static_assert(!detail::all_positive_finite(Weights) || detail::normalizable(Weights),
+                "hsae::weighted_k_schedule: a weight is negligible next to the largest (its normalised weight "
+                "underflows to 0)");
 
   HSAE_HOST_DEVICE static constexpr std::size_t size() { return sizeof...(Ks); }
   HSAE_HOST_DEVICE static constexpr int k(std::size_t l) {
@@ -133,15 +185,63 @@ using top_k = k_schedule<K>;
 /// Weights of Multi-TopK (Gao et al. 2024): (k, 1) and (4k, 1/8).
 inline constexpr std::array<double, 2> multi_topk_weights{1.0, 0.125};
 
-/// Multi-TopK: levels (k, 1), (4k, 1/8); k_max = 4k.
+/// Largest k of Multi-TopK: its second level 4k must fit in an int.
+inline constexpr int multi_topk_max_k = std::numeric_limits<int>::max() / 4;
+
+namespace detail {
 template <int K>
-using multi_topk = weighted_k_schedule<multi_topk_weights, K, 4 * K>;
+struct multi_topk_impl {
+  static constexpr bool fits = K >= 1 && K <= multi_topk_max_k;
+  static_assert(fits, "hsae::multi_topk: k must be in [1, multi_topk_max_k = INT_MAX / 4] (4k must fit in an int)");
+  // 4 * K only when it fits: the static_assert above is then the only error.
+  using type = weighted_k_schedule<multi_topk_weights, (fits ? K : 1), (fits ? 4 * K : 4)>;
+};
+}  // namespace detail
+
+/// Multi-TopK: levels (k, 1), (4k, 1/8); k_max = 4k. `K <= multi_topk_max_k`.
+template <int K>
+using multi_topk = typename detail::multi_topk_impl<K>::type;
+
+namespace detail {
+
+/// Checks what the loss relies on for any schedule type: at least one level, every k
+/// >= 1 and strictly increasing, k_max() the last k, every weight positive and finite,
+/// and no normalised weight 0. O(levels). \throws hsae::config_error naming the level.
+template <k_schedule_like S>
+void check_schedule(const S& s) {
+  const std::size_t n = std::size_t(s.size());
+  expects<config_error>(n > 0, "k-schedule is empty: it needs at least one (k, weight) level");
+  for (std::size_t l = 0; l < n; ++l) {
+    const int k = int(s.k(l));
+    const double w = double(s.weight(l));
+    expects<config_error>(k >= 1, "k-schedule level ", l, " has k=", k, "; every k must be >= 1");
+    expects<config_error>(positive_finite(w), "k-schedule level ", l, " (k=", k, ") has weight ", w,
+                          "; weights must be positive and finite");
+    if (l > 0)
+      expects<config_error>(k > int(s.k(l - 1)), "k-schedule is not strictly increasing: level ", l, " has k=", k,
+                            " after k=", int(s.k(l - 1)));
+  }
+  expects<config_error>(int(s.k_max()) == int(s.k(n - 1)), "k-schedule's k_max()=", int(s.k_max()),
+                        " differs from its last level's k=", int(s.k(n - 1)));
+  const auto norm = weight_normalizer::of(n, [&](std::size_t l) { return double(s.weight(l)); });
+  for (std::size_t l = 0; l < n; ++l)
+    if (!(norm(double(s.weight(l))) > 0)) [[unlikely]] {
+      double largest = 0;
+      for (std::size_t i = 0; i < n; ++i) largest = std::max(largest, double(s.weight(i)));
+      throw_error<config_error>("k-schedule level ", l, " (k=", int(s.k(l)), ") has weight ", double(s.weight(l)),
+                                ", negligible next to the largest weight ", largest,
+                                ": its normalised weight underflows to 0");
+    }
+}
+
+}  // namespace detail
 
 /// Run-time schedule, validated on construction.
 class dynamic_k_schedule {
  public:
   /// \throws hsae::config_error if `levels` is empty, a k is < 1, the ks are not
-  ///         strictly increasing, or a weight is not a positive finite number.
+  ///         strictly increasing, a weight is not a positive finite number, or a weight
+  ///         is so small next to the largest that its normalised weight is 0.
   explicit dynamic_k_schedule(std::vector<schedule_level> levels) : levels_(std::move(levels)) {
     validate();
   }
@@ -182,7 +282,12 @@ class dynamic_k_schedule {
     return subset(ks);
   }
   /// Multi-TopK: (k, 1), (4k, 1/8).
-  static dynamic_k_schedule multi_topk(int k) { return dynamic_k_schedule({{k, 1.0}, {4 * k, 0.125}}); }
+  /// \throws hsae::config_error unless 1 <= k <= multi_topk_max_k (4k must fit in an int).
+  static dynamic_k_schedule multi_topk(int k) {
+    detail::expects<config_error>(k >= 1 && k <= multi_topk_max_k, "multi_topk: k=", k, " must be in [1, ",
+                                  multi_topk_max_k, "] (its second level is 4k, which must fit in an int)");
+    return dynamic_k_schedule({{k, 1.0}, {4 * k, 0.125}});
+  }
 
   std::size_t size() const { return levels_.size(); }
   int k(std::size_t l) const { return levels_[l].k; }
@@ -193,29 +298,20 @@ class dynamic_k_schedule {
   friend bool operator==(const dynamic_k_schedule&, const dynamic_k_schedule&) = default;
 
  private:
-  void validate() const {
-    detail::expects<config_error>(!levels_.empty(), "k-schedule is empty: it needs at least one (k, weight) level");
-    for (std::size_t l = 0; l < levels_.size(); ++l) {
-      const auto& lv = levels_[l];
-      detail::expects<config_error>(lv.k >= 1, "k-schedule level ", l, " has k=", lv.k, "; every k must be >= 1");
-      detail::expects<config_error>(std::isfinite(lv.weight) && lv.weight > 0, "k-schedule level ", l, " (k=", lv.k,
-                                    ") has weight ", lv.weight, "; weights must be positive and finite");
-      if (l > 0)
-        detail::expects<config_error>(lv.k > levels_[l - 1].k, "k-schedule is not strictly increasing: level ", l,
-                                      " has k=", lv.k, " after k=", levels_[l - 1].k);
-    }
-  }
+  void validate() const { detail::check_schedule(*this); }
   std::vector<schedule_level> levels_;
 };
 
 /// Per-rank weights `omega_j / W` for j = 1..k_max (stored at [j-1]): the weight of
-/// the prefix-j squared error in the loss, normalised by the total weight W.
+/// the prefix-j squared error in the loss, normalised by the total weight W (computed
+/// without overflow: see detail::weight_normalizer). They sum to 1.
+/// \throws hsae::config_error if `s` is not a valid schedule (detail::check_schedule).
 template <class Acc, k_schedule_like S>
 std::vector<Acc> normalized_rank_weights(const S& s) {
+  detail::check_schedule(s);
   std::vector<Acc> omega(std::size_t(s.k_max()), Acc(0));
-  double total = 0;
-  for (std::size_t l = 0; l < s.size(); ++l) total += s.weight(l);
-  for (std::size_t l = 0; l < s.size(); ++l) omega[std::size_t(s.k(l) - 1)] = Acc(s.weight(l) / total);
+  const auto norm = detail::weight_normalizer::of(s.size(), [&](std::size_t l) { return double(s.weight(l)); });
+  for (std::size_t l = 0; l < s.size(); ++l) omega[std::size_t(s.k(l) - 1)] = Acc(norm(double(s.weight(l))));
   return omega;
 }
 

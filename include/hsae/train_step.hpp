@@ -27,6 +27,11 @@ struct step_options {
   bool use_auxk = true;
   /// Reject a batch holding NaN/Inf (one O(B*D) scan).
   bool check_finite = true;
+
+  /// Checks every setting: those of `auxk` (auxk_options::validate), whether or not
+  /// use_auxk is set. A few comparisons; train_step calls it first.
+  /// \throws hsae::config_error naming the field and its value.
+  void validate() const { auxk.validate(); }
 };
 
 /// Everything one step reads and writes besides the model and optimizer; reuse it
@@ -51,11 +56,13 @@ struct step_stats {
 
 /// One training step on the batch `x [B, d_model]` under `schedule` (k_max = K).
 /// \throws hsae::shape_error on a batch of the wrong width, hsae::config_error if
-///         K > d_sae, hsae::numeric_error if the batch holds NaN/Inf (nothing is
-///         changed then).
+///         K > d_sae or `so` is invalid (step_options::validate, checked on every
+///         step, dead latents or not), hsae::numeric_error if the batch holds NaN/Inf
+///         (nothing is changed then).
 template <cpu_scalar T, int F, k_schedule_like S>
 step_stats train_step(const cpu_backend& be, sae<T, F>& m, adam<T, F>& opt, dead_latent_tracker& dead, cref<T> x,
                       const S& schedule, train_workspace<T, F>& ws, const step_options& so = {}) {
+  so.validate();
   cpu::detail::check_batch(m, x);
   const int K = schedule.k_max();
   detail::expects<config_error>(K <= m.d_sae(), "k_max=", K, " exceeds d_sae=", m.d_sae());

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -30,6 +31,14 @@ struct auxk_options {
   double alpha = 1.0 / 32.0;
 
   int resolved_k_aux(int d_model) const { return k_aux > 0 ? k_aux : std::max(1, std::min(512, d_model / 2)); }
+
+  /// Checks the settings up front (AuxK itself first runs when a latent dies, maybe
+  /// hours into a run): alpha must be finite and >= 0; every k_aux is valid.
+  /// \throws hsae::config_error naming the field and its value.
+  void validate() const {
+    detail::expects<config_error>(std::isfinite(alpha) && alpha >= 0,
+                                  "auxk_options.alpha must be finite and >= 0, got ", alpha);
+  }
 };
 
 template <cpu_scalar T>
@@ -49,14 +58,17 @@ struct auxk_workspace {
 /// \param pre       ReLU'd pre-activations [B, d_sae] of this batch (from `encode`).
 /// \param residual  x - xhat_K [B, d_model] (`loss_workspace::residual`).
 /// \param dead      dead latents, ascending (`dead_latent_tracker::dead_latents()`).
+/// \throws hsae::shape_error if x, pre, residual or any array of `grads` does not fit
+///         the model, hsae::config_error on invalid options or dead-latent ids.
 template <cpu_scalar T, int F>
 double auxk_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x, cref<T> pre, cref<T> residual,
                      const std::vector<index_t>& dead, const auxk_options& opt, sae_gradients<T, F>& grads,
                      auxk_workspace<T>& ws) {
+  opt.validate();
   cpu::detail::check_batch(m, x);
   detail::expect_shape("pre-activations", pre.rows(), pre.cols(), x.rows(), m.d_sae());
   detail::expect_shape("residual", residual.rows(), residual.cols(), x.rows(), m.d_model());
-  detail::expects<config_error>(opt.alpha >= 0, "auxk: alpha must be >= 0, got ", opt.alpha);
+  cpu::detail::check_gradients(m, grads, cpu::detail::grad_all);
   const int k_aux = opt.resolved_k_aux(m.d_model());
   const auto n_dead = std::int64_t(dead.size());
   if (n_dead == 0 || opt.alpha == 0) return 0.0;

@@ -63,18 +63,47 @@ struct loss_workspace {
 
 namespace cpu::detail {
 
+/// A code for the batch `x`: as many rows, values and indices of one shape, every
+/// index in [0, d_sae).
+template <class T, int F>
+void check_code(const sae<T, F>& m, cref<T> x, const sparse_code<T>& code) {
+  ::hsae::detail::expects<shape_error>(code.rows() == x.rows(), "the code has ", code.rows(),
+                                       " rows but the batch has ", x.rows());
+  ::hsae::detail::expects<shape_error>(
+      code.indices.rows() == code.values.rows() && code.indices.cols() == code.values.cols(), "the code's values [",
+      code.values.rows(), ", ", code.values.cols(), "] and indices [", code.indices.rows(), ", ", code.indices.cols(),
+      "] differ in shape");
+  ::hsae::detail::expects<shape_error>(
+      (code.indices.array() >= 0).all() && (code.indices.array() < m.d_sae()).all(),
+      "the code holds a latent index outside [0, d_sae=", m.d_sae(), ")");
+}
+
+/// Which arrays of an sae_gradients a function reads or writes.
+enum gradient_arrays : unsigned { grad_W_enc = 1, grad_b_enc = 2, grad_W_dec = 4, grad_b_dec = 8, grad_all = 15 };
+
+/// The arrays of `g` named by `which` are shaped like the parameters of `m`.
+template <class T, int F>
+void check_gradients(const sae<T, F>& m, const sae_gradients<T, F>& g, unsigned which) {
+  using ::hsae::detail::expect_shape;
+  using ::hsae::detail::expects;
+  if (which & grad_W_enc) expect_shape("W_enc gradient", g.W_enc.rows(), g.W_enc.cols(), m.d_sae(), m.d_model());
+  if (which & grad_W_dec) expect_shape("W_dec gradient", g.W_dec.rows(), g.W_dec.cols(), m.d_sae(), m.d_model());
+  if (which & grad_b_enc)
+    expects<shape_error>(g.b_enc.size() == m.d_sae(), "b_enc gradient has shape [", g.b_enc.size(), "], expected [",
+                         m.d_sae(), "] (d_sae)");
+  if (which & grad_b_dec)
+    expects<shape_error>(g.b_dec.size() == m.d_model(), "b_dec gradient has shape [", g.b_dec.size(), "], expected [",
+                         m.d_model(), "] (d_model)");
+}
+
 template <class T, int F, class S>
 void check_loss_inputs(const sae<T, F>& m, cref<T> x, const sparse_code<T>& code, const S& schedule) {
   check_batch(m, x);
-  ::hsae::detail::expects<shape_error>(code.rows() == x.rows(), "the code has ", code.rows(),
-                                       " rows but the batch has ", x.rows());
+  check_code(m, x, code);
   ::hsae::detail::expects<config_error>(schedule.k_max() <= code.k(), "the k-schedule's k_max=", schedule.k_max(),
                                         " exceeds the code's k=", code.k());
   ::hsae::detail::expects<config_error>(schedule.k_max() <= m.d_sae(), "the k-schedule's k_max=", schedule.k_max(),
                                         " exceeds d_sae=", m.d_sae());
-  ::hsae::detail::expects<shape_error>(
-      (code.indices.array() >= 0).all() && (code.indices.array() < m.d_sae()).all(),
-      "the code holds a latent index outside [0, d_sae=", m.d_sae(), ")");
 }
 
 /// One pass over the rows; `Backward` adds the decoder-side gradients.
@@ -93,9 +122,7 @@ loss_stats schedule_loss(const cpu_backend& be, const sae<T, F>& m, cref<T> x, c
   ws.level_err.resize(B, Eigen::Index(levels));
   ws.residual.resize(B, D);
   if constexpr (Backward) {
-    ::hsae::detail::expect_shape("W_dec gradient", grads->W_dec.rows(), grads->W_dec.cols(), m.d_sae(), D);
-    ::hsae::detail::expects<shape_error>(grads->b_dec.size() == D, "b_dec gradient has ", grads->b_dec.size(),
-                                         " entries, expected d_model=", D);
+    check_gradients(m, *grads, grad_W_dec | grad_b_dec);
     ws.grad_values.setZero(B, kc);
     ws.bias_rows.resize(B, D);
     ws.pairs.build(code.indices, m.d_sae());
@@ -195,10 +222,9 @@ HSAE_SIMD_SUM(dot)
   for (std::size_t l = 0; l < levels; ++l) st.level_k[l] = schedule.k(l);
   for (Eigen::Index b = 0; b < B; ++b)
     for (std::size_t l = 0; l < levels; ++l) st.level_sse[l] += ws.level_err(b, Eigen::Index(l));
-  double wsum = 0;
-  for (std::size_t l = 0; l < levels; ++l) wsum += schedule.weight(l);
+  // The normalised level weights w_l / W, as the backward used them (no overflow of W).
   for (std::size_t l = 0; l < levels; ++l)
-    st.loss += schedule.weight(l) / wsum * st.level_sse[l] / (double(B) * double(D));
+    st.loss += omega[std::size_t(schedule.k(l) - 1)] * st.level_sse[l] / (double(B) * double(D));
   if constexpr (Backward) grads->b_dec.noalias() += ws.bias_rows.colwise().sum().transpose();
   return st;
 }
@@ -218,6 +244,8 @@ loss_stats hierarchical_loss(const cpu_backend& be, const sae<T, F>& m, cref<T> 
 /// and the decoder-side dL/db_dec to `grads.b_dec`; leaves dL/dv [B, code.k()] in
 /// `ws.grad_values` (zero beyond k_max) and x - xhat_K in `ws.residual`. Follow with
 /// `encoder_backward(be, m, x, code, ws.grad_values, grads, ws.pairs)`.
+/// \throws as `hierarchical_loss`, and hsae::shape_error if `grads.W_dec` or
+///         `grads.b_dec` is not shaped like the model's.
 template <cpu_scalar T, int F, k_schedule_like S>
 loss_stats hierarchical_loss_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x,
                                       const sparse_code<T>& code, const S& schedule, sae_gradients<T, F>& grads,
@@ -230,16 +258,16 @@ loss_stats hierarchical_loss_backward(const cpu_backend& be, const sae<T, F>& m,
 /// adds `W_enc[f] += sum dpre (x_b - b_dec)`, `b_enc[f] += sum dpre` and the pre-bias
 /// term `b_dec -= sum dpre W_enc[f]`. Only the B*k selected pairs are visited
 /// (O(B*k*D), no dense [B,F] x [B,D] product). `pairs` is (re)built from the code.
+/// \throws hsae::shape_error on a batch of the wrong width, a code that does not fit
+///         the batch or the model, `grad_values` not [B, code.k()], or `grads.W_enc`,
+///         `grads.b_enc` or `grads.b_dec` not shaped like the model's.
 template <cpu_scalar T, int F>
 void encoder_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
                       cref<T> grad_values, sae_gradients<T, F>& grads, cpu::latent_pairs& pairs) {
   cpu::detail::check_batch(m, x);
+  cpu::detail::check_code(m, x, code);
   detail::expect_shape("grad_values", grad_values.rows(), grad_values.cols(), code.rows(), code.k());
-  detail::expects<shape_error>(code.rows() == x.rows(), "the code has ", code.rows(), " rows but the batch has ",
-                               x.rows());
-  detail::expect_shape("W_enc gradient", grads.W_enc.rows(), grads.W_enc.cols(), m.d_sae(), m.d_model());
-  detail::expects<shape_error>((code.indices.array() >= 0).all() && (code.indices.array() < m.d_sae()).all(),
-                               "the code holds a latent index outside [0, d_sae=", m.d_sae(), ")");
+  cpu::detail::check_gradients(m, grads, cpu::detail::grad_W_enc | cpu::detail::grad_b_enc | cpu::detail::grad_b_dec);
   const int kc = code.k(), D = m.d_model();
   pairs.build(code.indices, m.d_sae());
   vector<T> gsum = vector<T>::Zero(m.d_sae());

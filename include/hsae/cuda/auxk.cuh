@@ -43,6 +43,7 @@ void run_auxk_backward(const cuda_backend& be, const device_sae<T, F>& m,
                        device_matrix_view<const float> residual, std::int64_t n_dead, const int* n_dead_device,
                        const auxk_options& opt, device_gradients<F>& grads, device_auxk_workspace& ws) {
   using ::hsae::detail::expects;
+  opt.validate();
   m.check_shapes();
   const int D = m.d_model();
   expects<shape_error>(x.cols == D && x.rows >= 1, "the batch has shape [", x.rows, ", ", x.cols,
@@ -55,8 +56,7 @@ void run_auxk_backward(const cuda_backend& be, const device_sae<T, F>& m,
       "the AuxK code's values and indices differ in shape");
   ::hsae::detail::expect_shape("W_dec gradient", grads.W_dec.rows(), grads.W_dec.cols(), m.d_sae(), D);
   ::hsae::detail::expect_shape("W_enc gradient", grads.W_enc.rows(), grads.W_enc.cols(), m.d_sae(), D);
-  expects<shape_error>(grads.b_enc.size() == std::size_t(m.d_sae()) && grads.b_dec.size() == std::size_t(D),
-                       "bias gradients do not match the model");
+  check_bias_gradients(m, grads);
   ws.grad_values.resize(be, x.rows, aux_code.k());
   ws.loss.resize(be, 1);
   cuda::detail::auxk_args<T> a;

@@ -126,6 +126,16 @@ void check_loss_shapes(const device_sae<T, F>& m, device_matrix_view<const std::
   expects<config_error>(k_max <= m.d_sae(), "the k-schedule's k_max=", k_max, " exceeds d_sae=", m.d_sae());
 }
 
+/// `grads.b_enc` [d_sae] and `grads.b_dec` [d_model], as the model's biases.
+template <class T, int F>
+void check_bias_gradients(const device_sae<T, F>& m, const device_gradients<F>& grads) {
+  using ::hsae::detail::expects;
+  expects<shape_error>(grads.b_enc.size() == std::size_t(m.d_sae()), "b_enc gradient has shape [", grads.b_enc.size(),
+                       "], expected [", m.d_sae(), "] (d_sae)");
+  expects<shape_error>(grads.b_dec.size() == std::size_t(m.d_model()), "b_dec gradient has shape [",
+                       grads.b_dec.size(), "], expected [", m.d_model(), "] (d_model)");
+}
+
 template <class T, int F, class S>
 void run_schedule_loss(const cuda_backend& be, const device_sae<T, F>& m,
                        device_matrix_view<const std::type_identity_t<T>> x, const device_code& code, const S& schedule,
@@ -157,8 +167,8 @@ void run_schedule_loss(const cuda_backend& be, const device_sae<T, F>& m,
   a.staging_bytes = ws.staging_bytes;
   if (grads != nullptr) {
     ::hsae::detail::expect_shape("W_dec gradient", grads->W_dec.rows(), grads->W_dec.cols(), m.d_sae(), D);
-    ::hsae::detail::expects<shape_error>(grads->b_dec.size() == std::size_t(D), "b_dec gradient has ",
-                                         grads->b_dec.size(), " entries, expected d_model=", D);
+    ::hsae::detail::expects<shape_error>(grads->b_dec.size() == std::size_t(D), "b_dec gradient has shape [",
+                                         grads->b_dec.size(), "], expected [", D, "] (d_model)");
     ws.grad_values.resize(be, B, kc);
     a.backward = true;
     a.grad_values = ws.grad_values.data();
@@ -208,8 +218,7 @@ void encoder_backward(const cuda_backend& be, const device_sae<T, F>& m,
   cuda::detail::check_loss_shapes(m, x, code, 1);
   ::hsae::detail::expect_shape("grad_values", grad_values.rows, grad_values.cols, code.rows(), code.k());
   ::hsae::detail::expect_shape("W_enc gradient", grads.W_enc.rows(), grads.W_enc.cols(), m.d_sae(), m.d_model());
-  expects<shape_error>(grads.b_enc.size() == std::size_t(m.d_sae()) && grads.b_dec.size() == std::size_t(m.d_model()),
-                       "bias gradients do not match the model");
+  cuda::detail::check_bias_gradients(m, grads);
   expects<shape_error>(std::int64_t(code.rows()) * code.k() <= std::int64_t(INT32_MAX),
                        "B*k=", std::int64_t(code.rows()) * code.k(), " pairs exceed 2^31-1");
   cuda::detail::encoder_backward_args<T> a;

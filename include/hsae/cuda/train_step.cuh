@@ -97,6 +97,7 @@ template <class T, int F, class S>
 void check_train_step(const device_sae<T, F>& m, const device_dead_latent_tracker& dead,
                       device_matrix_view<const T> x, const S& schedule, const step_options& so) {
   using ::hsae::detail::expects;
+  so.validate();
   m.check_shapes();
   expects<shape_error>(x.cols == m.d_model(), "batch has width ", x.cols, ", expected d_model=", m.d_model(),
                        " (batch shape [", x.rows, ", ", x.cols, "])");
@@ -108,7 +109,6 @@ void check_train_step(const device_sae<T, F>& m, const device_dead_latent_tracke
   expects<shape_error>(dead.d_sae() == m.d_sae(), "cuda train_step: the dead-latent tracker has ", dead.d_sae(),
                        " latents, the model d_sae=", m.d_sae());
   if (so.use_auxk) {
-    expects<config_error>(so.auxk.alpha >= 0, "auxk: alpha must be >= 0, got ", so.auxk.alpha);
     const int ka = std::min(so.auxk.resolved_k_aux(m.d_model()), m.d_sae());
     // alpha = 0 never runs AuxK (as on the CPU), so any k_aux is accepted then.
     expects<config_error>(so.auxk.alpha == 0 || ka <= cuda_topk_max_k_aux, "auxk: k_aux=", ka, " exceeds the GPU top-k's AuxK maximum ",
@@ -129,7 +129,8 @@ void check_train_step(const device_sae<T, F>& m, const device_dead_latent_tracke
 /// Determinism: with `be.deterministic` (the default) the step is bitwise reproducible
 /// run to run on one device (cuBLAS's GEMM for a fixed algorithm; no float atomics).
 /// \throws hsae::shape_error on a batch of the wrong width or an empty batch,
-///         hsae::config_error if K > d_sae, K > cuda_topk_max_k, a negative AuxK alpha,
+///         hsae::config_error if K > d_sae, K > cuda_topk_max_k, an invalid `so`
+///         (step_options::validate: e.g. an AuxK alpha that is negative, NaN or Inf),
 ///         or min(k_aux, d_sae) > cuda_topk_max_k_aux. A non-finite batch is reported by
 ///         `read_step_stats` (see the file comment).
 template <class T, int F, k_schedule_like S>
