@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// Dead-latent tracking and the AuxK loss (OBJECTIVE.md, Gao et al. 2024) against
+// Dead-latent tracking and the AuxK loss (docs/OBJECTIVE.md, Gao et al. 2024) against
 // hand-computed references: which latents are dead, which dead latents AuxK selects,
 // its loss (decoded WITHOUT b_dec, normalised by the residual's variance, scaled by
 // alpha * min(n_dead / k_aux, 1)), and where its gradient goes.

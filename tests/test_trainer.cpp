@@ -419,6 +419,14 @@ TEST_CASE("trainer: options are checked at construction, not hours into a run", 
                  Catch::Contains(std::string(field) + "=1099511627776") && Catch::Contains("more than this machine"));
     }
   }
+  SECTION("AuxK settings (used only once a latent dies)") {
+    for (const double alpha : {std::nan(""), HUGE_VAL, -1.0}) {
+      trainer_options o = small_run();
+      o.step.auxk.alpha = alpha;
+      CHECK_THAT(message_of([&] { tr_t(be, sae<float>(24, 32), top_k<4>{}, o); }),
+                 Catch::Contains("auxk_options.alpha must be finite and >= 0"));
+    }
+  }
   SECTION("a checkpoint path that cannot be written") {
     hsae_test::temp_dir tmp;
     trainer_options o = small_run();

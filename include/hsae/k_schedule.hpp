@@ -3,7 +3,7 @@
 /// k-schedules: the prefix sizes (with weights) that the HierarchicalTopK loss averages.
 ///
 /// A schedule is a list of levels `(k_l, w_l)` with `1 <= k_1 < ... < k_m = k_max` and
-/// `w_l > 0` (OBJECTIVE.md). Two forms share one concept, `k_schedule_like`:
+/// `w_l > 0` (docs/OBJECTIVE.md). Two forms share one concept, `k_schedule_like`:
 ///  - compile time: `k_schedule<8, 16, 32, 64>` (uniform weights),
 ///    `weighted_k_schedule<Weights, Ks...>` (weights from a `constexpr std::array`),
 ///    and the aliases `all_prefixes<K>`, `top_k<K>`, `multi_topk<k>`; violations are

@@ -154,6 +154,7 @@ struct trainer_options {
     adam_options a = adam;
     if (a.total_steps == 0) a.total_steps = steps();
     a.validate();
+    step.validate();
   }
   /// ceil(total_tokens / batch_size), without overflow for any valid options.
   std::int64_t steps() const { return total_tokens / batch_size + (total_tokens % batch_size != 0); }

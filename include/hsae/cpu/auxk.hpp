@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cpu/auxk.hpp
-/// AuxK (Gao et al. 2024) as OBJECTIVE.md defines it: the top-k_aux pre-activations
+/// AuxK (Gao et al. 2024) as docs/OBJECTIVE.md defines it: the top-k_aux pre-activations
 /// among dead latents reconstruct the main residual e = x - xhat_K (detached), decoded
 /// *without* b_dec; the loss is that reconstruction's squared error over the residual's
 /// total variance sum_b ||e_b - mean(e)||^2, times alpha, times min(n_dead / k_aux, 1).

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cpu/loss.hpp
 /// The weighted k-schedule (HierarchicalTopK) loss on the CPU: forward, decoder-side
-/// backward, and the sparse encoder backward. Formulas: ../shared/docs/OBJECTIVE.md.
+/// backward, and the sparse encoder backward. Formulas: docs/OBJECTIVE.md.
 ///
 /// Cost. Forward and backward stream over the ranks of each row, keeping one running
 /// residual and one running suffix sum (O(D) per row, never a [B, K, D] tensor):
