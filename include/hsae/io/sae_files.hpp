@@ -252,6 +252,13 @@ inline std::optional<bool> saelens_version_at_least_6(std::string_view v) {
   return true;
 }
 
+/// An hsae::error's message without its "hsae: " prefix, to quote it inside another one.
+inline std::string_view without_hsae_prefix(std::string_view what) {
+  constexpr std::string_view prefix = "hsae: ";
+  if (what.starts_with(prefix)) what.remove_prefix(prefix.size());
+  return what;
+}
+
 inline nlohmann::json schedule_to_json(const dynamic_k_schedule& s) {
   nlohmann::json ks = nlohmann::json::array(), ws = nlohmann::json::array();
   for (std::size_t l = 0; l < s.size(); ++l) {
@@ -279,7 +286,7 @@ inline dynamic_k_schedule schedule_from_json(const nlohmann::json& j, const file
   try {
     return dynamic_k_schedule(std::move(lv));
   } catch (const config_error& e) {
-    fail("malformed hsae_k_schedule: ", e.what());
+    fail("malformed hsae_k_schedule: ", without_hsae_prefix(e.what()));
   }
 }
 

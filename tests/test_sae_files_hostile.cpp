@@ -1,0 +1,131 @@
+// SPDX-License-Identifier: Apache-2.0
+// SAE directories (io/sae_files.hpp) against hostile input and interrupted saves: config
+// shapes checked against the tensors before anything is allocated, folds that overflow,
+// schedules wider than the SAE, SAELens metadata of the wrong JSON type, symlink loops and
+// unwritable destinations, saves that fail (or the process dies) at every step, and the
+// temporaries a killed writer leaves. Every message is checked for a single "hsae: ".
+#include <catch2/catch.hpp>
+
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <hsae/io/sae_files.hpp>
+#include <hsae/rng.hpp>
+
+#include "test_util.hpp"
+
+namespace {
+
+namespace fs = std::filesystem;
+using hsae::safetensors_dtype;
+using json = nlohmann::json;
+using Catch::Contains;
+using Catch::StartsWith;
+
+template <class T = float>
+hsae::sae<T> random_sae(int d, int f, std::uint64_t seed) {
+  hsae::sae<T> m(d, f);
+  hsae::rng g(seed);
+  for (Eigen::Index i = 0; i < m.W_enc.size(); ++i) m.W_enc.data()[i] = T(g.normal());
+  for (Eigen::Index i = 0; i < m.W_dec.size(); ++i) m.W_dec.data()[i] = T(g.normal());
+  for (Eigen::Index i = 0; i < m.b_enc.size(); ++i) m.b_enc(i) = T(0.3 * g.normal());
+  for (Eigen::Index i = 0; i < m.b_dec.size(); ++i) m.b_dec(i) = T(0.5 * g.normal());
+  return m;
+}
+
+std::span<const std::byte> as_bytes(const std::string& s) {
+  return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
+}
+
+/// The message of the hsae::error `fn` throws, "" if none; fails the test on any other
+/// exception and on a doubled "hsae: " prefix.
+template <class Fn>
+std::string error_of(Fn&& fn) {
+  std::string what;
+  try {
+    fn();
+  } catch (const hsae::error& e) {
+    what = e.what();
+  }
+  CHECK_THAT(what, !Contains("hsae: hsae:"));
+  return what;
+}
+
+/// A safetensors file in memory from (name, tensor) pairs, all F32.
+struct tensors {
+  hsae::safetensors_writer w;
+  template <class M>
+  tensors& add(const char* name, const M& m) {
+    w.add(name, m);
+    return *this;
+  }
+  std::string bytes() const {
+    const auto b = w.serialize();
+    return std::string(reinterpret_cast<const char*>(b.data()), b.size());
+  }
+};
+
+/// A SAELens file pair in memory: the hsae model `m` in SAELens orientation and `cfg`.
+struct saelens_files {
+  hsae::row_matrix<float> W_enc_t;
+  hsae::sae<float> m;
+  std::string weights;
+  explicit saelens_files(const hsae::sae<float>& model) : W_enc_t(model.W_enc.transpose()), m(model) {
+    weights = tensors{}.add("W_enc", W_enc_t).add("W_dec", m.W_dec).add("b_enc", m.b_enc).add("b_dec", m.b_dec).bytes();
+  }
+};
+
+json saelens_cfg(int d, int f, int k) {
+  return {{"architecture", "topk"}, {"d_in", d},           {"d_sae", f},
+          {"k", k},                 {"dtype", "float32"},  {"metadata", {{"sae_lens_version", "6.54.12"}}}};
+}
+
+json sparsify_cfg(int d, int f, int k) {
+  return {{"activation", "topk"}, {"d_in", d}, {"num_latents", f}, {"k", k}};
+}
+
+std::string saelens_error(const json& cfg, const std::string& weights) {
+  return error_of([&] { hsae::load_saelens_buffers(cfg.dump(), as_bytes(weights), "C.json", "W.safetensors"); });
+}
+
+std::string sparsify_error(const json& cfg, const std::string& weights) {
+  return error_of([&] { hsae::load_sparsify_buffers(cfg.dump(), as_bytes(weights), "C.json", "W.safetensors"); });
+}
+
+std::string sparsify_weights(const hsae::sae<float>& m) {
+  return tensors{}
+      .add("encoder.weight", m.W_enc)
+      .add("encoder.bias", m.b_enc)
+      .add("W_dec", m.W_dec)
+      .add("b_dec", m.b_dec)
+      .bytes();
+}
+
+}  // namespace
+
+TEST_CASE("schedule errors from cfg.json carry one 'hsae: ' prefix", "[sae_files][hostile]") {
+  const saelens_files f(random_sae(4, 10, 1));
+  json cfg = saelens_cfg(4, 10, 3);
+  cfg["metadata"]["hsae_k_schedule"] = {{"k", {3, 2}}, {"weight", {1, 1}}};
+  const std::string e = saelens_error(cfg, f.weights);
+  CHECK_THAT(e, Contains("hsae: SAELens config 'C.json': malformed hsae_k_schedule: ") &&
+                    Contains("not strictly increasing"));
+  CHECK(e.find("hsae: ", 1) == std::string::npos);
+  json scfg = sparsify_cfg(4, 10, 3);
+  scfg["hsae_k_schedule"] = {{"k", {1, 2}}, {"weight", {1, -1}}};
+  const std::string es = sparsify_error(scfg, sparsify_weights(f.m));
+  CHECK_THAT(es, StartsWith("hsae: sparsify config 'C.json': malformed hsae_k_schedule: "));
+  CHECK(es.find("hsae: ", 1) == std::string::npos);
+}
