@@ -129,3 +129,31 @@ TEST_CASE("schedule errors from cfg.json carry one 'hsae: ' prefix", "[sae_files
   CHECK_THAT(es, StartsWith("hsae: sparsify config 'C.json': malformed hsae_k_schedule: "));
   CHECK(es.find("hsae: ", 1) == std::string::npos);
 }
+
+TEST_CASE("a stored k-schedule wider than the SAE is refused", "[sae_files][hostile]") {
+  const saelens_files f(random_sae(4, 10, 2));
+  const json wide = {{"k", {2, 12}}, {"weight", {1, 1}}};
+  SECTION("SAELens: in the config's metadata") {
+    json cfg = saelens_cfg(4, 10, 3);
+    cfg["metadata"]["hsae_k_schedule"] = wide;
+    CHECK_THAT(saelens_error(cfg, f.weights),
+               StartsWith("hsae: SAELens config 'C.json': ") && Contains("hsae_k_schedule has k_max=12 > d_sae=10"));
+    cfg["metadata"]["hsae_k_schedule"] = {{"k", {2, 10}}, {"weight", {1, 1}}};  // k_max = d_sae: fine
+    CHECK(saelens_error(cfg, f.weights).empty());
+  }
+  SECTION("SAELens: in the weights' __metadata__") {
+    hsae::safetensors_writer w;
+    w.add("W_enc", f.W_enc_t).add("W_dec", f.m.W_dec).add("b_enc", f.m.b_enc).add("b_dec", f.m.b_dec);
+    w.metadata("hsae_k_schedule", wide.dump());
+    const auto b = w.serialize();
+    const std::string weights(reinterpret_cast<const char*>(b.data()), b.size());
+    CHECK_THAT(saelens_error(saelens_cfg(4, 10, 3), weights),
+               StartsWith("hsae: SAELens weights 'W.safetensors': ") && Contains("hsae_k_schedule has k_max=12 > d_sae=10"));
+  }
+  SECTION("sparsify") {
+    json cfg = sparsify_cfg(4, 10, 3);
+    cfg["hsae_k_schedule"] = wide;
+    CHECK_THAT(sparsify_error(cfg, sparsify_weights(f.m)),
+               StartsWith("hsae: sparsify config 'C.json': ") && Contains("hsae_k_schedule has k_max=12 > num_latents=10"));
+  }
+}

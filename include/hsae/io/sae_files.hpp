@@ -291,11 +291,18 @@ inline dynamic_k_schedule schedule_from_json(const nlohmann::json& j, const file
 }
 
 /// hsae's k-schedule: the `hsae_k_schedule` entry of `cfg` (a JSON object) first, then
-/// that of the weights file's metadata; nullopt when neither has one.
+/// that of the weights file's metadata; nullopt when neither has one. A schedule whose
+/// k_max exceeds the SAE's width (`width_key`=`width`) is refused: its largest prefix
+/// would keep more latents than there are.
 inline std::optional<dynamic_k_schedule> find_schedule(const nlohmann::json& cfg,
                                                        const std::map<std::string, std::string>& tensor_metadata,
+                                                       std::string_view width_key, std::int64_t width,
                                                        const file_error& fail, const file_error& failw) {
-  if (cfg.contains("hsae_k_schedule")) return schedule_from_json(cfg["hsae_k_schedule"], fail);
+  const auto checked = [&](dynamic_k_schedule s, const file_error& where) {
+    if (s.k_max() > width) where("hsae_k_schedule has k_max=", s.k_max(), " > ", width_key, "=", width);
+    return s;
+  };
+  if (cfg.contains("hsae_k_schedule")) return checked(schedule_from_json(cfg["hsae_k_schedule"], fail), fail);
   const auto it = tensor_metadata.find("hsae_k_schedule");
   if (it == tensor_metadata.end()) return std::nullopt;
   nlohmann::json j;
@@ -304,7 +311,7 @@ inline std::optional<dynamic_k_schedule> find_schedule(const nlohmann::json& cfg
   } catch (const nlohmann::json::exception& e) {
     failw("malformed hsae_k_schedule metadata: ", e.what());
   }
-  return schedule_from_json(j, fail);
+  return checked(schedule_from_json(j, failw), failw);
 }
 
 /// Parses a cfg.json: Python's json.load rules (a repeated key keeps its last value),
@@ -612,7 +619,7 @@ loaded_sae<T> load_saelens_buffers(std::string_view cfg_text, std::span<const st
   out.k = int(k);
 
   // hsae's k-schedule: the config's metadata first, then the safetensors metadata.
-  out.schedule = detail::find_schedule(out.metadata, out.tensor_metadata, fail, failw);
+  out.schedule = detail::find_schedule(out.metadata, out.tensor_metadata, "d_sae", d_sae, fail, failw);
   return out;
 }
 
@@ -718,7 +725,7 @@ loaded_sae<T> load_sparsify_buffers(std::string_view cfg_text, std::span<const s
   detail::expect_finite_tensor(weights_where, "sparsify", "b_dec" + conv, m.b_dec);
   out.k = int(k);
 
-  out.schedule = detail::find_schedule(cfg, out.tensor_metadata, fail, failw);
+  out.schedule = detail::find_schedule(cfg, out.tensor_metadata, "num_latents", num_latents, fail, failw);
   return out;
 }
 
