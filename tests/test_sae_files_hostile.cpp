@@ -157,3 +157,50 @@ TEST_CASE("a stored k-schedule wider than the SAE is refused", "[sae_files][host
                StartsWith("hsae: sparsify config 'C.json': ") && Contains("hsae_k_schedule has k_max=12 > num_latents=10"));
   }
 }
+
+TEST_CASE("a config's widths are checked against the tensors before anything is allocated", "[sae_files][hostile]") {
+  constexpr std::int64_t huge = std::numeric_limits<int>::max();
+  const saelens_files f(random_sae(4, 10, 3));
+  SECTION("SAELens d_sae") {
+    json cfg = saelens_cfg(4, 10, 3);
+    cfg["d_sae"] = huge;
+    CHECK_THAT(saelens_error(cfg, f.weights),
+               StartsWith("hsae: SAELens config 'C.json': d_sae=2147483647 does not match the weights 'W.safetensors': "
+                          "tensor 'W_enc' has shape [4, 10], expected [4, 2147483647] (d_sae=10)"));
+    CHECK_THROWS_AS(hsae::load_saelens_buffers(cfg.dump(), as_bytes(f.weights), "C", "W"), hsae::io_error);
+  }
+  SECTION("SAELens d_in and d_sae") {
+    json cfg = saelens_cfg(4, 10, 3);
+    cfg["d_in"] = huge;
+    cfg["d_sae"] = huge;
+    CHECK_THAT(saelens_error(cfg, f.weights), Contains("'C.json'") && Contains("d_in=2147483647 does not match") &&
+                                                  Contains("'W.safetensors'") && Contains("(d_in=4)"));
+  }
+  SECTION("SAELens: a vector of another length") {
+    const hsae::vector<float> short_b_enc = f.m.b_enc.head(9);
+    const std::string w =
+        tensors{}.add("W_enc", f.W_enc_t).add("W_dec", f.m.W_dec).add("b_enc", short_b_enc).add("b_dec", f.m.b_dec).bytes();
+    CHECK_THAT(saelens_error(saelens_cfg(4, 10, 3), w),
+               Contains("d_sae=10 does not match the weights 'W.safetensors': tensor 'b_enc' has shape [9], expected [10] "
+                        "(d_sae=9)"));
+  }
+  SECTION("SAELens: a tensor of another rank") {
+    const std::string w =
+        tensors{}.add("W_enc", f.W_enc_t).add("W_dec", f.m.W_dec).add("b_enc", f.W_enc_t).add("b_dec", f.m.b_dec).bytes();
+    CHECK_THAT(saelens_error(saelens_cfg(4, 10, 3), w),
+               StartsWith("hsae: SAELens weights 'W.safetensors': tensor 'b_enc' has shape [4, 10], expected [10]"));
+  }
+  SECTION("sparsify num_latents and expansion_factor") {
+    const std::string w = sparsify_weights(f.m);
+    json cfg = sparsify_cfg(4, 10, 3);
+    cfg["num_latents"] = huge;
+    CHECK_THAT(sparsify_error(cfg, w),
+               StartsWith("hsae: sparsify config 'C.json': num_latents=2147483647 does not match the weights "
+                          "'W.safetensors': tensor 'encoder.weight' has shape [10, 4], expected [2147483647, 4] "
+                          "(num_latents=10)"));
+    cfg.erase("num_latents");
+    cfg["expansion_factor"] = huge / 4;
+    CHECK_THAT(sparsify_error(cfg, w), Contains("d_in * expansion_factor=2147483644 does not match") &&
+                                           Contains("(d_in * expansion_factor=10)"));
+  }
+}

@@ -41,6 +41,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <initializer_list>
 #include <limits>
 #include <map>
 #include <optional>
@@ -420,6 +421,33 @@ inline std::int64_t config_int(const nlohmann::json& v, std::string_view key, co
   fail("'", key, "' is ", v.dump(), ", not an integer");
 }
 
+/// One dimension of a tensor as the config gives it.
+struct config_dim {
+  std::string_view key;
+  std::int64_t value;
+};
+
+/// Checks tensor `name` of `view` against the shape the config gives it, before anything
+/// of the config's size is allocated (a config may claim any width; the tensors are
+/// bounded by the file). A dimension that differs is reported as the config's key with
+/// both values; a tensor of another rank as the weights' error.
+inline void check_config_shape(const safetensors_view& view, std::string_view name,
+                               std::initializer_list<config_dim> dims, const file_error& fail,
+                               const file_error& failw) {
+  const safetensors_tensor_info& t = view.at(name);
+  std::string expected = "[";
+  for (const auto& d : dims) expected += (expected.size() > 1 ? ", " : "") + std::to_string(d.value);
+  expected += "]";
+  if (t.shape.size() != dims.size()) failw("tensor '", name, "' has shape ", t.shape_text(), ", expected ", expected);
+  std::size_t i = 0;
+  for (const auto& d : dims) {
+    if (t.shape[i] != d.value)
+      fail(d.key, "=", d.value, " does not match the weights '", view.where(), "': tensor '", name, "' has shape ",
+           t.shape_text(), ", expected ", expected, " (", d.key, "=", t.shape[i], ")");
+    ++i;
+  }
+}
+
 inline bool config_bool(const nlohmann::json& v, std::string_view key, const file_error& fail) {
   if (v.is_boolean()) return v.get<bool>();
   fail("'", key, "' is ", v.dump(), ", not true/false");
@@ -583,6 +611,10 @@ loaded_sae<T> load_saelens_buffers(std::string_view cfg_text, std::span<const st
             sf->shape_text(), ")");
     out.adjustments.push_back("dropped an all-ones 'scaling_factor' tensor, as SAELens does");
   }
+  detail::check_config_shape(view, "W_enc", {{"d_in", d_in}, {"d_sae", d_sae}}, fail, failw);
+  detail::check_config_shape(view, "W_dec", {{"d_sae", d_sae}, {"d_in", d_in}}, fail, failw);
+  detail::check_config_shape(view, "b_enc", {{"d_sae", d_sae}}, fail, failw);
+  detail::check_config_shape(view, "b_dec", {{"d_in", d_in}}, fail, failw);
   out.storage_dtype = view.at("W_dec").dtype;
   sae<T>& m = out.model;
   m.resize(int(d_in), int(d_sae));
@@ -703,6 +735,11 @@ loaded_sae<T> load_sparsify_buffers(std::string_view cfg_text, std::span<const s
   if (!safetensors_dtype_is_float(model_dtype))
     failw("tensor '", first, "' sets the model dtype to ", safetensors_dtype_name(model_dtype),
           "; only F32, F16, BF16 and F64 are supported");
+  const std::string_view latents_key = num_latents_cfg != 0 ? "num_latents" : "d_in * expansion_factor";
+  detail::check_config_shape(view, "encoder.weight", {{latents_key, num_latents}, {"d_in", d_in}}, fail, failw);
+  detail::check_config_shape(view, "encoder.bias", {{latents_key, num_latents}}, fail, failw);
+  detail::check_config_shape(view, "W_dec", {{latents_key, num_latents}, {"d_in", d_in}}, fail, failw);
+  detail::check_config_shape(view, "b_dec", {{"d_in", d_in}}, fail, failw);
   out.storage_dtype = view.at("W_dec").dtype;
   sae<T>& m = out.model;
   m.resize(int(d_in), int(num_latents));
