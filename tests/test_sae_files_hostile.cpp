@@ -204,3 +204,50 @@ TEST_CASE("a config's widths are checked against the tensors before anything is 
                                            Contains("(d_in * expansion_factor=10)"));
   }
 }
+
+TEST_CASE("weights that overflow once a setting is folded in are refused", "[sae_files][hostile]") {
+  hsae::sae<float> m = random_sae(4, 10, 4);
+  SECTION("apply_b_dec_to_input=false: b_enc + W_enc b_dec") {
+    m.W_enc.row(3).setConstant(1e30f);
+    m.b_dec.setConstant(1e30f);
+    const saelens_files f(m);
+    json cfg = saelens_cfg(4, 10, 3);
+    REQUIRE(saelens_error(cfg, f.weights).empty());  // finite as stored
+    cfg["apply_b_dec_to_input"] = false;
+    const std::string e = saelens_error(cfg, f.weights);
+    CHECK_THAT(e, StartsWith("hsae: SAELens weights 'W.safetensors': tensor 'b_enc (after folding "
+                             "apply_b_dec_to_input=false: b_enc + W_enc b_dec)' contains a non-finite value (inf) at [3, 0]"));
+    CHECK_THROWS_AS(hsae::load_saelens_buffers(cfg.dump(), as_bytes(f.weights), "C", "W"), hsae::numeric_error);
+  }
+  SECTION("rescale_acts_by_decoder_norm=true: encoder rows times the decoder row norms") {
+    m.W_dec.row(2) << 1e20f, 0.f, 0.f, 0.f;
+    m.W_enc(2, 1) = 1e20f;
+    const saelens_files f(m);
+    json cfg = saelens_cfg(4, 10, 3);
+    REQUIRE(saelens_error(cfg, f.weights).empty());
+    cfg["rescale_acts_by_decoder_norm"] = true;
+    CHECK_THAT(saelens_error(cfg, f.weights),
+               StartsWith("hsae: SAELens weights 'W.safetensors': tensor 'W_enc (after folding "
+                          "rescale_acts_by_decoder_norm=true: scaled by the decoder row norms)' contains a non-finite "
+                          "value (inf) at [2, 1]"));
+  }
+  SECTION("rescale_acts_by_decoder_norm=true in double: a decoder norm that overflows") {
+    hsae::sae<double> md = random_sae<double>(4, 10, 5);
+    md.W_dec.row(1).setConstant(1e300);
+    const hsae::row_matrix<double> W_enc_t = md.W_enc.transpose();
+    hsae::safetensors_writer w;
+    w.add("W_enc", W_enc_t, safetensors_dtype::f64)
+        .add("W_dec", md.W_dec, safetensors_dtype::f64)
+        .add("b_enc", md.b_enc, safetensors_dtype::f64)
+        .add("b_dec", md.b_dec, safetensors_dtype::f64);
+    const auto b = w.serialize();
+    json cfg = saelens_cfg(4, 10, 3);
+    cfg["dtype"] = "float64";
+    cfg["rescale_acts_by_decoder_norm"] = true;
+    const std::string e = error_of([&] {
+      hsae::load_saelens_buffers<double>(cfg.dump(), std::span<const std::byte>(b), "C.json", "W.safetensors");
+    });
+    CHECK_THAT(e, Contains("'W.safetensors'") && Contains("after folding rescale_acts_by_decoder_norm=true") &&
+                      Contains("non-finite"));
+  }
+}

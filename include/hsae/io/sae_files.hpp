@@ -639,12 +639,20 @@ loaded_sae<T> load_saelens_buffers(std::string_view cfg_text, std::span<const st
   detail::expect_finite_tensor(weights_where, "SAELens", "b_enc (converted to " + dtype + ")", m.b_enc);
   detail::expect_finite_tensor(weights_where, "SAELens", "b_dec (converted to " + dtype + ")", m.b_dec);
 
+  // The folds can overflow T (b_enc + W_enc b_dec, encoder rows times the decoder norms):
+  // the folded weights are checked again.
   if (!apply_b_dec) {
     detail::fold_b_dec_into_b_enc(m);
+    detail::expect_finite_tensor(weights_where, "SAELens",
+                                 "b_enc (after folding apply_b_dec_to_input=false: b_enc + W_enc b_dec)", m.b_enc);
     out.adjustments.push_back("apply_b_dec_to_input=false: folded W_enc b_dec into b_enc");
   }
   if (rescale) {
     detail::fold_decoder_norms(m);
+    const std::string fold = " (after folding rescale_acts_by_decoder_norm=true: scaled by the decoder row norms)";
+    detail::expect_finite_tensor(weights_where, "SAELens", "W_enc" + fold, m.W_enc);
+    detail::expect_finite_tensor(weights_where, "SAELens", "b_enc" + fold, m.b_enc);
+    detail::expect_finite_tensor(weights_where, "SAELens", "W_dec" + fold, m.W_dec);
     out.adjustments.push_back("rescale_acts_by_decoder_norm=true: folded the decoder row norms into the weights");
   }
   if (arch == "standard") out.adjustments.push_back("architecture 'standard' (ReLU) loaded as TopK with k = d_sae");
