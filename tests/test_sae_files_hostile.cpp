@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
@@ -249,5 +250,68 @@ TEST_CASE("weights that overflow once a setting is folded in are refused", "[sae
     });
     CHECK_THAT(e, Contains("'W.safetensors'") && Contains("after folding rescale_acts_by_decoder_norm=true") &&
                       Contains("non-finite"));
+  }
+}
+
+TEST_CASE("SAELens version metadata of the wrong JSON type is refused, as SAELens refuses it", "[sae_files][hostile]") {
+  const saelens_files f(random_sae(4, 10, 6));
+  const auto load = [&](const json& cfg) {
+    return hsae::load_saelens_buffers(cfg.dump(), as_bytes(f.weights), "C.json", "W.safetensors");
+  };
+  const auto pre6 = [&](const json& cfg) {
+    const auto l = load(cfg);
+    return std::any_of(l.adjustments.begin(), l.adjustments.end(),
+                       [](const std::string& a) { return a.find("pre-6.0") != std::string::npos; });
+  };
+  const json base = saelens_cfg(4, 10, 3);
+  SECTION("a true value that is not a string: Version() raises in SAELens") {
+    json cfg = base;
+    cfg["sae_lens_version"] = 6;
+    CHECK_THAT(saelens_error(cfg, f.weights),
+               StartsWith("hsae: SAELens config 'C.json': 'sae_lens_version' is 6 (number), not a version string"));
+    cfg["sae_lens_version"] = json::array({"6.0.0"});
+    CHECK_THAT(saelens_error(cfg, f.weights), Contains("'sae_lens_version' is [\"6.0.0\"] (array), not a version string"));
+    cfg["sae_lens_version"] = true;
+    CHECK_THAT(saelens_error(cfg, f.weights), Contains("'sae_lens_version' is true (boolean)"));
+    cfg = base;
+    cfg["metadata"]["sae_lens_version"] = 6.5;
+    CHECK_THAT(saelens_error(cfg, f.weights), Contains("'metadata.sae_lens_version' is 6.5 (number), not a version string"));
+    cfg["metadata"]["sae_lens_version"] = {{"major", 6}};
+    CHECK_THAT(saelens_error(cfg, f.weights), Contains("'metadata.sae_lens_version' is {\"major\":6} (object)"));
+  }
+  SECTION("a metadata that is not an object, when SAELens reads the version from it") {
+    for (const json& md : {json("x"), json(nullptr), json::array({1, 2}), json(5)}) {
+      json cfg = base;
+      cfg["metadata"] = md;
+      CHECK_THAT(saelens_error(cfg, f.weights),
+                 StartsWith("hsae: SAELens config 'C.json': 'metadata' is " + md.dump() + " (" + md.type_name() +
+                            "), not an object"));
+    }
+    json cfg = base;
+    cfg["metadata"] = std::string(100, 'm');
+    CHECK_THAT(saelens_error(cfg, f.weights), Contains("'metadata' is \"mmm") && Contains("m... (string)"));
+  }
+  SECTION("false values (Python's sense) fall through to the metadata or to the pre-6.0 rules, as in SAELens") {
+    for (const json& falsy : {json(nullptr), json(0), json(false), json(""), json::array(), json::object()}) {
+      json cfg = base;
+      cfg["sae_lens_version"] = falsy;
+      CHECK_FALSE(pre6(cfg));  // the metadata's 6.54.12
+      cfg["metadata"]["sae_lens_version"] = falsy;
+      CHECK(pre6(cfg));
+    }
+  }
+  SECTION("pre-6.0 activation_fn_kwargs that is not an object") {
+    const json old = {{"d_in", 4},          {"d_sae", 10},        {"dtype", "float32"}, {"activation_fn", "topk"},
+                      {"sae_lens_version", "3.0.0"}};
+    json cfg = old;
+    cfg["activation_fn_kwargs"] = {{"k", 3}};
+    CHECK(load(cfg).k == 3);
+    cfg["activation_fn_kwargs"] = "k=3";
+    CHECK_THAT(saelens_error(cfg, f.weights),
+               StartsWith("hsae: SAELens config 'C.json': 'activation_fn_kwargs' is \"k=3\" (string), not an object"));
+    cfg["activation_fn_kwargs"] = nullptr;
+    CHECK_THAT(saelens_error(cfg, f.weights), Contains("'activation_fn_kwargs' is null (null), not an object"));
+    cfg["activation_fn"] = "relu";  // not read: SAELens ignores it too
+    CHECK(load(cfg).k == 10);
   }
 }

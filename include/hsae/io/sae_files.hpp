@@ -464,8 +464,32 @@ inline constexpr std::string_view saelens_llm_metadata_keys[] = {
     "sae_lens_version", "sae_lens_training_version",            "hook_name_out",
     "hook_head_index_out", "hf_hook_name",  "hf_hook_name_out"};
 
-/// SAELens' handle_pre_6_0_config, for the keys hsae reads.
-inline nlohmann::json saelens_pre_6_config(const nlohmann::json& in) {
+/// Python's truth value of a JSON value (`if not x`): null, false, 0, "", [] and {} are false.
+inline bool python_truthy(const nlohmann::json& v) {
+  switch (v.type()) {
+    case nlohmann::json::value_t::null: return false;
+    case nlohmann::json::value_t::boolean: return v.get<bool>();
+    case nlohmann::json::value_t::number_integer: return v.get<std::int64_t>() != 0;
+    case nlohmann::json::value_t::number_unsigned: return v.get<std::uint64_t>() != 0;
+    case nlohmann::json::value_t::number_float: return v.get<double>() != 0;
+    case nlohmann::json::value_t::string: return !v.get_ref<const std::string&>().empty();
+    case nlohmann::json::value_t::array:
+    case nlohmann::json::value_t::object: return !v.empty();
+    default: return true;
+  }
+}
+
+/// "<value> (<JSON type>)" for a message, the value cut at 60 characters.
+inline std::string json_value_and_type(const nlohmann::json& v) {
+  std::string d = v.dump();
+  if (d.size() > 60) d = d.substr(0, 57) + "...";
+  return d + " (" + v.type_name() + ")";
+}
+
+/// SAELens' handle_pre_6_0_config, for the keys hsae reads. `activation_fn_kwargs`,
+/// where SAELens reads it (activation_fn "topk" or architecture "topk"), must be an
+/// object: SAELens raises on anything else.
+inline nlohmann::json saelens_pre_6_config(const nlohmann::json& in, const file_error& fail) {
   nlohmann::json c = nlohmann::json::object();
   for (auto it = in.begin(); it != in.end(); ++it) {
     std::string key = it.key();
@@ -477,7 +501,11 @@ inline nlohmann::json saelens_pre_6_config(const nlohmann::json& in) {
   if (!c.contains("apply_b_dec_to_input")) c["apply_b_dec_to_input"] = true;
   if (!c.contains("activation_fn")) c["activation_fn"] = "relu";
   if (!c.contains("architecture")) c["architecture"] = "standard";
-  if (c["activation_fn"] == "topk" && c.contains("activation_fn_kwargs") && c["activation_fn_kwargs"].is_object() &&
+  const bool kwargs_read = c["activation_fn"] == "topk" || c["architecture"] == "topk";
+  if (kwargs_read && c.contains("activation_fn_kwargs") && !c["activation_fn_kwargs"].is_object())
+    fail("'activation_fn_kwargs' is ", json_value_and_type(c["activation_fn_kwargs"]),
+         ", not an object (pre-6.0 config rules)");
+  if (c["activation_fn"] == "topk" && c.contains("activation_fn_kwargs") &&
       c["activation_fn_kwargs"].contains("k") && !c["activation_fn_kwargs"]["k"].is_null()) {
     c["architecture"] = "topk";
     c["k"] = c["activation_fn_kwargs"]["k"];
@@ -508,25 +536,34 @@ loaded_sae<T> load_saelens_buffers(std::string_view cfg_text, std::span<const st
   out.format = sae_file_format::saelens;
   out.config = detail::parse_config_json(cfg_text, cfg_where, "SAELens");
 
-  // Version rule (handle_config_defaulting): sae_lens_version at the top level or in
-  // the metadata; absent or below 6.0.0rc0 selects the pre-6.0 rules.
+  // Version rule (handle_config_defaulting): sae_lens_version at the top level, or when
+  // that is false in Python's sense (absent, null, "", 0, false, [], {}) in the metadata;
+  // false there too, or below 6.0.0rc0, selects the pre-6.0 rules. As in SAELens, a
+  // metadata that is not an object (when read) and a version that is true but not a
+  // string are errors, not "pre-6.0".
   nlohmann::json cfg = out.config;
   const nlohmann::json* ver = nullptr;
-  if (cfg.contains("sae_lens_version") && cfg["sae_lens_version"].is_string() &&
-      !cfg["sae_lens_version"].get_ref<const std::string&>().empty())
+  std::string_view ver_key = "sae_lens_version";
+  if (cfg.contains("sae_lens_version") && detail::python_truthy(cfg["sae_lens_version"])) {
     ver = &cfg["sae_lens_version"];
-  else if (cfg.contains("metadata") && cfg["metadata"].is_object() && cfg["metadata"].contains("sae_lens_version") &&
-           cfg["metadata"]["sae_lens_version"].is_string() &&
-           !cfg["metadata"]["sae_lens_version"].get_ref<const std::string&>().empty())
-    ver = &cfg["metadata"]["sae_lens_version"];
+  } else if (cfg.contains("metadata")) {
+    const nlohmann::json& md = cfg["metadata"];
+    if (!md.is_object())
+      fail("'metadata' is ", detail::json_value_and_type(md), ", not an object (SAELens reads sae_lens_version from it)");
+    if (md.contains("sae_lens_version") && detail::python_truthy(md["sae_lens_version"])) {
+      ver = &md["sae_lens_version"];
+      ver_key = "metadata.sae_lens_version";
+    }
+  }
   bool modern = false;
   if (ver != nullptr) {
+    if (!ver->is_string()) fail("'", ver_key, "' is ", detail::json_value_and_type(*ver), ", not a version string");
     const auto v = detail::saelens_version_at_least_6(ver->get_ref<const std::string&>());
     if (!v) fail("sae_lens_version '", ver->get_ref<const std::string&>(), "' is not a valid version");
     modern = *v;
   }
   if (!modern) {
-    cfg = detail::saelens_pre_6_config(cfg);
+    cfg = detail::saelens_pre_6_config(cfg, fail);
     out.adjustments.push_back("applied SAELens' pre-6.0 config rules (sae_lens_version absent or < 6.0)");
   }
 
