@@ -46,6 +46,11 @@ hsae::sae<T> random_sae(int d, int f, std::uint64_t seed) {
   return m;
 }
 
+std::string read_bytes(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
 std::span<const std::byte> as_bytes(const std::string& s) {
   return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
 }
@@ -313,5 +318,52 @@ TEST_CASE("SAELens version metadata of the wrong JSON type is refused, as SAELen
     CHECK_THAT(saelens_error(cfg, f.weights), Contains("'activation_fn_kwargs' is null (null), not an object"));
     cfg["activation_fn"] = "relu";  // not read: SAELens ignores it too
     CHECK(load(cfg).k == 10);
+  }
+}
+
+TEST_CASE("symlink loops and unusable destinations raise hsae::io_error with the path and the OS reason",
+          "[sae_files][hostile]") {
+  hsae_test::temp_dir tmp;
+  const auto m = random_sae(4, 10, 7);
+  SECTION("a weights symlink loop") {
+    const fs::path dir = tmp / "loop";
+    hsae::save_saelens(dir, m, 3);
+    fs::remove(dir / hsae::saelens_weights_file);
+    fs::create_symlink("other", dir / hsae::saelens_weights_file);
+    fs::create_symlink(hsae::saelens_weights_file, dir / "other");
+    const std::string w = (dir / hsae::saelens_weights_file).string();
+    for (const std::string& e : {error_of([&] { hsae::detect_sae_format(dir); }),
+                                 error_of([&] { hsae::load_sae_dir(dir); }),
+                                 error_of([&] { hsae::load_saelens(dir); }),
+                                 error_of([&] { hsae::convert_sae_dir(dir, tmp / "out", hsae::sae_file_format::sparsify); })})
+      CHECK_THAT(e, Contains("'" + w + "'") && Contains("Too many levels of symbolic links"));
+    CHECK_THROWS_AS(hsae::load_sae_dir(dir), hsae::io_error);
+    // The directory itself a loop.
+    fs::create_symlink("dloop", tmp / "dloop");
+    CHECK_THAT(error_of([&] { hsae::load_sae_dir(tmp / "dloop"); }),
+               Contains((tmp / "dloop").string()) && Contains("Too many levels of symbolic links"));
+  }
+  SECTION("saving through a regular file or onto one") {
+    const fs::path file = tmp / "file";
+    { std::ofstream(file) << "x"; }
+    const hsae::dynamic_k_schedule s({{1, 1.0}, {3, 1.0}});
+    const auto l = [&] {
+      hsae::save_saelens(tmp / "ok", m, s);
+      return hsae::load_saelens(tmp / "ok");
+    }();
+    for (const fs::path& dir : {file / "sae", file / "a" / "b", file}) {
+      const std::string d = "'" + dir.string() + "'";
+      const std::string reason = "Not a directory";
+      CHECK_THAT(error_of([&] { hsae::save_saelens(dir, m, 3); }), Contains(d) && Contains(reason));
+      CHECK_THAT(error_of([&] { hsae::save_saelens(dir, m, s); }), Contains(d) && Contains(reason));
+      CHECK_THAT(error_of([&] { hsae::save_sparsify(dir, m, 3); }), Contains(d) && Contains(reason));
+      CHECK_THAT(error_of([&] { hsae::save_sparsify(dir, m, hsae::k_schedule<1, 3>{}); }), Contains(d) && Contains(reason));
+      CHECK_THAT(error_of([&] { hsae::save_sae(dir, hsae::sae_file_format::sparsify, l); }),
+                 Contains(d) && Contains(reason));
+      CHECK_THAT(error_of([&] { hsae::convert_sae_dir(tmp / "ok", dir, hsae::sae_file_format::sparsify); }),
+                 Contains(d) && Contains(reason));
+      CHECK_THROWS_AS(hsae::save_saelens(dir, m, 3), hsae::io_error);
+    }
+    CHECK(read_bytes(file) == "x");
   }
 }

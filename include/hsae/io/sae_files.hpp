@@ -824,8 +824,16 @@ loaded_sae<T> load_sparsify(const std::filesystem::path& dir) {
 /// Which layout `dir` holds, by its weights file.
 /// \throws hsae::io_error if it holds neither or both.
 inline sae_file_format detect_sae_format(const std::filesystem::path& dir) {
-  const bool a = std::filesystem::exists(dir / saelens_weights_file);
-  const bool b = std::filesystem::exists(dir / sparsify_weights_file);
+  const auto exists = [&](const char* name) {
+    std::error_code ec;
+    const auto st = std::filesystem::status(dir / name, ec);
+    if (ec && st.type() != std::filesystem::file_type::not_found)  // a symlink loop, a permission
+      detail::throw_error<io_error>("SAE directory '", dir.string(), "': cannot check '", (dir / name).string(),
+                                    "': ", ec.message());
+    return std::filesystem::exists(st);
+  };
+  const bool a = exists(saelens_weights_file);
+  const bool b = exists(sparsify_weights_file);
   detail::expects<io_error>(a || b, "SAE directory '", dir.string(), "': neither ", saelens_weights_file, " nor ",
                             sparsify_weights_file, " found");
   detail::expects<io_error>(!(a && b), "SAE directory '", dir.string(), "': holds both ", saelens_weights_file,
@@ -866,7 +874,7 @@ void save_saelens_impl(const std::filesystem::path& dir, const sae<T, F>& m, int
       {"rescale_acts_by_decoder_norm", false},
       {"metadata", md},
   };
-  std::filesystem::create_directories(dir);
+  detail::create_directories(dir, "save (SAELens)");
   const row_matrix<T> w_enc_t = m.W_enc.transpose();  // SAELens: [d_in, d_sae]
   safetensors_writer w;
   w.add("W_enc", w_enc_t, opt.dtype);
@@ -896,7 +904,7 @@ void save_sparsify_impl(const std::filesystem::path& dir, const sae<T, F>& m, in
   };
   if (sched != nullptr) cfg["hsae_k_schedule"] = schedule_to_json(*sched);
   if (!opt.metadata.empty()) cfg["hsae_metadata"] = opt.metadata;
-  std::filesystem::create_directories(dir);
+  detail::create_directories(dir, "save (sparsify)");
   safetensors_writer w;
   w.add("encoder.weight", m.W_enc, opt.dtype);
   w.add("encoder.bias", m.b_enc, opt.dtype);

@@ -16,6 +16,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <utility>
 
 #include "../../config.hpp"
@@ -83,6 +84,15 @@ class mapped_file {
   void* map_ = nullptr;
   std::size_t size_ = 0;
 };
+
+/// std::filesystem::create_directories without std::filesystem_error: a path through a
+/// regular file, a symlink loop, a read-only file system raise hsae::io_error
+/// "<kind> '<dir>': cannot create directory '<dir>': <OS reason>".
+inline void create_directories(const std::filesystem::path& dir, std::string_view kind) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) throw_error<io_error>(kind, " '", dir.string(), "': cannot create directory '", dir.string(), "': ", ec.message());
+}
 
 /// Writes `path` atomically: the bytes go to `<path>.tmp.<pid>`, and `commit()` fsyncs,
 /// renames it over `path` and fsyncs the directory (best effort). Destroyed without a
