@@ -367,3 +367,48 @@ TEST_CASE("symlink loops and unusable destinations raise hsae::io_error with the
     CHECK(read_bytes(file) == "x");
   }
 }
+
+namespace {
+
+/// The pid of a process that has exited and been reaped.
+pid_t dead_pid() {
+  const pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) ::_exit(0);
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  REQUIRE(::kill(child, 0) == -1);
+  return child;
+}
+
+std::set<std::string> names_in(const fs::path& dir) {
+  std::set<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) out.insert(e.path().filename().string());
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("the next atomic write to a path removes the temporaries of writers that died, only theirs",
+          "[sae_files][hostile]") {
+  hsae_test::temp_dir tmp;
+  const pid_t dead = dead_pid(), live = ::getppid();
+  REQUIRE(::kill(live, 0) == 0);
+  const fs::path ckpt = tmp / "run.ckpt";
+  const std::string d = std::to_string(dead), l = std::to_string(live);
+  const std::vector<std::string> kept = {"run.ckpt.tmp." + l,        "run.ckpt.tmp.0" + d,  "run.ckpt.tmp.x" + d,
+                                         "run.ckpt.tmp." + d + "x",  "other.tmp." + d,      "run.ckpt.tmp.",
+                                         "run.ckpt.tmp.99999999999", "run.ckpt.old." + d};
+  for (const auto& n : kept) std::ofstream(tmp / n) << "keep";
+  std::ofstream(tmp / ("run.ckpt.tmp." + d)) << "stale";
+  fs::create_directory(tmp / ("run.ckpt.tmp.1" + d));  // not a file: not ours to remove
+  hsae::safetensors_writer w;
+  const hsae::vector<float> v = hsae::vector<float>::Ones(3);
+  w.add("v", v);
+  w.write(ckpt);
+  std::set<std::string> want(kept.begin(), kept.end());
+  want.insert("run.ckpt");
+  want.insert("run.ckpt.tmp.1" + d);
+  CHECK(names_in(tmp.dir) == want);
+  CHECK(read_bytes(tmp / ("run.ckpt.tmp." + l)) == "keep");
+}

@@ -5,7 +5,9 @@
 /// directory fsync), the same protocol as data/npy.hpp's write_npy.
 #pragma once
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -13,11 +15,13 @@
 #include <cerrno>
 #include <cstddef>
 #include <filesystem>
+#include <limits>
 #include <span>
 #include <string>
 #include <string_view>
 #include <system_error>
 #include <utility>
+#include <vector>
 
 #include "../../config.hpp"
 #include "../../data/npy.hpp"
@@ -94,14 +98,65 @@ inline void create_directories(const std::filesystem::path& dir, std::string_vie
   if (ec) throw_error<io_error>(kind, " '", dir.string(), "': cannot create directory '", dir.string(), "': ", ec.message());
 }
 
+/// The pid in the name of a temporary `<name><tag><pid>` (tag ".tmp." for the files
+/// here), or 0 when `entry` is not such a name (the pid in decimal, no sign, no leading 0).
+inline pid_t temporary_pid(std::string_view entry, std::string_view name, std::string_view tag = ".tmp.") {
+  if (entry.size() <= name.size() + tag.size() || !entry.starts_with(name) || entry.substr(name.size(), tag.size()) != tag)
+    return 0;
+  const std::string_view digits = entry.substr(name.size() + tag.size());
+  if (digits.size() > 10 || digits.front() == '0') return 0;
+  long long v = 0;
+  for (const char c : digits) {
+    if (c < '0' || c > '9') return 0;
+    v = v * 10 + (c - '0');
+  }
+  return v <= std::numeric_limits<pid_t>::max() ? pid_t(v) : 0;
+}
+
+/// True when no process has `pid`: kill(pid, 0) fails with ESRCH. (Another user's live
+/// process fails with EPERM: alive.) The writers here name their temporaries by pid, so a
+/// temporary whose pid is gone belongs to a writer that died (killed, crashed, power
+/// lost) and no one will finish or remove it. This assumes that the writers to one path
+/// share a pid namespace (one host, one container): a temporary on a shared file system
+/// written from another host or container is judged by a pid that means nothing here.
+inline bool process_is_gone(pid_t pid) noexcept { return pid > 0 && ::kill(pid, 0) == -1 && errno == ESRCH; }
+
+/// Removes the temporary files `<path>.tmp.<pid>` of atomic_file writers that died (see
+/// process_is_gone), never a live process's or this process's own. Best effort: errors
+/// (an unreadable directory, a file already removed by another writer) are ignored.
+inline void remove_stale_temporary_files(const std::filesystem::path& path) noexcept {
+  const std::filesystem::path dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
+  const std::string name = path.filename().string();
+  if (name.empty()) return;
+  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return;
+  DIR* d = ::fdopendir(dfd);
+  if (d == nullptr) {
+    ::close(dfd);
+    return;
+  }
+  std::vector<std::string> stale;
+  while (const dirent* e = ::readdir(d)) {
+    const pid_t pid = temporary_pid(e->d_name, name);
+    if (pid == 0 || pid == ::getpid() || !process_is_gone(pid)) continue;
+    struct stat st {};
+    if (::fstatat(dfd, e->d_name, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode)) stale.emplace_back(e->d_name);
+  }
+  for (const auto& s : stale) ::unlinkat(dfd, s.c_str(), 0);
+  ::closedir(d);  // closes dfd
+}
+
 /// Writes `path` atomically: the bytes go to `<path>.tmp.<pid>`, and `commit()` fsyncs,
 /// renames it over `path` and fsyncs the directory (best effort). Destroyed without a
 /// commit (an exception on the way), the temporary file is removed and `path` is untouched.
+/// A writer killed before its commit leaves its temporary: the next atomic_file for the
+/// same path removes the temporaries of writers that are gone (remove_stale_temporary_files).
 /// \throws hsae::io_error "<kind> '<path>': <problem>" on any failing system call.
 class atomic_file {
  public:
   atomic_file(std::filesystem::path path, std::string_view kind)
       : path_(std::move(path)), tmp_(path_.string() + ".tmp." + std::to_string(::getpid())), kind_(kind) {
+    remove_stale_temporary_files(path_);
     fd_ = ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd_ < 0)
       throw_error<io_error>(kind_, " '", path_.string(), "': cannot create '", tmp_.string(),
