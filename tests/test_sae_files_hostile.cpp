@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -366,6 +367,15 @@ TEST_CASE("symlink loops and unusable destinations raise hsae::io_error with the
     }
     CHECK(read_bytes(file) == "x");
   }
+  SECTION("saving into a symlink loop or an empty path") {
+    fs::create_symlink("dloop", tmp / "dloop");
+    CHECK_THAT(error_of([&] { hsae::save_saelens(tmp / "dloop", m, 3); }),
+               StartsWith("hsae: save (SAELens) '" + (tmp / "dloop").string() + "': ") &&
+                   Contains("Too many levels of symbolic links"));
+    CHECK_THAT(error_of([&] { hsae::save_sparsify(tmp / "dloop" / "sae", m, 3); }),
+               Contains("Too many levels of symbolic links"));
+    CHECK_THAT(error_of([&] { hsae::save_sparsify("", m, 3); }), StartsWith("hsae: save (sparsify) '': "));
+  }
 }
 
 namespace {
@@ -411,4 +421,403 @@ TEST_CASE("the next atomic write to a path removes the temporaries of writers th
   want.insert("run.ckpt.tmp.1" + d);
   CHECK(names_in(tmp.dir) == want);
   CHECK(read_bytes(tmp / ("run.ckpt.tmp." + l)) == "keep");
+}
+
+// --- Directory saves: whole or not at all ----------------------------------------------
+
+namespace {
+
+using hsae::sae_file_format;
+using hsae::detail::fs_op;
+
+/// What the test seam does: count the operations, fail the `fail_at`-th with `err`, end
+/// the process at the `crash_at`-th, refuse RENAME_EXCHANGE (the two-rename fallback).
+struct fault_plan {
+  int calls = 0;
+  int fail_at = -1;
+  int fail_count = 1;
+  int crash_at = -1;
+  int err = ENOSPC;
+  bool no_exchange = false;
+};
+fault_plan plan;
+
+int fault_hook(fs_op op, const char*) noexcept {
+  if (op == fs_op::exchange && plan.no_exchange) return EINVAL;
+  const int n = plan.calls++;
+  if (n == plan.crash_at) ::_exit(42);
+  return n >= plan.fail_at && n < plan.fail_at + plan.fail_count ? plan.err : 0;
+}
+
+struct hooked {
+  hooked() { hsae::detail::fs_fault_hook().store(&fault_hook); }
+  ~hooked() { hsae::detail::fs_fault_hook().store(nullptr); }
+  hooked(const hooked&) = delete;
+  hooked& operator=(const hooked&) = delete;
+};
+
+void save(sae_file_format f, const fs::path& dir, const hsae::sae<float>& m, int k) {
+  if (f == sae_file_format::saelens)
+    hsae::save_saelens(dir, m, k);
+  else
+    hsae::save_sparsify(dir, m, k);
+}
+
+/// 0 if `dir` holds exactly `a` (weights and k), 1 if exactly `b`, -1 otherwise (or unloadable).
+int which(sae_file_format f, const fs::path& dir, const hsae::sae<float>& a, int ka, const hsae::sae<float>& b, int kb) {
+  try {
+    const auto l = f == sae_file_format::saelens ? hsae::load_saelens(dir) : hsae::load_sparsify(dir);
+    const auto is = [&](const hsae::sae<float>& m, int k) {
+      return l.k == k && hsae_test::bitwise_equal(l.model.W_enc, m.W_enc) &&
+             hsae_test::bitwise_equal(l.model.W_dec, m.W_dec) && hsae_test::bitwise_equal(l.model.b_enc, m.b_enc) &&
+             hsae_test::bitwise_equal(l.model.b_dec, m.b_dec);
+    };
+    return is(a, ka) ? 0 : is(b, kb) ? 1 : -1;
+  } catch (const hsae::error&) {
+    return -1;
+  }
+}
+
+const char* weights_name(sae_file_format f) {
+  return f == sae_file_format::saelens ? hsae::saelens_weights_file : hsae::sparsify_weights_file;
+}
+
+/// An SAE directory holding `old` (k 3) and two files of the user's (a README and a
+/// symlink), or nothing (`existing` false), in a fresh parent directory.
+struct sae_dir_fixture {
+  hsae_test::temp_dir tmp;
+  fs::path dir = tmp / "sae";
+  sae_file_format f;
+  bool existing;
+  hsae::sae<float> old_sae = random_sae(4, 10, 21), new_sae = random_sae(4, 12, 22);
+  static constexpr int old_k = 3, new_k = 5;
+  sae_dir_fixture(sae_file_format fmt, bool exists) : f(fmt), existing(exists) { reset(); }
+  void reset() {
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+    if (!existing) return;
+    save(f, dir, old_sae, old_k);
+    std::ofstream(dir / "README.md") << "mine";
+    fs::create_symlink("README.md", dir / "link");
+  }
+  void save_new() const { save(f, dir, new_sae, new_k); }
+  int state() const { return which(f, dir, old_sae, old_k, new_sae, new_k); }
+  /// Nothing but `dir` in the parent, and in `dir` exactly the SAE's files and the user's.
+  void check_clean(bool saved) const {
+    const bool present = existing || saved;
+    CHECK(names_in(tmp.dir) == (present ? std::set<std::string>{"sae"} : std::set<std::string>{}));
+    if (!present) return;
+    std::set<std::string> want = {hsae::sae_config_file, weights_name(f)};
+    if (existing) {
+      want.insert({"README.md", "link"});
+      CHECK(read_bytes(dir / "README.md") == "mine");
+      CHECK(fs::read_symlink(dir / "link") == "README.md");
+    }
+    CHECK(names_in(dir) == want);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a directory save that fails at any step leaves the old SAE or the new one, whole, and no temporaries",
+          "[sae_files][hostile][atomic_dir]") {
+  for (const sae_file_format f : {sae_file_format::saelens, sae_file_format::sparsify})
+    for (const bool existing : {true, false})
+      for (const bool no_exchange : {false, true}) {
+        if (!existing && no_exchange) continue;  // a new directory is one rename either way
+        INFO(hsae::sae_file_format_name(f) << (existing ? ", replacing" : ", new directory")
+                                           << (no_exchange ? ", two renames" : ", exchange"));
+        sae_dir_fixture fx(f, existing);
+        plan = fault_plan{};
+        plan.no_exchange = no_exchange;
+        {
+          hooked h;
+          fx.save_new();
+        }
+        const int total = plan.calls;
+        REQUIRE(total >= 10);
+        REQUIRE(fx.state() == 1);
+        fx.check_clean(true);
+        int failed = 0;
+        for (int i = 0; i < total; ++i) {
+          INFO("operation " << i << " of " << total << " fails with ENOSPC");
+          fx.reset();
+          plan = fault_plan{};
+          plan.no_exchange = no_exchange;
+          plan.fail_at = i;
+          std::string e;
+          {
+            hooked h;
+            e = error_of([&] { fx.save_new(); });
+          }
+          REQUIRE(plan.calls > i);
+          if (!e.empty()) {  // a failure before the swap: nothing changed
+            ++failed;
+            CHECK_THAT(e, StartsWith("hsae: save (" + std::string(hsae::sae_file_format_name(f)) + ") '" +
+                                     fx.dir.string() + "': ") &&
+                              Contains("No space left on device"));
+            CHECK(fx.state() == (existing ? 0 : -1));
+            CHECK(fs::exists(fx.dir) == existing);
+          } else {  // a best-effort fsync of a directory after its rename
+            CHECK(fx.state() == 1);
+          }
+          fx.check_clean(e.empty());
+        }
+        CHECK(failed >= total - 4);
+      }
+}
+
+TEST_CASE("a two-rename directory save whose rename and rename back both fail is rolled forward by the next save",
+          "[sae_files][hostile][atomic_dir]") {
+  sae_dir_fixture fx(sae_file_format::saelens, true);
+  plan = fault_plan{};
+  plan.no_exchange = true;
+  {
+    hooked h;
+    fx.save_new();
+  }
+  const int total = plan.calls;
+  int stranded = 0;
+  for (int i = 0; i + 1 < total; ++i) {
+    INFO("operations " << i << " and " << i + 1 << " of " << total << " fail");
+    fx.reset();
+    plan = fault_plan{};
+    plan.no_exchange = true;
+    plan.fail_at = i;
+    plan.fail_count = 2;
+    std::string e;
+    {
+      hooked h;
+      e = error_of([&] { fx.save_new(); });
+    }
+    if (fs::exists(fx.dir)) {
+      CHECK(fx.state() == (e.empty() ? 1 : 0));
+      fx.check_clean(true);
+      continue;
+    }
+    ++stranded;  // no directory: the complete new one and the old one beside it
+    CHECK_THAT(e, Contains("and so did the rename back of") && Contains("the next save to it renames"));
+    const std::string pid = std::to_string(::getpid());
+    CHECK(names_in(fx.tmp.dir) == std::set<std::string>{"sae.tmp." + pid, "sae.old." + pid});
+    hsae::detail::recover_directory_save(fx.dir, hsae::sae_dir_files);  // what the next save does first
+    CHECK(fx.state() == 1);
+    fx.check_clean(true);
+    fx.reset();
+    // ... and the next save itself.
+    {
+      plan = fault_plan{};
+      plan.no_exchange = true;
+      plan.fail_at = i;
+      plan.fail_count = 2;
+      hooked h;
+      error_of([&] { fx.save_new(); });
+    }
+    REQUIRE_FALSE(fs::exists(fx.dir));
+    save(fx.f, fx.dir, fx.old_sae, fx.old_k);
+    CHECK(fx.state() == 0);
+    fx.check_clean(true);
+  }
+  CHECK(stranded == 1);
+}
+
+TEST_CASE("a directory save killed at any step leaves the old SAE or the new one; the next save recovers",
+          "[sae_files][hostile][atomic_dir]") {
+  for (const bool no_exchange : {false, true}) {
+    INFO((no_exchange ? "two renames" : "exchange"));
+    sae_dir_fixture fx(sae_file_format::saelens, true);
+    plan = fault_plan{};
+    plan.no_exchange = no_exchange;
+    {
+      hooked h;
+      fx.save_new();
+    }
+    const int total = plan.calls;
+    int between_renames = 0;
+    for (int i = 0; i <= total; ++i) {
+      INFO("killed at operation " << i << " of " << total);
+      fx.reset();
+      const pid_t child = ::fork();
+      REQUIRE(child >= 0);
+      if (child == 0) {
+        plan = fault_plan{};
+        plan.no_exchange = no_exchange;
+        plan.crash_at = i;
+        hsae::detail::fs_fault_hook().store(&fault_hook);
+        try {
+          fx.save_new();
+        } catch (...) {
+          ::_exit(1);
+        }
+        ::_exit(0);
+      }
+      int status = 0;
+      REQUIRE(::waitpid(child, &status, 0) == child);
+      REQUIRE(WIFEXITED(status));
+      CHECK(WEXITSTATUS(status) == (i < total ? 42 : 0));
+      const std::string tmp_name = "sae.tmp." + std::to_string(child), old_name = "sae.old." + std::to_string(child);
+      if (fs::exists(fx.dir)) {
+        const int s = fx.state();
+        CHECK((s == 0 || s == 1));
+      } else {  // between the two renames of the fallback
+        ++between_renames;
+        CHECK(no_exchange);
+        CHECK(names_in(fx.tmp.dir) == std::set<std::string>{tmp_name, old_name});
+      }
+      const bool was_missing = !fs::exists(fx.dir);
+      hsae::detail::recover_directory_save(fx.dir, hsae::sae_dir_files);
+      const int s = fx.state();
+      CHECK((s == 0 || s == 1));
+      if (was_missing) CHECK(s == 1);  // rolled forward: the new directory was complete
+      fx.check_clean(true);
+    }
+    CHECK(between_renames == (no_exchange ? 1 : 0));
+    // A killed save, then the next save: it recovers and leaves nothing behind.
+    fx.reset();
+    const pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+      plan = fault_plan{};
+      plan.crash_at = total / 2;
+      hsae::detail::fs_fault_hook().store(&fault_hook);
+      fx.save_new();
+      ::_exit(0);
+    }
+    int status = 0;
+    REQUIRE(::waitpid(child, &status, 0) == child);
+    CHECK(names_in(fx.tmp.dir).size() == 2);  // the directory and the dead writer's staging directory
+    fx.save_new();
+    CHECK(fx.state() == 1);
+    fx.check_clean(true);
+  }
+}
+
+TEST_CASE("a directory save keeps the user's files, the directory's mode, a symlink to it and the working directory",
+          "[sae_files][hostile][atomic_dir]") {
+  sae_dir_fixture fx(sae_file_format::saelens, true);
+  struct stat before {};
+  REQUIRE(::stat((fx.dir / "README.md").c_str(), &before) == 0);
+  fs::permissions(fx.dir, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec);
+  SECTION("the user's files are the same files, the mode is kept") {
+    fx.save_new();
+    CHECK(fx.state() == 1);
+    fx.check_clean(true);
+    struct stat after {};
+    REQUIRE(::stat((fx.dir / "README.md").c_str(), &after) == 0);
+    CHECK(after.st_ino == before.st_ino);
+    CHECK(after.st_nlink == 1);
+    CHECK((fs::status(fx.dir).permissions() & fs::perms::all) ==
+          (fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec));
+    // The other layout's weights are the user's too: kept, as before.
+    save(sae_file_format::sparsify, fx.dir, fx.old_sae, 3);
+    CHECK(fs::exists(fx.dir / hsae::saelens_weights_file));
+    CHECK(fs::exists(fx.dir / hsae::sparsify_weights_file));
+  }
+  SECTION("a subdirectory is refused, nothing changes") {
+    fs::create_directory(fx.dir / "sub");
+    std::ofstream(fx.dir / "sub" / "data") << "x";
+    CHECK_THAT(error_of([&] { fx.save_new(); }),
+               StartsWith("hsae: save (SAELens) '" + fx.dir.string() + "': holds the subdirectory 'sub'"));
+    CHECK(fx.state() == 0);
+    CHECK(names_in(fx.tmp.dir) == std::set<std::string>{"sae"});
+    CHECK(read_bytes(fx.dir / "sub" / "data") == "x");
+  }
+  SECTION("a symlink to the directory stays a symlink") {
+    fs::create_directory_symlink("sae", fx.tmp / "alias");
+    save(sae_file_format::saelens, fx.tmp / "alias", fx.new_sae, fx.new_k);
+    CHECK(fs::is_symlink(fx.tmp / "alias"));
+    CHECK(fx.state() == 1);
+    CHECK(names_in(fx.tmp.dir) == std::set<std::string>{"alias", "sae"});
+  }
+  SECTION("saving into the working directory") {
+    const fs::path cwd = fs::current_path();
+    fs::current_path(fx.dir);
+    save(sae_file_format::saelens, ".", fx.new_sae, fx.new_k);
+    const fs::path now = fs::current_path();
+    const int s = which(sae_file_format::saelens, ".", fx.old_sae, fx.old_k, fx.new_sae, fx.new_k);
+    fs::current_path(cwd);
+    CHECK(now == fx.dir);
+    CHECK(s == 1);
+    fx.check_clean(true);
+  }
+}
+
+TEST_CASE("the next directory save removes the temporary directories of writers that died, only what is theirs",
+          "[sae_files][hostile][atomic_dir]") {
+  sae_dir_fixture fx(sae_file_format::saelens, true);
+  const std::string dead = std::to_string(dead_pid()), live = std::to_string(::getppid());
+  const auto staged = [&](const std::string& name) {
+    const fs::path d = fx.tmp / name;
+    fs::create_directory(d);
+    std::ofstream(d / hsae::sae_config_file) << "{}";
+    std::ofstream(d / (std::string(hsae::saelens_weights_file) + ".tmp." + dead)) << "half";
+    fs::create_hard_link(fx.dir / "README.md", d / "README.md");
+    return d;
+  };
+  staged("sae.tmp." + dead);                          // a dead writer's: removed
+  const fs::path live_dir = staged("sae.tmp." + live);  // a live one's: kept
+  const fs::path with_user_file = staged("sae.old." + std::to_string(dead_pid()));
+  std::ofstream(with_user_file / "notes.txt") << "not ours";  // kept, and its directory
+  std::ofstream(with_user_file / "README.md.bak") << "not ours either";
+  fx.save_new();
+  CHECK(fx.state() == 1);
+  CHECK(names_in(fx.tmp.dir) == std::set<std::string>{"sae", live_dir.filename().string(),
+                                                      with_user_file.filename().string()});
+  CHECK(names_in(live_dir).size() == 3);
+  CHECK(names_in(with_user_file) == std::set<std::string>{"notes.txt", "README.md.bak"});
+  CHECK(read_bytes(fx.dir / "README.md") == "mine");
+
+  // Stale temporaries of the per-file protocol inside the directory: not carried over.
+  std::ofstream(fx.dir / ("cfg.json.tmp." + dead)) << "x";
+  std::ofstream(fx.dir / ("cfg.json.tmp." + live)) << "x";
+  fx.save_new();
+  CHECK_FALSE(fs::exists(fx.dir / ("cfg.json.tmp." + dead)));
+  CHECK(fs::exists(fx.dir / ("cfg.json.tmp." + live)));
+}
+
+TEST_CASE("directory saves on a file system that fills up (tmpfs, where mounting is allowed)",
+          "[sae_files][hostile][atomic_dir][tmpfs]") {
+  hsae_test::temp_dir tmp;
+  const fs::path mnt = tmp / "mnt";
+  fs::create_directory(mnt);
+  if (::getuid() != 0 || std::system(("mount -t tmpfs -o size=256k tmpfs '" + mnt.string() + "' 2>/dev/null").c_str()) != 0) {
+    WARN("mounting a tmpfs is not allowed here: the fault-injection tests above cover the same steps");
+    return;
+  }
+  struct unmount {
+    fs::path p;
+    ~unmount() { (void)std::system(("umount '" + p.string() + "'").c_str()); }
+  } guard{mnt};
+  const auto old_sae = random_sae(16, 256, 31), new_sae = random_sae(16, 320, 32);  // 33 KB and 41 KB of weights
+  const fs::path dir = mnt / "sae";
+  int failed = 0, saved = 0;
+  for (int free_kb = 0; free_kb <= 112; free_kb += 4) {
+    INFO(free_kb << " KiB free");
+    std::error_code ec;
+    fs::remove_all(dir, ec);
+    fs::remove(mnt / "filler", ec);
+    hsae::save_saelens(dir, old_sae, 8);
+    std::ofstream(dir / "README.md") << "mine";
+    // Fill the file system up to `free_kb`.
+    const auto space = fs::space(mnt);
+    const std::uintmax_t fill = space.available > std::uintmax_t(free_kb) * 1024 ? space.available - free_kb * 1024 : 0;
+    {
+      std::ofstream f(mnt / "filler", std::ios::binary);
+      const std::string block(4096, 'x');
+      for (std::uintmax_t n = 0; n + 4096 <= fill; n += 4096) f << block;
+    }
+    const std::string e = error_of([&] { hsae::save_saelens(dir, new_sae, 16); });
+    const int s = which(sae_file_format::saelens, dir, old_sae, 8, new_sae, 16);
+    if (e.empty()) {
+      ++saved;
+      CHECK(s == 1);
+    } else {
+      ++failed;
+      CHECK_THAT(e, Contains("No space left on device"));
+      CHECK(s == 0);
+    }
+    CHECK(names_in(mnt) == std::set<std::string>{"filler", "sae"});
+    CHECK(names_in(dir) == std::set<std::string>{"README.md", "cfg.json", "sae_weights.safetensors"});
+  }
+  CHECK(failed > 0);
+  CHECK(saved > 0);
 }

@@ -33,6 +33,9 @@
 /// architectures, run-time input normalisation, transcoders, skip connections, groupmax)
 /// raises hsae::io_error naming the file and the setting. Non-finite weights raise
 /// hsae::numeric_error naming the file and the tensor.
+///
+/// Saving replaces the SAE directory as a whole (detail::atomic_dir): a save that fails
+/// or is killed at any point leaves either the old SAE or the new one.
 #pragma once
 
 #include <algorithm>
@@ -76,6 +79,9 @@ constexpr std::string_view sae_file_format_name(sae_file_format f) noexcept {
 inline constexpr const char* sae_config_file = "cfg.json";
 inline constexpr const char* saelens_weights_file = "sae_weights.safetensors";
 inline constexpr const char* sparsify_weights_file = "sae.safetensors";
+
+/// Every file name hsae writes into an SAE directory (of either layout).
+inline constexpr std::string_view sae_dir_files[] = {sae_config_file, saelens_weights_file, sparsify_weights_file};
 
 /// How to save.
 struct sae_save_options {
@@ -251,13 +257,6 @@ inline std::optional<bool> saelens_version_at_least_6(std::string_view v) {
   if (pre == alpha || pre == beta) return false;
   if (pre == none && dev && !post) return false;
   return true;
-}
-
-/// An hsae::error's message without its "hsae: " prefix, to quote it inside another one.
-inline std::string_view without_hsae_prefix(std::string_view what) {
-  constexpr std::string_view prefix = "hsae: ";
-  if (what.starts_with(prefix)) what.remove_prefix(prefix.size());
-  return what;
 }
 
 inline nlohmann::json schedule_to_json(const dynamic_k_schedule& s) {
@@ -874,7 +873,6 @@ void save_saelens_impl(const std::filesystem::path& dir, const sae<T, F>& m, int
       {"rescale_acts_by_decoder_norm", false},
       {"metadata", md},
   };
-  detail::create_directories(dir, "save (SAELens)");
   const row_matrix<T> w_enc_t = m.W_enc.transpose();  // SAELens: [d_in, d_sae]
   safetensors_writer w;
   w.add("W_enc", w_enc_t, opt.dtype);
@@ -882,8 +880,13 @@ void save_saelens_impl(const std::filesystem::path& dir, const sae<T, F>& m, int
   w.add("b_enc", m.b_enc, opt.dtype);
   w.add("b_dec", m.b_dec, opt.dtype);
   if (sched != nullptr) w.metadata("hsae_k_schedule", schedule_to_json(*sched).dump());
-  w.write(dir / saelens_weights_file);
-  write_json_file(dir / sae_config_file, cfg, "SAELens config");
+  atomic_dir out(dir, "save (SAELens)", {sae_config_file, saelens_weights_file},
+                 {std::begin(sae_dir_files), std::end(sae_dir_files)});
+  out.stage([&](const std::filesystem::path& staging) {
+    w.write(staging / saelens_weights_file);
+    write_json_file(staging / sae_config_file, cfg, "SAELens config");
+  });
+  out.commit();
 }
 
 template <cpu_scalar T, int F>
@@ -904,7 +907,6 @@ void save_sparsify_impl(const std::filesystem::path& dir, const sae<T, F>& m, in
   };
   if (sched != nullptr) cfg["hsae_k_schedule"] = schedule_to_json(*sched);
   if (!opt.metadata.empty()) cfg["hsae_metadata"] = opt.metadata;
-  detail::create_directories(dir, "save (sparsify)");
   safetensors_writer w;
   w.add("encoder.weight", m.W_enc, opt.dtype);
   w.add("encoder.bias", m.b_enc, opt.dtype);
@@ -912,17 +914,28 @@ void save_sparsify_impl(const std::filesystem::path& dir, const sae<T, F>& m, in
   w.add("b_dec", m.b_dec, opt.dtype);
   w.metadata("format", "pt");
   if (sched != nullptr) w.metadata("hsae_k_schedule", schedule_to_json(*sched).dump());
-  w.write(dir / sparsify_weights_file);
-  write_json_file(dir / sae_config_file, cfg, "sparsify config");
+  atomic_dir out(dir, "save (sparsify)", {sae_config_file, sparsify_weights_file},
+                 {std::begin(sae_dir_files), std::end(sae_dir_files)});
+  out.stage([&](const std::filesystem::path& staging) {
+    w.write(staging / sparsify_weights_file);
+    write_json_file(staging / sae_config_file, cfg, "sparsify config");
+  });
+  out.commit();
 }
 
 }  // namespace detail
 
 /// Saves a (HierarchicalTopK) SAE in the SAELens layout as a TopK SAE with
-/// k = schedule.k_max(), keeping the schedule in the metadata. Writes
-/// `dir/sae_weights.safetensors` then `dir/cfg.json`, each atomically; creates `dir`.
+/// k = schedule.k_max(), keeping the schedule in the metadata: `dir/cfg.json` and
+/// `dir/sae_weights.safetensors`, written as a pair. The directory is replaced as a whole
+/// (written beside it as `<dir>.tmp.<pid>`, fsync'd, swapped in; see detail::atomic_dir),
+/// so an interrupted or failed save leaves the old SAE or the new one, never new weights
+/// beside an old config. The other entries of an existing `dir` (a README, a sparsity
+/// file) are kept: the same files, hard-linked into the new directory; a `dir` holding a
+/// subdirectory is refused. Needs a writable parent directory; creates `dir` and parents.
 /// \throws hsae::config_error (bad k or options), hsae::numeric_error (non-finite
-///         weights), hsae::io_error (unwritable).
+///         weights), hsae::io_error "save (SAELens) '<dir>': ..." (unwritable, no space,
+///         a subdirectory; then `dir` is unchanged).
 template <cpu_scalar T, int F, k_schedule_like S>
 void save_saelens(const std::filesystem::path& dir, const sae<T, F>& m, const S& schedule,
                   const sae_save_options& opt = {}) {
@@ -940,8 +953,9 @@ void save_saelens(const std::filesystem::path& dir, const sae<T, F>& m, int k, c
   detail::save_saelens_impl(dir, m, k, nullptr, opt);
 }
 
-/// Saves a (HierarchicalTopK) SAE in the sparsify layout, k = schedule.k_max(). Writes
-/// `dir/sae.safetensors` then `dir/cfg.json`, each atomically; creates `dir`.
+/// Saves a (HierarchicalTopK) SAE in the sparsify layout, k = schedule.k_max():
+/// `dir/cfg.json` and `dir/sae.safetensors`, the directory replaced as a whole as by
+/// save_saelens.
 /// \throws as save_saelens.
 template <cpu_scalar T, int F, k_schedule_like S>
 void save_sparsify(const std::filesystem::path& dir, const sae<T, F>& m, const S& schedule,
