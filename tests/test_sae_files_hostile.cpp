@@ -155,13 +155,15 @@ TEST_CASE("a stored k-schedule wider than the SAE is refused", "[sae_files][host
     const auto b = w.serialize();
     const std::string weights(reinterpret_cast<const char*>(b.data()), b.size());
     CHECK_THAT(saelens_error(saelens_cfg(4, 10, 3), weights),
-               StartsWith("hsae: SAELens weights 'W.safetensors': ") && Contains("hsae_k_schedule has k_max=12 > d_sae=10"));
+               StartsWith("hsae: SAELens weights 'W.safetensors': ") &&
+                   Contains("hsae_k_schedule has k_max=12 > d_sae=10"));
   }
   SECTION("sparsify") {
     json cfg = sparsify_cfg(4, 10, 3);
     cfg["hsae_k_schedule"] = wide;
     CHECK_THAT(sparsify_error(cfg, sparsify_weights(f.m)),
-               StartsWith("hsae: sparsify config 'C.json': ") && Contains("hsae_k_schedule has k_max=12 > num_latents=10"));
+               StartsWith("hsae: sparsify config 'C.json': ") &&
+                   Contains("hsae_k_schedule has k_max=12 > num_latents=10"));
   }
 }
 
@@ -185,15 +187,23 @@ TEST_CASE("a config's widths are checked against the tensors before anything is 
   }
   SECTION("SAELens: a vector of another length") {
     const hsae::vector<float> short_b_enc = f.m.b_enc.head(9);
-    const std::string w =
-        tensors{}.add("W_enc", f.W_enc_t).add("W_dec", f.m.W_dec).add("b_enc", short_b_enc).add("b_dec", f.m.b_dec).bytes();
+    const std::string w = tensors{}
+                              .add("W_enc", f.W_enc_t)
+                              .add("W_dec", f.m.W_dec)
+                              .add("b_enc", short_b_enc)
+                              .add("b_dec", f.m.b_dec)
+                              .bytes();
     CHECK_THAT(saelens_error(saelens_cfg(4, 10, 3), w),
-               Contains("d_sae=10 does not match the weights 'W.safetensors': tensor 'b_enc' has shape [9], expected [10] "
-                        "(d_sae=9)"));
+               Contains("d_sae=10 does not match the weights 'W.safetensors': tensor 'b_enc' has shape [9], "
+                        "expected [10] (d_sae=9)"));
   }
   SECTION("SAELens: a tensor of another rank") {
-    const std::string w =
-        tensors{}.add("W_enc", f.W_enc_t).add("W_dec", f.m.W_dec).add("b_enc", f.W_enc_t).add("b_dec", f.m.b_dec).bytes();
+    const std::string w = tensors{}
+                              .add("W_enc", f.W_enc_t)
+                              .add("W_dec", f.m.W_dec)
+                              .add("b_enc", f.W_enc_t)
+                              .add("b_dec", f.m.b_dec)
+                              .bytes();
     CHECK_THAT(saelens_error(saelens_cfg(4, 10, 3), w),
                StartsWith("hsae: SAELens weights 'W.safetensors': tensor 'b_enc' has shape [4, 10], expected [10]"));
   }
@@ -223,7 +233,8 @@ TEST_CASE("weights that overflow once a setting is folded in are refused", "[sae
     cfg["apply_b_dec_to_input"] = false;
     const std::string e = saelens_error(cfg, f.weights);
     CHECK_THAT(e, StartsWith("hsae: SAELens weights 'W.safetensors': tensor 'b_enc (after folding "
-                             "apply_b_dec_to_input=false: b_enc + W_enc b_dec)' contains a non-finite value (inf) at [3, 0]"));
+                             "apply_b_dec_to_input=false: b_enc + W_enc b_dec)' contains a non-finite value (inf) "
+                             "at [3, 0]"));
     CHECK_THROWS_AS(hsae::load_saelens_buffers(cfg.dump(), as_bytes(f.weights), "C", "W"), hsae::numeric_error);
   }
   SECTION("rescale_acts_by_decoder_norm=true: encoder rows times the decoder row norms") {
@@ -276,12 +287,14 @@ TEST_CASE("SAELens version metadata of the wrong JSON type is refused, as SAELen
     CHECK_THAT(saelens_error(cfg, f.weights),
                StartsWith("hsae: SAELens config 'C.json': 'sae_lens_version' is 6 (number), not a version string"));
     cfg["sae_lens_version"] = json::array({"6.0.0"});
-    CHECK_THAT(saelens_error(cfg, f.weights), Contains("'sae_lens_version' is [\"6.0.0\"] (array), not a version string"));
+    CHECK_THAT(saelens_error(cfg, f.weights),
+               Contains("'sae_lens_version' is [\"6.0.0\"] (array), not a version string"));
     cfg["sae_lens_version"] = true;
     CHECK_THAT(saelens_error(cfg, f.weights), Contains("'sae_lens_version' is true (boolean)"));
     cfg = base;
     cfg["metadata"]["sae_lens_version"] = 6.5;
-    CHECK_THAT(saelens_error(cfg, f.weights), Contains("'metadata.sae_lens_version' is 6.5 (number), not a version string"));
+    CHECK_THAT(saelens_error(cfg, f.weights),
+               Contains("'metadata.sae_lens_version' is 6.5 (number), not a version string"));
     cfg["metadata"]["sae_lens_version"] = {{"major", 6}};
     CHECK_THAT(saelens_error(cfg, f.weights), Contains("'metadata.sae_lens_version' is {\"major\":6} (object)"));
   }
@@ -336,7 +349,9 @@ TEST_CASE("symlink loops and unusable destinations raise hsae::io_error with the
     for (const std::string& e : {error_of([&] { hsae::detect_sae_format(dir); }),
                                  error_of([&] { hsae::load_sae_dir(dir); }),
                                  error_of([&] { hsae::load_saelens(dir); }),
-                                 error_of([&] { hsae::convert_sae_dir(dir, tmp / "out", hsae::sae_file_format::sparsify); })})
+                                 error_of([&] {
+                                   hsae::convert_sae_dir(dir, tmp / "out", hsae::sae_file_format::sparsify);
+                                 })})
       CHECK_THAT(e, Contains("'" + w + "'") && Contains("Too many levels of symbolic links"));
     CHECK_THROWS_AS(hsae::load_sae_dir(dir), hsae::io_error);
     // The directory itself a loop.
@@ -358,7 +373,8 @@ TEST_CASE("symlink loops and unusable destinations raise hsae::io_error with the
       CHECK_THAT(error_of([&] { hsae::save_saelens(dir, m, 3); }), Contains(d) && Contains(reason));
       CHECK_THAT(error_of([&] { hsae::save_saelens(dir, m, s); }), Contains(d) && Contains(reason));
       CHECK_THAT(error_of([&] { hsae::save_sparsify(dir, m, 3); }), Contains(d) && Contains(reason));
-      CHECK_THAT(error_of([&] { hsae::save_sparsify(dir, m, hsae::k_schedule<1, 3>{}); }), Contains(d) && Contains(reason));
+      CHECK_THAT(error_of([&] { hsae::save_sparsify(dir, m, hsae::k_schedule<1, 3>{}); }),
+                 Contains(d) && Contains(reason));
       CHECK_THAT(error_of([&] { hsae::save_sae(dir, hsae::sae_file_format::sparsify, l); }),
                  Contains(d) && Contains(reason));
       CHECK_THAT(error_of([&] { hsae::convert_sae_dir(tmp / "ok", dir, hsae::sae_file_format::sparsify); }),
@@ -464,7 +480,8 @@ void save(sae_file_format f, const fs::path& dir, const hsae::sae<float>& m, int
 }
 
 /// 0 if `dir` holds exactly `a` (weights and k), 1 if exactly `b`, -1 otherwise (or unloadable).
-int which(sae_file_format f, const fs::path& dir, const hsae::sae<float>& a, int ka, const hsae::sae<float>& b, int kb) {
+int which(sae_file_format f, const fs::path& dir, const hsae::sae<float>& a, int ka, const hsae::sae<float>& b,
+          int kb) {
   try {
     const auto l = f == sae_file_format::saelens ? hsae::load_saelens(dir) : hsae::load_sparsify(dir);
     const auto is = [&](const hsae::sae<float>& m, int k) {
@@ -779,7 +796,8 @@ TEST_CASE("directory saves on a file system that fills up (tmpfs, where mounting
   hsae_test::temp_dir tmp;
   const fs::path mnt = tmp / "mnt";
   fs::create_directory(mnt);
-  if (::getuid() != 0 || std::system(("mount -t tmpfs -o size=256k tmpfs '" + mnt.string() + "' 2>/dev/null").c_str()) != 0) {
+  const std::string mount = "mount -t tmpfs -o size=256k tmpfs '" + mnt.string() + "' 2>/dev/null";
+  if (::getuid() != 0 || std::system(mount.c_str()) != 0) {
     WARN("mounting a tmpfs is not allowed here: the fault-injection tests above cover the same steps");
     return;
   }

@@ -548,7 +548,8 @@ loaded_sae<T> load_saelens_buffers(std::string_view cfg_text, std::span<const st
   } else if (cfg.contains("metadata")) {
     const nlohmann::json& md = cfg["metadata"];
     if (!md.is_object())
-      fail("'metadata' is ", detail::json_value_and_type(md), ", not an object (SAELens reads sae_lens_version from it)");
+      fail("'metadata' is ", detail::json_value_and_type(md),
+           ", not an object (SAELens reads sae_lens_version from it)");
     if (md.contains("sae_lens_version") && detail::python_truthy(md["sae_lens_version"])) {
       ver = &md["sae_lens_version"];
       ver_key = "metadata.sae_lens_version";
