@@ -33,6 +33,9 @@
 /// architectures, run-time input normalisation, transcoders, skip connections, groupmax)
 /// raises hsae::io_error naming the file and the setting. Non-finite weights raise
 /// hsae::numeric_error naming the file and the tensor.
+///
+/// Saving replaces the SAE directory as a whole (detail::atomic_dir): a save that fails
+/// or is killed at any point leaves either the old SAE or the new one.
 #pragma once
 
 #include <algorithm>
@@ -41,6 +44,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <initializer_list>
 #include <limits>
 #include <map>
 #include <optional>
@@ -75,6 +79,9 @@ constexpr std::string_view sae_file_format_name(sae_file_format f) noexcept {
 inline constexpr const char* sae_config_file = "cfg.json";
 inline constexpr const char* saelens_weights_file = "sae_weights.safetensors";
 inline constexpr const char* sparsify_weights_file = "sae.safetensors";
+
+/// Every file name hsae writes into an SAE directory (of either layout).
+inline constexpr std::string_view sae_dir_files[] = {sae_config_file, saelens_weights_file, sparsify_weights_file};
 
 /// How to save.
 struct sae_save_options {
@@ -279,16 +286,23 @@ inline dynamic_k_schedule schedule_from_json(const nlohmann::json& j, const file
   try {
     return dynamic_k_schedule(std::move(lv));
   } catch (const config_error& e) {
-    fail("malformed hsae_k_schedule: ", e.what());
+    fail("malformed hsae_k_schedule: ", without_hsae_prefix(e.what()));
   }
 }
 
 /// hsae's k-schedule: the `hsae_k_schedule` entry of `cfg` (a JSON object) first, then
-/// that of the weights file's metadata; nullopt when neither has one.
+/// that of the weights file's metadata; nullopt when neither has one. A schedule whose
+/// k_max exceeds the SAE's width (`width_key`=`width`) is refused: its largest prefix
+/// would keep more latents than there are.
 inline std::optional<dynamic_k_schedule> find_schedule(const nlohmann::json& cfg,
                                                        const std::map<std::string, std::string>& tensor_metadata,
+                                                       std::string_view width_key, std::int64_t width,
                                                        const file_error& fail, const file_error& failw) {
-  if (cfg.contains("hsae_k_schedule")) return schedule_from_json(cfg["hsae_k_schedule"], fail);
+  const auto checked = [&](dynamic_k_schedule s, const file_error& where) {
+    if (s.k_max() > width) where("hsae_k_schedule has k_max=", s.k_max(), " > ", width_key, "=", width);
+    return s;
+  };
+  if (cfg.contains("hsae_k_schedule")) return checked(schedule_from_json(cfg["hsae_k_schedule"], fail), fail);
   const auto it = tensor_metadata.find("hsae_k_schedule");
   if (it == tensor_metadata.end()) return std::nullopt;
   nlohmann::json j;
@@ -297,7 +311,7 @@ inline std::optional<dynamic_k_schedule> find_schedule(const nlohmann::json& cfg
   } catch (const nlohmann::json::exception& e) {
     failw("malformed hsae_k_schedule metadata: ", e.what());
   }
-  return schedule_from_json(j, fail);
+  return checked(schedule_from_json(j, failw), failw);
 }
 
 /// Parses a cfg.json: Python's json.load rules (a repeated key keeps its last value),
@@ -406,6 +420,33 @@ inline std::int64_t config_int(const nlohmann::json& v, std::string_view key, co
   fail("'", key, "' is ", v.dump(), ", not an integer");
 }
 
+/// One dimension of a tensor as the config gives it.
+struct config_dim {
+  std::string_view key;
+  std::int64_t value;
+};
+
+/// Checks tensor `name` of `view` against the shape the config gives it, before anything
+/// of the config's size is allocated (a config may claim any width; the tensors are
+/// bounded by the file). A dimension that differs is reported as the config's key with
+/// both values; a tensor of another rank as the weights' error.
+inline void check_config_shape(const safetensors_view& view, std::string_view name,
+                               std::initializer_list<config_dim> dims, const file_error& fail,
+                               const file_error& failw) {
+  const safetensors_tensor_info& t = view.at(name);
+  std::string expected = "[";
+  for (const auto& d : dims) expected += (expected.size() > 1 ? ", " : "") + std::to_string(d.value);
+  expected += "]";
+  if (t.shape.size() != dims.size()) failw("tensor '", name, "' has shape ", t.shape_text(), ", expected ", expected);
+  std::size_t i = 0;
+  for (const auto& d : dims) {
+    if (t.shape[i] != d.value)
+      fail(d.key, "=", d.value, " does not match the weights '", view.where(), "': tensor '", name, "' has shape ",
+           t.shape_text(), ", expected ", expected, " (", d.key, "=", t.shape[i], ")");
+    ++i;
+  }
+}
+
 inline bool config_bool(const nlohmann::json& v, std::string_view key, const file_error& fail) {
   if (v.is_boolean()) return v.get<bool>();
   fail("'", key, "' is ", v.dump(), ", not true/false");
@@ -422,8 +463,32 @@ inline constexpr std::string_view saelens_llm_metadata_keys[] = {
     "sae_lens_version", "sae_lens_training_version",            "hook_name_out",
     "hook_head_index_out", "hf_hook_name",  "hf_hook_name_out"};
 
-/// SAELens' handle_pre_6_0_config, for the keys hsae reads.
-inline nlohmann::json saelens_pre_6_config(const nlohmann::json& in) {
+/// Python's truth value of a JSON value (`if not x`): null, false, 0, "", [] and {} are false.
+inline bool python_truthy(const nlohmann::json& v) {
+  switch (v.type()) {
+    case nlohmann::json::value_t::null: return false;
+    case nlohmann::json::value_t::boolean: return v.get<bool>();
+    case nlohmann::json::value_t::number_integer: return v.get<std::int64_t>() != 0;
+    case nlohmann::json::value_t::number_unsigned: return v.get<std::uint64_t>() != 0;
+    case nlohmann::json::value_t::number_float: return v.get<double>() != 0;
+    case nlohmann::json::value_t::string: return !v.get_ref<const std::string&>().empty();
+    case nlohmann::json::value_t::array:
+    case nlohmann::json::value_t::object: return !v.empty();
+    default: return true;
+  }
+}
+
+/// "<value> (<JSON type>)" for a message, the value cut at 60 characters.
+inline std::string json_value_and_type(const nlohmann::json& v) {
+  std::string d = v.dump();
+  if (d.size() > 60) d = d.substr(0, 57) + "...";
+  return d + " (" + v.type_name() + ")";
+}
+
+/// SAELens' handle_pre_6_0_config, for the keys hsae reads. `activation_fn_kwargs`,
+/// where SAELens reads it (activation_fn "topk" or architecture "topk"), must be an
+/// object: SAELens raises on anything else.
+inline nlohmann::json saelens_pre_6_config(const nlohmann::json& in, const file_error& fail) {
   nlohmann::json c = nlohmann::json::object();
   for (auto it = in.begin(); it != in.end(); ++it) {
     std::string key = it.key();
@@ -435,7 +500,11 @@ inline nlohmann::json saelens_pre_6_config(const nlohmann::json& in) {
   if (!c.contains("apply_b_dec_to_input")) c["apply_b_dec_to_input"] = true;
   if (!c.contains("activation_fn")) c["activation_fn"] = "relu";
   if (!c.contains("architecture")) c["architecture"] = "standard";
-  if (c["activation_fn"] == "topk" && c.contains("activation_fn_kwargs") && c["activation_fn_kwargs"].is_object() &&
+  const bool kwargs_read = c["activation_fn"] == "topk" || c["architecture"] == "topk";
+  if (kwargs_read && c.contains("activation_fn_kwargs") && !c["activation_fn_kwargs"].is_object())
+    fail("'activation_fn_kwargs' is ", json_value_and_type(c["activation_fn_kwargs"]),
+         ", not an object (pre-6.0 config rules)");
+  if (c["activation_fn"] == "topk" && c.contains("activation_fn_kwargs") &&
       c["activation_fn_kwargs"].contains("k") && !c["activation_fn_kwargs"]["k"].is_null()) {
     c["architecture"] = "topk";
     c["k"] = c["activation_fn_kwargs"]["k"];
@@ -466,25 +535,35 @@ loaded_sae<T> load_saelens_buffers(std::string_view cfg_text, std::span<const st
   out.format = sae_file_format::saelens;
   out.config = detail::parse_config_json(cfg_text, cfg_where, "SAELens");
 
-  // Version rule (handle_config_defaulting): sae_lens_version at the top level or in
-  // the metadata; absent or below 6.0.0rc0 selects the pre-6.0 rules.
+  // Version rule (handle_config_defaulting): sae_lens_version at the top level, or when
+  // that is false in Python's sense (absent, null, "", 0, false, [], {}) in the metadata;
+  // false there too, or below 6.0.0rc0, selects the pre-6.0 rules. As in SAELens, a
+  // metadata that is not an object (when read) and a version that is true but not a
+  // string are errors, not "pre-6.0".
   nlohmann::json cfg = out.config;
   const nlohmann::json* ver = nullptr;
-  if (cfg.contains("sae_lens_version") && cfg["sae_lens_version"].is_string() &&
-      !cfg["sae_lens_version"].get_ref<const std::string&>().empty())
+  std::string_view ver_key = "sae_lens_version";
+  if (cfg.contains("sae_lens_version") && detail::python_truthy(cfg["sae_lens_version"])) {
     ver = &cfg["sae_lens_version"];
-  else if (cfg.contains("metadata") && cfg["metadata"].is_object() && cfg["metadata"].contains("sae_lens_version") &&
-           cfg["metadata"]["sae_lens_version"].is_string() &&
-           !cfg["metadata"]["sae_lens_version"].get_ref<const std::string&>().empty())
-    ver = &cfg["metadata"]["sae_lens_version"];
+  } else if (cfg.contains("metadata")) {
+    const nlohmann::json& md = cfg["metadata"];
+    if (!md.is_object())
+      fail("'metadata' is ", detail::json_value_and_type(md),
+           ", not an object (SAELens reads sae_lens_version from it)");
+    if (md.contains("sae_lens_version") && detail::python_truthy(md["sae_lens_version"])) {
+      ver = &md["sae_lens_version"];
+      ver_key = "metadata.sae_lens_version";
+    }
+  }
   bool modern = false;
   if (ver != nullptr) {
+    if (!ver->is_string()) fail("'", ver_key, "' is ", detail::json_value_and_type(*ver), ", not a version string");
     const auto v = detail::saelens_version_at_least_6(ver->get_ref<const std::string&>());
     if (!v) fail("sae_lens_version '", ver->get_ref<const std::string&>(), "' is not a valid version");
     modern = *v;
   }
   if (!modern) {
-    cfg = detail::saelens_pre_6_config(cfg);
+    cfg = detail::saelens_pre_6_config(cfg, fail);
     out.adjustments.push_back("applied SAELens' pre-6.0 config rules (sae_lens_version absent or < 6.0)");
   }
 
@@ -569,6 +648,10 @@ loaded_sae<T> load_saelens_buffers(std::string_view cfg_text, std::span<const st
             sf->shape_text(), ")");
     out.adjustments.push_back("dropped an all-ones 'scaling_factor' tensor, as SAELens does");
   }
+  detail::check_config_shape(view, "W_enc", {{"d_in", d_in}, {"d_sae", d_sae}}, fail, failw);
+  detail::check_config_shape(view, "W_dec", {{"d_sae", d_sae}, {"d_in", d_in}}, fail, failw);
+  detail::check_config_shape(view, "b_enc", {{"d_sae", d_sae}}, fail, failw);
+  detail::check_config_shape(view, "b_dec", {{"d_in", d_in}}, fail, failw);
   out.storage_dtype = view.at("W_dec").dtype;
   sae<T>& m = out.model;
   m.resize(int(d_in), int(d_sae));
@@ -593,19 +676,27 @@ loaded_sae<T> load_saelens_buffers(std::string_view cfg_text, std::span<const st
   detail::expect_finite_tensor(weights_where, "SAELens", "b_enc (converted to " + dtype + ")", m.b_enc);
   detail::expect_finite_tensor(weights_where, "SAELens", "b_dec (converted to " + dtype + ")", m.b_dec);
 
+  // The folds can overflow T (b_enc + W_enc b_dec, encoder rows times the decoder norms):
+  // the folded weights are checked again.
   if (!apply_b_dec) {
     detail::fold_b_dec_into_b_enc(m);
+    detail::expect_finite_tensor(weights_where, "SAELens",
+                                 "b_enc (after folding apply_b_dec_to_input=false: b_enc + W_enc b_dec)", m.b_enc);
     out.adjustments.push_back("apply_b_dec_to_input=false: folded W_enc b_dec into b_enc");
   }
   if (rescale) {
     detail::fold_decoder_norms(m);
+    const std::string fold = " (after folding rescale_acts_by_decoder_norm=true: scaled by the decoder row norms)";
+    detail::expect_finite_tensor(weights_where, "SAELens", "W_enc" + fold, m.W_enc);
+    detail::expect_finite_tensor(weights_where, "SAELens", "b_enc" + fold, m.b_enc);
+    detail::expect_finite_tensor(weights_where, "SAELens", "W_dec" + fold, m.W_dec);
     out.adjustments.push_back("rescale_acts_by_decoder_norm=true: folded the decoder row norms into the weights");
   }
   if (arch == "standard") out.adjustments.push_back("architecture 'standard' (ReLU) loaded as TopK with k = d_sae");
   out.k = int(k);
 
   // hsae's k-schedule: the config's metadata first, then the safetensors metadata.
-  out.schedule = detail::find_schedule(out.metadata, out.tensor_metadata, fail, failw);
+  out.schedule = detail::find_schedule(out.metadata, out.tensor_metadata, "d_sae", d_sae, fail, failw);
   return out;
 }
 
@@ -689,6 +780,11 @@ loaded_sae<T> load_sparsify_buffers(std::string_view cfg_text, std::span<const s
   if (!safetensors_dtype_is_float(model_dtype))
     failw("tensor '", first, "' sets the model dtype to ", safetensors_dtype_name(model_dtype),
           "; only F32, F16, BF16 and F64 are supported");
+  const std::string_view latents_key = num_latents_cfg != 0 ? "num_latents" : "d_in * expansion_factor";
+  detail::check_config_shape(view, "encoder.weight", {{latents_key, num_latents}, {"d_in", d_in}}, fail, failw);
+  detail::check_config_shape(view, "encoder.bias", {{latents_key, num_latents}}, fail, failw);
+  detail::check_config_shape(view, "W_dec", {{latents_key, num_latents}, {"d_in", d_in}}, fail, failw);
+  detail::check_config_shape(view, "b_dec", {{"d_in", d_in}}, fail, failw);
   out.storage_dtype = view.at("W_dec").dtype;
   sae<T>& m = out.model;
   m.resize(int(d_in), int(num_latents));
@@ -711,7 +807,7 @@ loaded_sae<T> load_sparsify_buffers(std::string_view cfg_text, std::span<const s
   detail::expect_finite_tensor(weights_where, "sparsify", "b_dec" + conv, m.b_dec);
   out.k = int(k);
 
-  out.schedule = detail::find_schedule(cfg, out.tensor_metadata, fail, failw);
+  out.schedule = detail::find_schedule(cfg, out.tensor_metadata, "num_latents", num_latents, fail, failw);
   return out;
 }
 
@@ -728,8 +824,16 @@ loaded_sae<T> load_sparsify(const std::filesystem::path& dir) {
 /// Which layout `dir` holds, by its weights file.
 /// \throws hsae::io_error if it holds neither or both.
 inline sae_file_format detect_sae_format(const std::filesystem::path& dir) {
-  const bool a = std::filesystem::exists(dir / saelens_weights_file);
-  const bool b = std::filesystem::exists(dir / sparsify_weights_file);
+  const auto exists = [&](const char* name) {
+    std::error_code ec;
+    const auto st = std::filesystem::status(dir / name, ec);
+    if (ec && st.type() != std::filesystem::file_type::not_found)  // a symlink loop, a permission
+      detail::throw_error<io_error>("SAE directory '", dir.string(), "': cannot check '", (dir / name).string(),
+                                    "': ", ec.message());
+    return std::filesystem::exists(st);
+  };
+  const bool a = exists(saelens_weights_file);
+  const bool b = exists(sparsify_weights_file);
   detail::expects<io_error>(a || b, "SAE directory '", dir.string(), "': neither ", saelens_weights_file, " nor ",
                             sparsify_weights_file, " found");
   detail::expects<io_error>(!(a && b), "SAE directory '", dir.string(), "': holds both ", saelens_weights_file,
@@ -770,7 +874,6 @@ void save_saelens_impl(const std::filesystem::path& dir, const sae<T, F>& m, int
       {"rescale_acts_by_decoder_norm", false},
       {"metadata", md},
   };
-  std::filesystem::create_directories(dir);
   const row_matrix<T> w_enc_t = m.W_enc.transpose();  // SAELens: [d_in, d_sae]
   safetensors_writer w;
   w.add("W_enc", w_enc_t, opt.dtype);
@@ -778,8 +881,13 @@ void save_saelens_impl(const std::filesystem::path& dir, const sae<T, F>& m, int
   w.add("b_enc", m.b_enc, opt.dtype);
   w.add("b_dec", m.b_dec, opt.dtype);
   if (sched != nullptr) w.metadata("hsae_k_schedule", schedule_to_json(*sched).dump());
-  w.write(dir / saelens_weights_file);
-  write_json_file(dir / sae_config_file, cfg, "SAELens config");
+  atomic_dir out(dir, "save (SAELens)", {sae_config_file, saelens_weights_file},
+                 {std::begin(sae_dir_files), std::end(sae_dir_files)});
+  out.stage([&](const std::filesystem::path& staging) {
+    w.write(staging / saelens_weights_file);
+    write_json_file(staging / sae_config_file, cfg, "SAELens config");
+  });
+  out.commit();
 }
 
 template <cpu_scalar T, int F>
@@ -800,7 +908,6 @@ void save_sparsify_impl(const std::filesystem::path& dir, const sae<T, F>& m, in
   };
   if (sched != nullptr) cfg["hsae_k_schedule"] = schedule_to_json(*sched);
   if (!opt.metadata.empty()) cfg["hsae_metadata"] = opt.metadata;
-  std::filesystem::create_directories(dir);
   safetensors_writer w;
   w.add("encoder.weight", m.W_enc, opt.dtype);
   w.add("encoder.bias", m.b_enc, opt.dtype);
@@ -808,17 +915,28 @@ void save_sparsify_impl(const std::filesystem::path& dir, const sae<T, F>& m, in
   w.add("b_dec", m.b_dec, opt.dtype);
   w.metadata("format", "pt");
   if (sched != nullptr) w.metadata("hsae_k_schedule", schedule_to_json(*sched).dump());
-  w.write(dir / sparsify_weights_file);
-  write_json_file(dir / sae_config_file, cfg, "sparsify config");
+  atomic_dir out(dir, "save (sparsify)", {sae_config_file, sparsify_weights_file},
+                 {std::begin(sae_dir_files), std::end(sae_dir_files)});
+  out.stage([&](const std::filesystem::path& staging) {
+    w.write(staging / sparsify_weights_file);
+    write_json_file(staging / sae_config_file, cfg, "sparsify config");
+  });
+  out.commit();
 }
 
 }  // namespace detail
 
 /// Saves a (HierarchicalTopK) SAE in the SAELens layout as a TopK SAE with
-/// k = schedule.k_max(), keeping the schedule in the metadata. Writes
-/// `dir/sae_weights.safetensors` then `dir/cfg.json`, each atomically; creates `dir`.
+/// k = schedule.k_max(), keeping the schedule in the metadata: `dir/cfg.json` and
+/// `dir/sae_weights.safetensors`, written as a pair. The directory is replaced as a whole
+/// (written beside it as `<dir>.tmp.<pid>`, fsync'd, swapped in; see detail::atomic_dir),
+/// so an interrupted or failed save leaves the old SAE or the new one, never new weights
+/// beside an old config. The other entries of an existing `dir` (a README, a sparsity
+/// file) are kept: the same files, hard-linked into the new directory; a `dir` holding a
+/// subdirectory is refused. Needs a writable parent directory; creates `dir` and parents.
 /// \throws hsae::config_error (bad k or options), hsae::numeric_error (non-finite
-///         weights), hsae::io_error (unwritable).
+///         weights), hsae::io_error "save (SAELens) '<dir>': ..." (unwritable, no space,
+///         a subdirectory; then `dir` is unchanged).
 template <cpu_scalar T, int F, k_schedule_like S>
 void save_saelens(const std::filesystem::path& dir, const sae<T, F>& m, const S& schedule,
                   const sae_save_options& opt = {}) {
@@ -836,8 +954,9 @@ void save_saelens(const std::filesystem::path& dir, const sae<T, F>& m, int k, c
   detail::save_saelens_impl(dir, m, k, nullptr, opt);
 }
 
-/// Saves a (HierarchicalTopK) SAE in the sparsify layout, k = schedule.k_max(). Writes
-/// `dir/sae.safetensors` then `dir/cfg.json`, each atomically; creates `dir`.
+/// Saves a (HierarchicalTopK) SAE in the sparsify layout, k = schedule.k_max():
+/// `dir/cfg.json` and `dir/sae.safetensors`, the directory replaced as a whole as by
+/// save_saelens.
 /// \throws as save_saelens.
 template <cpu_scalar T, int F, k_schedule_like S>
 void save_sparsify(const std::filesystem::path& dir, const sae<T, F>& m, const S& schedule,
