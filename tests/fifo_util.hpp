@@ -15,6 +15,8 @@
 
 #include <catch2/catch.hpp>
 
+#include "test_util.hpp"
+
 namespace hsae_test {
 
 /// Makes a FIFO at `fifo`, runs `open_it` (a reader constructed on that path) on another
@@ -24,16 +26,7 @@ namespace hsae_test {
 template <class E, class F>
 std::string fifo_open_message(const std::filesystem::path& fifo, F open_it, int seconds = 5) {
   REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
-  auto opening = std::async(std::launch::async, [open_it]() -> std::string {
-    try {
-      open_it();
-    } catch (const E& e) {
-      return e.what();
-    } catch (const std::exception& e) {
-      return std::string("<wrong exception type> ") + e.what();
-    }
-    return "<no exception>";
-  });
+  auto opening = std::async(std::launch::async, [open_it]() { return message_of<E>(open_it); });
   if (opening.wait_for(std::chrono::seconds(seconds)) != std::future_status::ready) {
     // A blocked open() of the read end returns once a writer appears: open and close one.
     const int w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);

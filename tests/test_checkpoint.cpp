@@ -250,17 +250,7 @@ TEST_CASE("checkpoint: foreign, truncated and mismatched checkpoints raise hsae 
 namespace {
 
 using Catch::Matchers::Contains;
-
-/// The message of the E that `fn` throws ("<nothing thrown>" if none; another type propagates).
-template <class E, class Fn>
-std::string message_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const E& e) {
-    return e.what();
-  }
-  return "<nothing thrown>";
-}
+using hsae_test::message_of;
 
 struct hostile_fixture {
   hsae_test::temp_dir tmp;
@@ -353,7 +343,7 @@ TEST_CASE("checkpoint: npy_source state from a hostile checkpoint is refused", "
       {"negative epoch", [](auto& st) { st.meta["source.epoch"] = "-1"; }, "entry 'source.epoch' = -1 is out of range"},
       {"all-zero generator state",
        [](auto& st) {
-         for (int i = 0; i < 4; ++i) st.meta["source.rng.s" + std::to_string(i)] = "0";
+         for (int i = 0; i < 4; ++i) st.set(hsae_test::numbered("source.rng.s", i, ""), std::uint64_t(0));
        },
        "entry 'source.rng' is an all-zero generator state"},
       {"NaN generator spare", [](auto& st) { st.set("source.rng.spare", std::numeric_limits<double>::quiet_NaN()); },

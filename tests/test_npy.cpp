@@ -71,17 +71,7 @@ std::string npy_bytes(const std::string& dict, const std::string& data, int majo
   return out + h + data;
 }
 
-template <class E, class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    return std::string("<wrong exception type> ") + e.what();
-  }
-  return "<no exception>";
-}
+using hsae_test::message_of;
 
 /// Reference binary16 -> double, straight from the definition.
 double half_reference(std::uint16_t h) {

@@ -25,16 +25,7 @@ using hsae::safetensors_dtype;
 using hsae::sae_file_format;
 using json = nlohmann::json;
 
-template <class T = float>
-hsae::sae<T> random_sae(int d, int f, std::uint64_t seed) {
-  hsae::sae<T> m(d, f);
-  hsae::rng g(seed);
-  for (Eigen::Index i = 0; i < m.W_enc.size(); ++i) m.W_enc.data()[i] = T(g.normal());
-  for (Eigen::Index i = 0; i < m.W_dec.size(); ++i) m.W_dec.data()[i] = T(g.normal());
-  for (Eigen::Index i = 0; i < m.b_enc.size(); ++i) m.b_enc(i) = T(0.3 * g.normal());
-  for (Eigen::Index i = 0; i < m.b_dec.size(); ++i) m.b_dec(i) = T(0.5 * g.normal());
-  return m;
-}
+using hsae_test::random_sae;
 
 hsae::row_matrix<float> random_batch(int b, int d, std::uint64_t seed) {
   hsae::rng g(seed);

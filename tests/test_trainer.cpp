@@ -382,15 +382,7 @@ struct miscounting_source {
   }
 };
 
-template <class Fn>
-std::string message_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const hsae::error& e) {
-    return e.what();
-  }
-  return "<nothing thrown>";
-}
+using hsae_test::message_of;
 }  // namespace
 
 TEST_CASE("trainer: options are checked at construction, not hours into a run", "[trainer][errors]") {
@@ -415,7 +407,7 @@ TEST_CASE("trainer: options are checked at construction, not hours into a run", 
       if (std::string(field) == "batch_size") o.batch_size = o.total_tokens = huge;
       INFO(field);
       CHECK_THROWS_AS(tr_t(be, sae<float>(24, 32), top_k<4>{}, o), config_error);
-      CHECK_THAT(message_of([&] { tr_t(be, sae<float>(24, 32), top_k<4>{}, o); }),
+      CHECK_THAT(message_of<hsae::error>([&] { tr_t(be, sae<float>(24, 32), top_k<4>{}, o); }),
                  Catch::Contains(std::string(field) + "=1099511627776") && Catch::Contains("more than this machine"));
     }
   }
@@ -423,7 +415,7 @@ TEST_CASE("trainer: options are checked at construction, not hours into a run", 
     for (const double alpha : {std::nan(""), HUGE_VAL, -1.0}) {
       trainer_options o = small_run();
       o.step.auxk.alpha = alpha;
-      CHECK_THAT(message_of([&] { tr_t(be, sae<float>(24, 32), top_k<4>{}, o); }),
+      CHECK_THAT(message_of<hsae::error>([&] { tr_t(be, sae<float>(24, 32), top_k<4>{}, o); }),
                  Catch::Contains("auxk_options.alpha must be finite and >= 0"));
     }
   }
@@ -431,10 +423,10 @@ TEST_CASE("trainer: options are checked at construction, not hours into a run", 
     hsae_test::temp_dir tmp;
     trainer_options o = small_run();
     o.checkpoint_path = tmp.dir.string();  // a directory
-    CHECK_THAT(message_of([&] { tr_t(be, sae<float>(24, 32), top_k<4>{}, o); }),
+    CHECK_THAT(message_of<hsae::error>([&] { tr_t(be, sae<float>(24, 32), top_k<4>{}, o); }),
                Catch::Contains("checkpoint_path") && Catch::Contains("is a directory"));
     o.checkpoint_path = (tmp / "no-such-dir" / "run.ckpt").string();
-    CHECK_THAT(message_of([&] { tr_t(be, sae<float>(24, 32), top_k<4>{}, o); }),
+    CHECK_THAT(message_of<hsae::error>([&] { tr_t(be, sae<float>(24, 32), top_k<4>{}, o); }),
                Catch::Contains("checkpoint_path") && Catch::Contains("does not exist"));
     o.checkpoint_path = (tmp / "run.ckpt").string();
     CHECK_NOTHROW(tr_t(be, sae<float>(24, 32), top_k<4>{}, o));
@@ -466,7 +458,7 @@ TEST_CASE("trainer: a source that returns more or fewer rows than asked is refus
     src.extra = c.extra;
     src.width_delta = c.width_delta;
     trainer<float, dynamic, top_k<4>> tr2(be, sae<float>(24, 32), top_k<4>{}, small_run());
-    CHECK_THAT(message_of([&] { tr2.fit(src); }),
+    CHECK_THAT(message_of<hsae::error>([&] { tr2.fit(src); }),
                Catch::Contains("the data source (") && Catch::Contains("miscounting_source") &&
                    Catch::Contains(std::string("returned ") + c.what));
   }

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <limits>
 #include <sstream>
@@ -14,6 +15,8 @@
 #include <system_error>
 
 #include <hsae/matrix.hpp>
+#include <hsae/model.hpp>
+#include <hsae/rng.hpp>
 
 namespace hsae_test {
 
@@ -64,5 +67,31 @@ struct temp_dir {
   temp_dir& operator=(const temp_dir&) = delete;
   std::filesystem::path operator/(const std::string& name) const { return dir / name; }
 };
+
+/// The message of the E that `fn` throws; "<no exception>" when it returns, and the
+/// message behind "<wrong exception type> " when it throws another std::exception.
+template <class E, class Fn>
+std::string message_of(Fn&& fn) {
+  try {
+    fn();
+  } catch (const E& e) {
+    return e.what();
+  } catch (const std::exception& e) {
+    return std::string("<wrong exception type> ") + e.what();
+  }
+  return "<no exception>";
+}
+
+/// An SAE with N(0, 1) weights and small random biases (decoder rows not normalised).
+template <class T = float>
+hsae::sae<T> random_sae(int d, int f, std::uint64_t seed) {
+  hsae::sae<T> m(d, f);
+  hsae::rng g(seed);
+  for (Eigen::Index i = 0; i < m.W_enc.size(); ++i) m.W_enc.data()[i] = T(g.normal());
+  for (Eigen::Index i = 0; i < m.W_dec.size(); ++i) m.W_dec.data()[i] = T(g.normal());
+  for (Eigen::Index i = 0; i < m.b_enc.size(); ++i) m.b_enc(i) = T(0.3 * g.normal());
+  for (Eigen::Index i = 0; i < m.b_dec.size(); ++i) m.b_dec(i) = T(0.5 * g.normal());
+  return m;
+}
 
 }  // namespace hsae_test
