@@ -433,3 +433,51 @@ TEST_CASE("checkpoint: a refused checkpoint leaves the trainer and the source as
   tr.fit(src);
   CHECK(hsae_test::bitwise_equal(tr.model().W_dec, fresh.model().W_dec));
 }
+
+TEST_CASE("checkpoint: an npy_source saved after any step resumes (buffer sizes, file and epoch boundaries)",
+          "[checkpoint][hostile]") {
+  // The resume checks hold the source to exact invariants (stream position, rows in the
+  // buffer, rows served): every state a run passes through must satisfy them.
+  hsae_test::temp_dir tmp;
+  synthetic_source<T> gen(data_options(5));
+  write_npy(tmp / "a.npy", gen.next(700), npy_dtype::f32);
+  write_npy(tmp / "b.npy", gen.next(500), npy_dtype::f32);
+  struct config {
+    std::size_t buffer;
+    bool two_files, shuffle_files;
+  };
+  for (const config c : {config{0, true, true}, config{1, true, false}, config{150, true, true},
+                         config{5000, true, true}, config{150, false, false}, config{0, false, false}}) {
+    INFO("shuffle buffer " << c.buffer << ", files " << (c.two_files ? 2 : 1) << ", shuffled " << c.shuffle_files);
+    npy_source_options no;
+    no.shuffle_buffer_rows = c.buffer;
+    no.read_chunk_rows = 97;  // chunks that straddle batches and end mid-file
+    no.shuffle_files = c.shuffle_files;
+    no.seed = 3;
+    const std::vector<fs::path> files =
+        c.two_files ? std::vector<fs::path>{tmp / "a.npy", tmp / "b.npy"} : std::vector<fs::path>{tmp / "a.npy"};
+    trainer_options o = run_options();
+    o.batch_size = 100;
+    o.total_tokens = 100 * 30;  // with 150 held-out and 130 init rows: 2.7 epochs of 2 files, 4.7 of one
+    o.eval_rows = 150;
+    o.init_rows = 130;
+    o.prefetch = prefetch_mode::never;  // the source is saved from on_step
+    cpu_backend be;
+    trainer<T, dynamic, schedule> full(be, sae<T>(24, 96), schedule{}, o);
+    auto src = npy_source<T>(files, no);
+    full.on_step = [&](const step_record& r) {
+      full.save_checkpoint(tmp / hsae_test::numbered("s", long(r.step), ".ckpt"), src);
+    };
+    full.fit(src);
+    for (int s = 1; s <= 30; ++s) {
+      INFO("checkpoint after step " << s);
+      trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, o);
+      auto src2 = npy_source<T>(files, no);
+      REQUIRE_NOTHROW(tr.resume(tmp / hsae_test::numbered("s", s, ".ckpt"), src2));
+      if (s % 7 == 0) {  // and continues exactly
+        tr.fit(src2);
+        CHECK(hsae_test::bitwise_equal(tr.model().W_dec, full.model().W_dec));
+      }
+    }
+  }
+}

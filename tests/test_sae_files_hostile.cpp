@@ -715,10 +715,23 @@ TEST_CASE("a directory save keeps the user's files, the directory's mode, a syml
     CHECK(after.st_nlink == 1);
     CHECK((fs::status(fx.dir).permissions() & fs::perms::all) ==
           (fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec));
-    // The other layout's weights are the user's too: kept, as before.
+    // The other layout's weights are hsae's to replace: a sparsify save over a SAELens
+    // directory leaves a sparsify directory (both weights files: no loader accepts it).
     save(sae_file_format::sparsify, fx.dir, fx.old_sae, 3);
-    CHECK(fs::exists(fx.dir / hsae::saelens_weights_file));
+    CHECK_FALSE(fs::exists(fx.dir / hsae::saelens_weights_file));
     CHECK(fs::exists(fx.dir / hsae::sparsify_weights_file));
+    CHECK(hsae::detect_sae_format(fx.dir) == sae_file_format::sparsify);
+    CHECK(fs::exists(fx.dir / "README.md"));
+  }
+  SECTION("a staging name taken by a link is refused, and nothing is deleted through it") {
+    const fs::path victim = fx.tmp / "victim";
+    fs::create_directory(victim);
+    std::ofstream(victim / hsae::sae_config_file) << "{}";
+    fs::create_directory_symlink(victim, fx.tmp / ("sae.tmp." + std::to_string(::getpid())));
+    CHECK_THAT(error_of([&] { fx.save_new(); }), Contains("is taken by something that is not a directory"));
+    CHECK(read_bytes(victim / hsae::sae_config_file) == "{}");
+    CHECK(fx.state() == 0);
+    fs::remove(fx.tmp / ("sae.tmp." + std::to_string(::getpid())));
   }
   SECTION("a subdirectory is refused, nothing changes") {
     fs::create_directory(fx.dir / "sub");

@@ -471,8 +471,8 @@ TEST_CASE("adam and the dead-latent tracker refuse restored state out of range",
   m1.zeros_like(m);
   m2.zeros_like(m);
   const auto max = std::numeric_limits<std::int64_t>::max();
-  CHECK_THROWS_WITH(opt.set_state(max, m1, m2), Catch::Contains("restored step count 9223372036854775807"));
-  CHECK_THROWS_WITH(opt.set_state(-1, m1, m2), Catch::Contains("restored step count -1"));
+  CHECK_THROWS_WITH(opt.set_state(max, m1, m2), Catch::Contains("adam state: step count 9223372036854775807"));
+  CHECK_THROWS_WITH(opt.set_state(-1, m1, m2), Catch::Contains("adam state: step count -1"));
   CHECK_THROWS_WITH(opt.set_state(3, m1, m2, std::nan("")), Catch::Contains("last learning rate nan"));
   sae_gradients<float> neg = m2;
   neg.b_dec[2] = -1;

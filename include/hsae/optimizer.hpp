@@ -159,22 +159,22 @@ class adam {
   /// \throws hsae::config_error / shape_error / numeric_error naming what is wrong.
   void set_state(std::int64_t steps, sae_gradients<T, F> m1, sae_gradients<T, F> m2, double last_lr = 0) {
     detail::expects<config_error>(steps >= 0 && steps < std::numeric_limits<std::int64_t>::max(),
-                                  "adam: restored step count ", steps, " is out of range");
-    detail::expects<config_error>(std::isfinite(last_lr) && last_lr >= 0, "adam: restored last learning rate ",
+                                  "adam state: step count ", steps, " is out of range");
+    detail::expects<config_error>(std::isfinite(last_lr) && last_lr >= 0, "adam state: last learning rate ",
                                   last_lr, " must be finite and >= 0");
     for (const sae_gradients<T, F>* g : {&m1, &m2}) {
       const char* which = g == &m1 ? "first" : "second";
       detail::expects<shape_error>(g->W_enc.rows() == m_.W_enc.rows() && g->W_enc.cols() == m_.W_enc.cols() &&
                                        g->W_dec.rows() == m_.W_dec.rows() && g->W_dec.cols() == m_.W_dec.cols() &&
                                        g->b_enc.size() == m_.b_enc.size() && g->b_dec.size() == m_.b_dec.size(),
-                                   "adam: restored ", which, " moments do not match the model's shapes");
+                                   "adam state: ", which, " moments do not match the model's shapes");
       detail::expects<numeric_error>(detail::all_finite(g->W_enc) && detail::all_finite(g->W_dec) &&
                                          detail::all_finite(g->b_enc) && detail::all_finite(g->b_dec),
-                                     "adam: restored ", which, " moments hold NaN or Inf");
+                                     "adam state: ", which, " moments hold NaN or Inf");
     }
     detail::expects<numeric_error>((m2.W_enc.array() >= T(0)).all() && (m2.W_dec.array() >= T(0)).all() &&
                                        (m2.b_enc.array() >= T(0)).all() && (m2.b_dec.array() >= T(0)).all(),
-                                   "adam: restored second moments hold a negative value");
+                                   "adam state: second moments hold a negative value");
     t_ = steps;
     m_ = std::move(m1);
     v_ = std::move(m2);

@@ -64,9 +64,7 @@ std::string type_name() {
   const std::string_view rest = sig.substr(at + 4);
   return std::string(rest.substr(0, rest.find_first_of(";]")));
 }
-}  // namespace detail
 
-namespace detail {
 /// Refuses a path that cannot become a file: an existing directory or non-regular file,
 /// or a parent that is not a writable directory. \throws hsae::config_error.
 inline void expect_writable_file(const char* what, const std::filesystem::path& p) {
@@ -209,7 +207,7 @@ class trainer {
     if (opt_.adam.total_steps == 0) opt_.adam.total_steps = opt_.steps();
     opt_.adam.validate();
     // What fit allocates per request, and where it writes, checked now rather than hours in.
-    const auto d = std::int64_t(engine_.model().d_model());
+    const auto d = std::int64_t(d_model_);
     expect_fits_memory("batch_size", opt_.batch_size, d);
     expect_fits_memory("eval_rows", opt_.eval_rows, d);
     if (opt_.initialize) expect_fits_memory("init_rows", opt_.init_rows, d);
@@ -600,11 +598,11 @@ class trainer {
     const row_matrix<T>& held = st.matrix("held_out");
     if (held.rows() > 0) st.finite_matrix("held_out", held.rows(), d);
     // Rows pulled: the held-out rows, the init sample (at most init_rows), then the training rows.
-    const std::int64_t before_training = st.get_int("rows_pulled") - r.tokens - std::int64_t(held.rows());
+    r.rows_pulled = st.get_int("rows_pulled", 0, std::numeric_limits<std::int64_t>::max());
+    const std::int64_t before_training = r.rows_pulled - r.tokens - std::int64_t(held.rows());  // no overflow: all >= 0
     st.expects(before_training >= 0 && before_training <= std::max<std::int64_t>(opt_.init_rows, 0),
-               "entry 'rows_pulled' = ", st.get_int("rows_pulled"), " disagrees with ", r.tokens, " training rows, ",
-               held.rows(), " held-out rows and init_rows=", opt_.init_rows);
-    r.rows_pulled = st.get_int("rows_pulled");
+               "entry 'rows_pulled' = ", r.rows_pulled, " disagrees with ", r.tokens, " training rows, ", held.rows(),
+               " held-out rows and init_rows=", opt_.init_rows);
     r.adam_steps = st.get_int("adam.steps", 0, r.step);
     r.last_lr = st.get_double("adam.last_lr", 0, std::numeric_limits<double>::max());
     r.model = cur;
@@ -640,16 +638,19 @@ class trainer {
 
   /// Reads `rows` rows from the source into `dst` and checks that it returned exactly
   /// that many of width d_model (a source that miscounts would corrupt the run's counts).
+  /// Runs on the read-ahead thread too: it touches no engine state (a GPU engine's
+  /// `model()` downloads the weights).
   template <class Source>
   void pull(Source& source, std::int64_t rows, row_matrix<T>& dst, const char* what) const {
     source.next(Eigen::Index(rows), dst);
-    detail::expects<shape_error>(dst.rows() == Eigen::Index(rows) && dst.cols() == model().d_model(),
+    detail::expects<shape_error>(dst.rows() == Eigen::Index(rows) && dst.cols() == d_model_,
                                  "trainer: the data source (", detail::type_name<Source>(), ") returned ", what,
                                  " of shape [", dst.rows(), ", ", dst.cols(), "] when asked for [", rows, ", ",
-                                 model().d_model(), "]");
+                                 d_model_, "]");
   }
 
   engine_type engine_;
+  Eigen::Index d_model_ = engine_.model().d_model();  ///< fixed by the model's shapes
   S schedule_;
   trainer_options opt_;
   row_matrix<T> eval_x_;

@@ -187,7 +187,7 @@ inline void remove_stale_temporary_files(const std::filesystem::path& path) noex
 /// read (then the names read so far), else 0.
 inline std::vector<std::string> directory_names(const std::filesystem::path& p, int& err) {
   std::vector<std::string> out;
-  const int fd = ::open(p.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  const int fd = ::open(p.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);  // never through a link
   if (fd < 0) {
     err = errno;
     return out;
@@ -347,8 +347,12 @@ class atomic_file {
   atomic_file(std::filesystem::path path, std::string_view kind)
       : path_(std::move(path)), tmp_(path_.string() + ".tmp." + std::to_string(::getpid())), kind_(kind) {
     remove_stale_temporary_files(path_);
-    fd_ = fs_call(fs_op::create, tmp_,
-                  [&] { return ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644); });
+    // A fresh file, never through a link planted at the temporary's name: one left by an
+    // earlier process with this pid is removed first.
+    ::unlink(tmp_.c_str());
+    fd_ = fs_call(fs_op::create, tmp_, [&] {
+      return ::open(tmp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    });
     if (fd_ < 0)
       throw_error<io_error>(kind_, " '", path_.string(), "': cannot create '", tmp_.string(),
                             "': ", npy_errno_text(errno));
@@ -399,7 +403,7 @@ class atomic_file {
 ///  1. the new files are written into a sibling staging directory `<dir>.tmp.<pid>`
 ///     (`path()`), each file fsync'd (atomic_file);
 ///  2. `commit()` carries the other entries of an existing `dir` (files and symlinks that
-///     are not among `written`: a README, a sparsity file) into it as hard links, fsyncs
+///     are not among `managed`: a README, a sparsity file) into it as hard links, fsyncs
 ///     it, and swaps it with `dir` in one step (renameat2 RENAME_EXCHANGE); where the file
 ///     system cannot exchange, it renames `dir` aside to `<dir>.old.<pid>` and the staging
 ///     directory to `dir`; then it fsyncs the parent and removes the old directory;
@@ -446,7 +450,12 @@ class atomic_dir {
     if (::lstat(dir_.c_str(), &st) == 0 && !S_ISDIR(st.st_mode)) fail("exists and is not a directory", ENOTDIR, dir);
     recover_directory_save(dir_, managed_);
     staging_ = parent / (dir_.filename().string() + ".tmp." + std::to_string(::getpid()));
-    if (::lstat(staging_.c_str(), &st) == 0) remove_save_directory(staging_, dir_, managed_);
+    if (::lstat(staging_.c_str(), &st) == 0) {  // left by an earlier process with this pid
+      if (!S_ISDIR(st.st_mode))
+        fail("the staging name '" + staging_.string() + "' is taken by something that is not a directory", EEXIST,
+             dir);
+      remove_save_directory(staging_, dir_, managed_);
+    }
     if (fs_call(fs_op::mkdir, staging_, [&] { return ::mkdir(staging_.c_str(), 0777); }) != 0)
       fail("cannot create the staging directory '" + staging_.string() + "'", errno, dir);
   }
@@ -520,7 +529,9 @@ class atomic_dir {
     const auto names = directory_names(dir_, err);
     if (err != 0) fail("cannot list it", err, shown_);
     for (const auto& n : names) {
-      if (std::find(written_.begin(), written_.end(), n) != written_.end()) continue;
+      // Ours: the files this save writes, and the other layout's weights (a SAELens save
+      // over a sparsify directory must not leave both, which no loader accepts).
+      if (std::find(managed_.begin(), managed_.end(), n) != managed_.end()) continue;
       bool stale = false;  // a temporary of ours whose writer is gone: not carried
       for (const auto m : managed_) {
         const pid_t pid = temporary_pid(n, m);
