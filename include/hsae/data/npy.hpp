@@ -41,6 +41,8 @@
 #include <vector>
 
 #include "../config.hpp"
+#include "../detail/files.hpp"
+#include "../detail/half.hpp"
 #include "../detail/printable.hpp"
 #include "../error.hpp"
 #include "../matrix.hpp"
@@ -60,118 +62,8 @@ constexpr const char* npy_descr(npy_dtype dt) noexcept {
   return dt == npy_dtype::f16 ? "<f2" : dt == npy_dtype::f32 ? "<f4" : "<f8";
 }
 
-// --- IEEE 754 binary16 ---------------------------------------------------------------
-
-/// binary16 bits -> float, exact for every pattern: subnormals are normalised, +-0,
-/// +-Inf kept, NaNs stay NaN with their payload in the top mantissa bits.
-constexpr float half_to_float(std::uint16_t h) noexcept {
-  const std::uint32_t sign = std::uint32_t(h & 0x8000u) << 16;
-  const std::uint32_t exp = (h >> 10) & 0x1fu;
-  std::uint32_t mant = h & 0x3ffu;
-  std::uint32_t bits;
-  if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | (mant << 13);  // Inf or NaN (payload preserved)
-  } else if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;  // +-0
-    } else {
-      // Subnormal: value = mant * 2^-24. Shift the leading one up to bit 10.
-      std::uint32_t e = 127 - 15 + 1;
-      while ((mant & 0x400u) == 0) {
-        mant <<= 1;
-        --e;
-      }
-      bits = sign | (e << 23) | ((mant & 0x3ffu) << 13);
-    }
-  } else {
-    bits = sign | ((exp + (127 - 15)) << 23) | (mant << 13);
-  }
-  return std::bit_cast<float>(bits);
-}
-
-/// float -> binary16 bits, rounding to nearest, ties to even. Overflow (|x| >= 65520)
-/// gives +-Inf, underflow gives subnormals or +-0; NaNs stay NaN (top payload bits kept,
-/// a quiet bit set if they would vanish).
-constexpr std::uint16_t float_to_half(float f) noexcept {
-  const std::uint32_t x = std::bit_cast<std::uint32_t>(f);
-  const auto sign = std::uint16_t((x >> 16) & 0x8000u);
-  const std::uint32_t ax = x & 0x7fffffffu;
-  if (ax >= 0x7f800000u) {  // Inf or NaN
-    if (ax == 0x7f800000u) return std::uint16_t(sign | 0x7c00u);
-    std::uint32_t payload = (ax >> 13) & 0x3ffu;
-    if (payload == 0) payload = 0x200u;
-    return std::uint16_t(sign | 0x7c00u | payload);
-  }
-  if (ax >= 0x477ff000u) return std::uint16_t(sign | 0x7c00u);  // >= 65520: rounds to Inf
-  if (ax < 0x38800000u) {                                      // below 2^-14: subnormal or zero
-    if (ax <= 0x33000000u) return sign;                        // <= 2^-25 (the tie goes to even 0)
-    const std::uint32_t e = ax >> 23;                          // in [102, 112]
-    const std::uint32_t m = (ax & 0x7fffffu) | 0x800000u;
-    const std::uint32_t shift = 126 - e;  // value / 2^-24 = m >> shift, shift in [14, 24]
-    std::uint32_t r = m >> shift;
-    const std::uint32_t rem = m & ((1u << shift) - 1);
-    const std::uint32_t half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (r & 1u))) ++r;  // may carry into the smallest normal: fine
-    return std::uint16_t(sign | r);
-  }
-  std::uint32_t r = (ax >> 13) - ((127u - 15u) << 10);  // rebias the exponent
-  const std::uint32_t rem = ax & 0x1fffu;
-  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;  // carries into the exponent correctly
-  return std::uint16_t(sign | r);
-}
-
-/// double -> binary16 bits, correctly rounded (nearest, ties to even) with no double
-/// rounding: the double is first rounded to float *to odd*, which float_to_half then
-/// rounds exactly as a direct conversion would.
-inline std::uint16_t double_to_half(double d) noexcept {
-  if (std::isnan(d)) {
-    const std::uint64_t b = std::bit_cast<std::uint64_t>(d);
-    std::uint32_t payload = std::uint32_t((b >> 42) & 0x3ffu);
-    if (payload == 0) payload = 0x200u;
-    return std::uint16_t(((b >> 48) & 0x8000u) | 0x7c00u | payload);
-  }
-  float f = static_cast<float>(d);
-  if (std::isfinite(f) && static_cast<double>(f) != d) {
-    if (std::fabs(static_cast<double>(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
-    f = std::bit_cast<float>(std::bit_cast<std::uint32_t>(f) | 1u);
-  }
-  return float_to_half(f);
-}
-
-// --- bfloat16 (the top half of an IEEE binary32) ----------------------------------------
-
-/// bfloat16 bits -> float: exact for every pattern (NaN payloads included).
-constexpr float bfloat16_to_float(std::uint16_t h) noexcept {
-  return std::bit_cast<float>(std::uint32_t(h) << 16);
-}
-
-/// float -> bfloat16 bits, rounding to nearest, ties to even; overflow gives +-Inf;
-/// a NaN becomes a quiet NaN keeping its sign and top payload bits.
-constexpr std::uint16_t float_to_bfloat16(float f) noexcept {
-  const std::uint32_t x = std::bit_cast<std::uint32_t>(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return std::uint16_t((x >> 16) | 0x0040u);  // NaN
-  const std::uint32_t lsb = (x >> 16) & 1u;
-  return std::uint16_t((x + 0x7fffu + lsb) >> 16);  // may carry into the exponent / to Inf: correct
-}
-
-/// double -> bfloat16 bits, correctly rounded (nearest, ties to even) without double
-/// rounding: round to float *to odd* first, as double_to_half does.
-inline std::uint16_t double_to_bfloat16(double d) noexcept {
-  if (std::isnan(d)) {
-    const std::uint64_t b = std::bit_cast<std::uint64_t>(d);
-    return std::uint16_t(((b >> 48) & 0x8000u) | 0x7fc0u | ((b >> 45) & 0x3fu));
-  }
-  float f = static_cast<float>(d);
-  if (std::isfinite(f) && static_cast<double>(f) != d) {
-    if (std::fabs(static_cast<double>(f)) > std::fabs(d)) f = std::nextafter(f, 0.0f);
-    f = std::bit_cast<float>(std::bit_cast<std::uint32_t>(f) | 1u);
-  }
-  return float_to_bfloat16(f);
-}
-
 namespace detail {
 
-inline std::string npy_errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
 
 /// Throws hsae::io_error "hsae: npy file '<where>': <args...>", with control characters and
 /// invalid UTF-8 (from the file's header, or its name) escaped as \xNN.
@@ -469,69 +361,12 @@ class npy_file {
  public:
   explicit npy_file(std::filesystem::path path) : path_(std::move(path)) {
     if constexpr (std::endian::native != std::endian::little) fail("big-endian hosts are not supported");
-    // O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused below as any
-    // other non-regular file. (No effect on a regular file.)
-    const int fd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) fail("cannot open: ", detail::npy_errno_text(errno));
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      const int err = errno;
-      ::close(fd);
-      fail("cannot stat: ", detail::npy_errno_text(err));
-    }
-    if (!S_ISREG(st.st_mode)) {
-      ::close(fd);
-      fail("not a regular file");
-    }
-    size_ = std::size_t(st.st_size);
-    if (size_ < 10) {
-      ::close(fd);
-      fail("file too small (", size_, " bytes) for the .npy magic and header");
-    }
-    void* m = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-    const int map_err = errno;
-    ::close(fd);  // the mapping stays valid
-    if (m == MAP_FAILED) fail("mmap failed: ", detail::npy_errno_text(map_err));
-    map_ = m;
-    ::madvise(map_, size_, MADV_SEQUENTIAL);  // advisory only: failure is harmless
-    try {
-      parse();
-    } catch (...) {
-      release();
-      throw;
-    }
+    map_ = detail::mapped_file(path_, "npy file");  // refuses a FIFO or other non-regular file without waiting
+    if (map_.bytes().size() < 10)
+      fail("file too small (", map_.bytes().size(), " bytes) for the .npy magic and header");
+    ::madvise(const_cast<std::byte*>(map_.bytes().data()), map_.bytes().size(), MADV_SEQUENTIAL);  // advisory only
+    parse();
   }
-
-  npy_file(const npy_file&) = delete;
-  npy_file& operator=(const npy_file&) = delete;
-  npy_file(npy_file&& o) noexcept
-      : path_(std::move(o.path_)),
-        map_(std::exchange(o.map_, nullptr)),
-        size_(std::exchange(o.size_, 0)),
-        data_offset_(o.data_offset_),
-        rows_(o.rows_),
-        cols_(o.cols_),
-        dtype_(o.dtype_),
-        major_(o.major_),
-        minor_(o.minor_),
-        shape_(std::move(o.shape_)) {}
-  npy_file& operator=(npy_file&& o) noexcept {
-    if (this != &o) {
-      release();
-      path_ = std::move(o.path_);
-      map_ = std::exchange(o.map_, nullptr);
-      size_ = std::exchange(o.size_, 0);
-      data_offset_ = o.data_offset_;
-      rows_ = o.rows_;
-      cols_ = o.cols_;
-      dtype_ = o.dtype_;
-      major_ = o.major_;
-      minor_ = o.minor_;
-      shape_ = std::move(o.shape_);
-    }
-    return *this;
-  }
-  ~npy_file() { release(); }
 
   /// Rows after flattening the leading dimensions.
   std::int64_t rows() const noexcept { return rows_; }
@@ -546,9 +381,9 @@ class npy_file {
   int minor_version() const noexcept { return minor_; }
   /// Byte offset of the data, and the file size.
   std::size_t data_offset() const noexcept { return data_offset_; }
-  std::size_t file_size() const noexcept { return size_; }
+  std::size_t file_size() const noexcept { return map_.bytes().size(); }
   /// The raw (little-endian, possibly unaligned) element bytes.
-  const std::byte* data() const noexcept { return static_cast<const std::byte*>(map_) + data_offset_; }
+  const std::byte* data() const noexcept { return map_.bytes().data() + data_offset_; }
 
   /// Copies rows [first, first + count) into `out` (count * cols() values, row-major),
   /// converting to T.
@@ -618,15 +453,10 @@ class npy_file {
     detail::throw_npy_error(path_.string(), std::forward<Args>(args)...);
   }
 
-  void release() noexcept {
-    if (map_ != nullptr) ::munmap(map_, size_);
-    map_ = nullptr;
-    size_ = 0;
-  }
 
   void parse() {
     const npy_header h =
-        npy_header::parse(std::span<const std::byte>(static_cast<const std::byte*>(map_), size_), path_.string());
+        npy_header::parse(map_.bytes(), path_.string());
     major_ = h.major;
     minor_ = h.minor;
     dtype_ = h.dtype;
@@ -637,8 +467,7 @@ class npy_file {
   }
 
   std::filesystem::path path_;
-  void* map_ = nullptr;
-  std::size_t size_ = 0;
+  detail::mapped_file map_;
   std::size_t data_offset_ = 0;
   std::int64_t rows_ = 0;
   std::int64_t cols_ = 0;
@@ -651,21 +480,6 @@ class npy_file {
 // --- Writing -------------------------------------------------------------------------
 
 namespace detail {
-
-/// Writes all of `n` bytes, retrying on EINTR and short writes.
-inline bool npy_write_all(int fd, const void* p, std::size_t n) {
-  const auto* c = static_cast<const char*>(p);
-  while (n > 0) {
-    const ssize_t w = ::write(fd, c, n);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return false;
-    }
-    c += w;
-    n -= std::size_t(w);
-  }
-  return true;
-}
 
 /// The version 1.0 preamble and header dict, padded so the data starts on a 64-byte boundary.
 inline std::string npy_header_v1(npy_dtype dt, std::span<const std::int64_t> shape) {
@@ -700,17 +514,8 @@ void write_npy(const std::filesystem::path& path, const T* data, std::span<const
   detail::expects<shape_error>(n == 0 || data != nullptr, "write_npy '", path.string(), "': null data");
   const std::string header = detail::npy_header_v1(dt, shape);
 
-  const std::filesystem::path tmp = path.string() + ".tmp." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  detail::expects<io_error>(fd >= 0, "write_npy '", path.string(), "': cannot create '", tmp.string(),
-                            "': ", detail::npy_errno_text(errno));
-  const auto fail_io = [&](const char* what, int err) {
-    ::close(fd);
-    ::unlink(tmp.c_str());
-    detail::throw_error<io_error>("write_npy '", path.string(), "': ", what, " '", tmp.string(),
-                                  "' failed: ", detail::npy_errno_text(err));
-  };
-  if (!detail::npy_write_all(fd, header.data(), header.size())) fail_io("write to", errno);
+  detail::atomic_file out(path, "write_npy");
+  out.write(header);
 
   const std::size_t item = npy_itemsize(dt);
   constexpr std::size_t chunk = std::size_t(1) << 16;  // elements per write
@@ -735,28 +540,9 @@ void write_npy(const std::filesystem::path& path, const T* data, std::span<const
         std::memcpy(dst, &h, 2);
       }
     }
-    if (!detail::npy_write_all(fd, buf.data(), m * item)) fail_io("write to", errno);
+    out.write(buf.data(), m * item);
   }
-  if (::fsync(fd) != 0) fail_io("fsync of", errno);
-  if (::close(fd) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    detail::throw_error<io_error>("write_npy '", path.string(), "': close of '", tmp.string(),
-                                  "' failed: ", detail::npy_errno_text(err));
-  }
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    detail::throw_error<io_error>("write_npy '", path.string(), "': rename from '", tmp.string(),
-                                  "' failed: ", detail::npy_errno_text(err));
-  }
-  // Make the rename durable: fsync the directory (best effort).
-  const std::filesystem::path dir = path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    ::fsync(dfd);
-    ::close(dfd);
-  }
+  out.commit();
 }
 
 /// Writes a [rows, cols] row-major array.

@@ -58,12 +58,12 @@
 #include <nlohmann/json.hpp>
 
 #include "../config.hpp"
+#include "../detail/files.hpp"
 #include "../error.hpp"
 #include "../k_schedule.hpp"
 #include "../matrix.hpp"
 #include "../model.hpp"
 #include "../version.hpp"
-#include "detail/files.hpp"
 #include "safetensors.hpp"
 
 HSAE_NAMESPACE_BEGIN

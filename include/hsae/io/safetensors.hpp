@@ -54,11 +54,11 @@
 #include <nlohmann/json.hpp>
 
 #include "../config.hpp"
-#include "../data/npy.hpp"
+#include "../detail/files.hpp"
+#include "../detail/half.hpp"
 #include "../detail/printable.hpp"
 #include "../error.hpp"
 #include "../matrix.hpp"
-#include "detail/files.hpp"
 
 HSAE_NAMESPACE_BEGIN
 

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-/// \file io/detail/files.hpp
+/// \file detail/files.hpp
 /// File helpers of the io/ readers and writers: a read-only memory mapping (`mapped_file`),
 /// an atomically replaced output file (`atomic_file`: temporary, fsync, rename, directory
 /// fsync; the same protocol as data/npy.hpp's write_npy) and an atomically replaced
@@ -29,13 +29,31 @@
 #include <utility>
 #include <vector>
 
-#include "../../config.hpp"
-#include "../../data/npy.hpp"
-#include "../../error.hpp"
+#include "../config.hpp"
+#include "../error.hpp"
+#include "printable.hpp"
 
 HSAE_NAMESPACE_BEGIN
 
 namespace detail {
+
+/// The text of an errno value ("No such file or directory").
+inline std::string errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
+
+/// Writes all of `n` bytes, retrying on EINTR and short writes; false (errno set) on failure.
+inline bool write_all(int fd, const void* p, std::size_t n) {
+  const auto* c = static_cast<const char*>(p);
+  while (n > 0) {
+    const ssize_t w = ::write(fd, c, n);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    c += w;
+    n -= std::size_t(w);
+  }
+  return true;
+}
 
 /// The file-system operations of the writers here that can fail for lack of space (or
 /// for any other reason a test wants to simulate).
@@ -85,23 +103,23 @@ class mapped_file {
   mapped_file(const std::filesystem::path& path, std::string_view kind) {
     // O_NONBLOCK: opening a FIFO must not wait for a writer (refused below as not regular).
     const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) throw_error<io_error>(kind, " '", path.string(), "': cannot open: ", npy_errno_text(errno));
+    if (fd < 0) fail(path, kind, "cannot open: ", errno_text(errno));
     struct stat st {};
     if (::fstat(fd, &st) != 0) {
       const int err = errno;
       ::close(fd);
-      throw_error<io_error>(kind, " '", path.string(), "': cannot stat: ", npy_errno_text(err));
+      fail(path, kind, "cannot stat: ", errno_text(err));
     }
     if (!S_ISREG(st.st_mode)) {
       ::close(fd);
-      throw_error<io_error>(kind, " '", path.string(), "': not a regular file");
+      fail(path, kind, "not a regular file");
     }
     size_ = std::size_t(st.st_size);
     if (size_ > 0) {
       void* m = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
       const int err = errno;
       ::close(fd);
-      if (m == MAP_FAILED) throw_error<io_error>(kind, " '", path.string(), "': mmap failed: ", npy_errno_text(err));
+      if (m == MAP_FAILED) fail(path, kind, "mmap failed: ", errno_text(err));
       map_ = m;
     } else {
       ::close(fd);
@@ -129,6 +147,11 @@ class mapped_file {
     if (map_ != nullptr) ::munmap(map_, size_);
     map_ = nullptr;
     size_ = 0;
+  }
+  /// "<kind> '<path>': <args>", control bytes of the path escaped.
+  template <class... Args>
+  [[noreturn]] static void fail(const std::filesystem::path& path, std::string_view kind, Args&&... args) {
+    throw io_error(printable_utf8(concat("hsae: ", kind, " '", path.string(), "': ", std::forward<Args>(args)...)));
   }
   void* map_ = nullptr;
   std::size_t size_ = 0;
@@ -355,7 +378,7 @@ class atomic_file {
     });
     if (fd_ < 0)
       throw_error<io_error>(kind_, " '", path_.string(), "': cannot create '", tmp_.string(),
-                            "': ", npy_errno_text(errno));
+                            "': ", errno_text(errno));
   }
   atomic_file(const atomic_file&) = delete;
   atomic_file& operator=(const atomic_file&) = delete;
@@ -366,7 +389,7 @@ class atomic_file {
 
   void write(const void* p, std::size_t n) {
     if (const int e = fs_fault(fs_op::write, tmp_)) fail("write to", e);
-    if (!npy_write_all(fd_, p, n)) fail("write to", errno);
+    if (!write_all(fd_, p, n)) fail("write to", errno);
   }
   void write(std::string_view s) { write(s.data(), s.size()); }
 
@@ -387,7 +410,7 @@ class atomic_file {
  private:
   [[noreturn]] void fail(const char* what, int err) const {
     throw_error<io_error>(kind_, " '", path_.string(), "': ", what, " '", tmp_.string(),
-                          "' failed: ", npy_errno_text(err));
+                          "' failed: ", errno_text(err));
   }
   std::filesystem::path path_;
   std::filesystem::path tmp_;
@@ -556,7 +579,7 @@ class atomic_dir {
   }
 
   [[noreturn]] void fail(const std::string& what, int err, const std::filesystem::path& dir) const {
-    if (err != 0) throw_error<io_error>(kind_, " '", dir.string(), "': ", what, ": ", npy_errno_text(err));
+    if (err != 0) throw_error<io_error>(kind_, " '", dir.string(), "': ", what, ": ", errno_text(err));
     throw_error<io_error>(kind_, " '", dir.string(), "': ", what);
   }
 
