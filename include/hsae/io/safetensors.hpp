@@ -524,6 +524,9 @@ class safetensors_view {
 
 /// A memory-mapped, validated safetensors file. Move-only; every accessor of
 /// `safetensors_view` is available through `view()` and forwarded below.
+/// Mapping contract (as npy_file's): replacing the file by rename while it is open is
+/// safe (the mapping keeps the old contents); truncating it in place is not (a read past
+/// the new end is a SIGBUS that ends the process). hsae's own writers always rename.
 class safetensors_file {
  public:
   /// \throws hsae::io_error naming the file and the problem; a path that is not a regular
