@@ -436,7 +436,7 @@ class atomic_file {
 /// names, so no pointer file or generation number can make two files change together; a
 /// directory rename is the one atomic step that does. The files carried over are the same
 /// files (hard links), so nothing of the user's is copied, lost or changed; only the
-/// entries hsae writes (`written`) are replaced. A directory holding a subdirectory is
+/// entries hsae writes (`managed`) are replaced. A directory holding a subdirectory is
 /// refused (it cannot be hard-linked, and moving it would put the user's data at risk).
 /// The parent directory must be writable (the staging directory lives there), and `dir`
 /// gets a new inode (with the old one's permission bits): a process whose working
@@ -455,9 +455,10 @@ class atomic_file {
 ///         before the swap (then `dir` is unchanged and no temporary is left).
 class atomic_dir {
  public:
-  atomic_dir(const std::filesystem::path& dir, std::string_view kind, std::vector<std::string_view> written,
-             std::vector<std::string_view> managed)
-      : kind_(kind), written_(std::move(written)), managed_(std::move(managed)) {
+  /// `managed`: the entry names hsae writes in such directories (the files of every
+  /// layout); those of an existing `dir` are replaced, never carried over.
+  atomic_dir(const std::filesystem::path& dir, std::string_view kind, std::vector<std::string_view> managed)
+      : kind_(kind), managed_(std::move(managed)) {
     std::error_code ec;
     std::filesystem::path abs = std::filesystem::absolute(dir, ec);
     if (!ec) abs = std::filesystem::weakly_canonical(abs, ec);  // a symlink to a directory: its target
@@ -584,7 +585,7 @@ class atomic_dir {
   }
 
   std::string kind_;
-  std::vector<std::string_view> written_, managed_;
+  std::vector<std::string_view> managed_;
   std::filesystem::path shown_, dir_, staging_;
   bool committed_ = false;
 };

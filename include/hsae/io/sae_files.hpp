@@ -849,6 +849,18 @@ loaded_sae<T> load_sae_dir(const std::filesystem::path& dir) {
 
 namespace detail {
 
+/// Writes the weights and cfg.json of one layout as a new `dir`, replacing it as a whole
+/// (atomic_dir).
+inline void write_sae_dir(const std::filesystem::path& dir, std::string_view layout, const safetensors_writer& w,
+                          std::string_view weights_file, const nlohmann::json& cfg) {
+  atomic_dir out(dir, concat("save (", layout, ")"), {std::begin(sae_dir_files), std::end(sae_dir_files)});
+  out.stage([&](const std::filesystem::path& staging) {
+    w.write(staging / weights_file);
+    write_json_file(staging / sae_config_file, cfg, concat(layout, " config"));
+  });
+  out.commit();
+}
+
 template <cpu_scalar T, int F>
 void save_saelens_impl(const std::filesystem::path& dir, const sae<T, F>& m, int k, const dynamic_k_schedule* sched,
                        const sae_save_options& opt) {
@@ -881,13 +893,7 @@ void save_saelens_impl(const std::filesystem::path& dir, const sae<T, F>& m, int
   w.add("b_enc", m.b_enc, opt.dtype);
   w.add("b_dec", m.b_dec, opt.dtype);
   if (sched != nullptr) w.metadata("hsae_k_schedule", schedule_to_json(*sched).dump());
-  atomic_dir out(dir, "save (SAELens)", {sae_config_file, saelens_weights_file},
-                 {std::begin(sae_dir_files), std::end(sae_dir_files)});
-  out.stage([&](const std::filesystem::path& staging) {
-    w.write(staging / saelens_weights_file);
-    write_json_file(staging / sae_config_file, cfg, "SAELens config");
-  });
-  out.commit();
+  write_sae_dir(dir, "SAELens", w, saelens_weights_file, cfg);
 }
 
 template <cpu_scalar T, int F>
@@ -915,13 +921,7 @@ void save_sparsify_impl(const std::filesystem::path& dir, const sae<T, F>& m, in
   w.add("b_dec", m.b_dec, opt.dtype);
   w.metadata("format", "pt");
   if (sched != nullptr) w.metadata("hsae_k_schedule", schedule_to_json(*sched).dump());
-  atomic_dir out(dir, "save (sparsify)", {sae_config_file, sparsify_weights_file},
-                 {std::begin(sae_dir_files), std::end(sae_dir_files)});
-  out.stage([&](const std::filesystem::path& staging) {
-    w.write(staging / sparsify_weights_file);
-    write_json_file(staging / sae_config_file, cfg, "sparsify config");
-  });
-  out.commit();
+  write_sae_dir(dir, "sparsify", w, sparsify_weights_file, cfg);
 }
 
 }  // namespace detail
