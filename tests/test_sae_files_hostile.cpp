@@ -843,3 +843,19 @@ TEST_CASE("directory saves on a file system that fills up (tmpfs, where mounting
   CHECK(failed > 0);
   CHECK(saved > 0);
 }
+
+TEST_CASE("a cfg.json with a NUL byte or a byte order mark is refused, as Python's json refuses it",
+          "[sae_files][hostile]") {
+  hsae_test::temp_dir tmp;
+  const fs::path dir = tmp / "sae";
+  hsae::save_saelens(dir, random_sae(4, 10, 7), 3);
+  const std::string cfg = read_bytes(dir / hsae::sae_config_file);
+  const std::string cases[] = {cfg + std::string("\0GARBAGE", 8), "\xef\xbb\xbf" + cfg};
+  const char* messages[] = {"malformed JSON: NUL byte at offset",
+                            "malformed JSON: the JSON text starts with a UTF-8 byte order mark"};
+  for (int i = 0; i < 2; ++i) {
+    { std::ofstream(dir / hsae::sae_config_file, std::ios::binary | std::ios::trunc) << cases[i]; }
+    CHECK_THAT(error_of([&] { hsae::load_saelens(dir); }),
+               StartsWith("hsae: SAELens config '") && Contains(messages[i]));
+  }
+}

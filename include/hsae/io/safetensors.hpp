@@ -225,10 +225,16 @@ class strict_json_builder {
 /// the work a hostile text can cause) and, if `unique_keys`, a key that appears twice in
 /// one object (otherwise the last one wins, as in Python's json module). Linear in the
 /// text (up to a log factor), through strict_json_builder.
+/// A NUL byte anywhere and a leading UTF-8 byte order mark are refused, as serde_json (the
+/// safetensors library's parser) and Python's json module refuse them: nlohmann's lexer
+/// would end the input at a NUL (so "{...}\0GARBAGE" would parse) and skip the mark.
 /// \throws nlohmann::json::exception on malformed JSON; `fail(description)` must throw
-///         on a duplicate key or too deep nesting.
+///         on a NUL byte, a byte order mark, a duplicate key or too deep nesting.
 template <class Fail>
 nlohmann::json parse_json_strict(std::string_view text, int max_nesting, bool unique_keys, Fail&& fail) {
+  if (const auto nul = text.find('\0'); nul != std::string_view::npos)
+    fail(concat("NUL byte at offset ", nul, " of the JSON text (JSON allows none; pad with spaces)"));
+  if (text.starts_with("\xef\xbb\xbf")) fail("the JSON text starts with a UTF-8 byte order mark (JSON allows none)");
   nlohmann::json root;
   strict_json_builder<std::remove_reference_t<Fail>> sax(root, max_nesting, unique_keys, fail);
   nlohmann::json::sax_parse(text.begin(), text.end(), &sax, nlohmann::json::input_format_t::json, /*strict=*/true,
@@ -387,14 +393,6 @@ class safetensors_view {
       fail("header length ", n, " extends beyond the end of the file (", size, " bytes)");
     data_offset_ = 8 + std::size_t(n);
     const std::string_view text(reinterpret_cast<const char*>(bytes_.data()) + 8, std::size_t(n));
-
-    // The safetensors library parses the header with serde_json::from_str: JSON text, padded
-    // with JSON whitespace (space, tab, CR, LF) only. nlohmann's lexer ends the input at a
-    // NUL byte (so "{...}\0GARBAGE" would parse) and skips a leading byte order mark.
-    if (const auto nul = text.find('\0'); nul != std::string_view::npos)
-      fail("malformed header: NUL byte at offset ", nul, " of the JSON text (JSON allows none; pad with spaces)");
-    if (text.starts_with("\xef\xbb\xbf"))
-      fail("malformed header: the JSON text starts with a UTF-8 byte order mark (JSON allows none)");
 
     nlohmann::json header;
     try {
