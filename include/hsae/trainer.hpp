@@ -28,13 +28,13 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
-#include <system_error>
 #include <fstream>
 #include <functional>
-#include <limits>
-#include <string_view>
 #include <future>
+#include <limits>
 #include <string>
+#include <string_view>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -43,6 +43,7 @@
 #include "checkpoint.hpp"
 #include "cpu/backend.hpp"
 #include "dead_latents.hpp"
+#include "detail/files.hpp"
 #include "error.hpp"
 #include "k_schedule.hpp"
 #include "matrix.hpp"
@@ -76,9 +77,9 @@ inline void expect_writable_file(const char* what, const std::filesystem::path& 
   const std::filesystem::path dir = p.has_parent_path() ? p.parent_path() : std::filesystem::path(".");
   expects<config_error>(std::filesystem::is_directory(dir, ec), what, " '", p.string(), "': the directory '",
                         dir.string(), "' does not exist");
-  expects<config_error>(::access(dir.c_str(), W_OK | X_OK) == 0, what, " '", p.string(), "': the directory '",
-                        dir.string(), "' is not writable (", std::error_code(errno, std::generic_category()).message(),
-                        ")");
+  if (::access(dir.c_str(), W_OK | X_OK) != 0)
+    throw_error<config_error>(what, " '", p.string(), "': the directory '", dir.string(), "' is not writable (",
+                              errno_text(errno), ")");
 }
 }  // namespace detail
 
