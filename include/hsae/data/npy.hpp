@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file data/npy.hpp
 /// NumPy `.npy` files: a memory-mapped reader (`npy_file`) and an atomic writer
-/// (`write_npy`), plus hand-written IEEE binary16 and bfloat16 <-> binary32/64 conversions.
+/// (`write_npy`); the binary16 codecs they use are in detail/half.hpp.
 ///
 /// Reading: format versions 1.0, 2.0 and 3.0; dtypes little-endian float16, float32 and
 /// float64 (`<f2`, `<f4`, `<f8`; `|` and `=` are read as native little-endian). Any
@@ -13,8 +13,8 @@
 /// escaped as \xNN.
 ///
 /// Writing: version 1.0, C order, shape [rows, cols] (or any shape), written to
-/// `<path>.tmp.<pid>`, fsync'd, then renamed over `path`, so readers never see a
-/// partial file.
+/// `<path>.tmp.<pid>`, fsync'd, then renamed over `path` (detail::atomic_file), so readers
+/// never see a partial file.
 #pragma once
 
 #include <fcntl.h>
