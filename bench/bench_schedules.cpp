@@ -56,7 +56,7 @@ void BM_schedule_loss(benchmark::State& state) {
   const hsae::dynamic_k_schedule sched = make_schedule(kind, K);
   hsae::train_workspace<T> ws;
   hsae::encode(base.be, base.model, base.x, K, ws.code, ws.pre);
-  ws.grads.zeros_like(base.model, base.be);
+  hsae::zero_gradients(base.be, ws.grads, base.model);
   auto body = [&] {
     const hsae::loss_stats ls =
         hsae::hierarchical_loss_backward(base.be, base.model, base.x, ws.code, sched, ws.grads, ws.loss);

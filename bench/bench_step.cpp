@@ -52,7 +52,7 @@ void BM_loss_backward(benchmark::State& state) {
   fixture f(s);
   const Schedule sched;
   hsae::encode(f.be, f.model, f.x, sched.k_max(), f.ws.code, f.ws.pre);
-  f.ws.grads.zeros_like(f.model, f.be);
+  hsae::zero_gradients(f.be, f.ws.grads, f.model);
   for (auto _ : state) {
     const hsae::loss_stats ls = hsae::hierarchical_loss_backward(f.be, f.model, f.x, f.ws.code, sched, f.ws.grads,
                                                                  f.ws.loss);

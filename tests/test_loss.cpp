@@ -523,7 +523,7 @@ TEMPLATE_TEST_CASE("the chunked decoder backward is bitwise independent of scrat
     be.scratch_bytes = scratch;
     be.num_threads = threads;
     result r;
-    r.g.zeros_like(m, be);
+    r.g.zeros_like(m);
     r.st = hierarchical_loss_backward(be, m, x, code, s, r.g, r.ws);
     encoder_backward(be, m, x, code, r.ws.grad_values, r.g, r.ws.pairs);
     return r;

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// The constrained Adam of optimizer.hpp against a hand-written reference: decoder-gradient
+// The constrained Adam of cpu/optimizer.hpp against a hand-written reference: decoder-gradient
 // projection, bias-corrected Adam, row renormalisation, the learning-rate schedule,
 // global-norm clipping, option validation and the NaN guard.
 #include <catch2/catch.hpp>

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <vector>
 
+#include <hsae/cpu/init.hpp>
 #include <hsae/cuda/backend.cuh>
 #include <hsae/cuda/memory.cuh>
 #include <hsae/cuda/model.cuh>

@@ -2,14 +2,16 @@
 /// \file hsae.hpp
 /// Umbrella header: everything of hsae's CPU API.
 ///
-///   hsae::sae<T, F>                 model (model.hpp), init + geometric median
+///   hsae::sae<T, F>                 model (model.hpp); init + geometric median (cpu/init.hpp)
 ///   hsae::k_schedule<Ks...>, ...    k-schedules (k_schedule.hpp)
+///   step_options, step_stats, ...   what a step takes and reports (step_types.hpp)
 ///   hsae::encode / decode           cpu/encode.hpp, sorted top-k in cpu/topk.hpp
 ///   hsae::hierarchical_loss[...]    cpu/loss.hpp, AuxK in cpu/auxk.hpp
-///   hsae::adam<T, F>                optimizer.hpp
-///   hsae::train_step                train_step.hpp
-///   hsae::trainer, evaluate         trainer.hpp, metrics.hpp (backend engines:
-///                                   training_engine.hpp; the GPU's in hsae/cuda.cuh)
+///   hsae::adam<T, F>                cpu/optimizer.hpp (options and state: optimizer.hpp)
+///   hsae::train_step                cpu/train_step.hpp
+///   hsae::evaluate                  cpu/evaluate.hpp (metrics: metrics.hpp)
+///   hsae::trainer                   trainer.hpp (engine contract: training_engine.hpp; the
+///                                   CPU engine in cpu/, the GPU's in hsae/cuda.cuh)
 ///   hsae::npy_file, write_npy       data/npy.hpp (memory-mapped .npy reading, atomic writing)
 ///   hsae::npy_source, matrix_source data/sources.hpp (batch sources, batch_source concept)
 ///   hsae::safetensors_file, ...     io/safetensors.hpp (memory-mapped reading, atomic writing)
@@ -22,9 +24,14 @@
 #include "cpu/auxk.hpp"
 #include "cpu/backend.hpp"
 #include "cpu/encode.hpp"
+#include "cpu/evaluate.hpp"
+#include "cpu/init.hpp"
 #include "cpu/latent_pairs.hpp"
 #include "cpu/loss.hpp"
+#include "cpu/optimizer.hpp"
 #include "cpu/topk.hpp"
+#include "cpu/train_step.hpp"
+#include "cpu/training_engine.hpp"
 #include "data/npy.hpp"
 #include "data/sources.hpp"
 #include "data/synthetic.hpp"
@@ -40,6 +47,7 @@
 #include "pareto.hpp"
 #include "rng.hpp"
 #include "sparse_code.hpp"
-#include "train_step.hpp"
+#include "step_types.hpp"
 #include "trainer.hpp"
+#include "training_engine.hpp"
 #include "version.hpp"

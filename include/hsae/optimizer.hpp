@@ -1,18 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file optimizer.hpp
-/// Adam with the SAE decoder constraint (docs/OBJECTIVE.md): before the update each decoder
-/// row's gradient loses its component along the row, after it each row is scaled back
-/// to unit norm. Learning rate: linear warm-up, then optional linear decay; optional
-/// global-norm gradient clipping.
+/// Adam's settings (`adam_options`: learning-rate schedule, betas, clipping, the decoder
+/// constraint of docs/OBJECTIVE.md) and its state (`adam_state`), shared by every backend.
+/// The update itself is backend code: cpu/optimizer.hpp, cuda/optimizer.cuh.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "config.hpp"
-#include "cpu/backend.hpp"
 #include "error.hpp"
 #include "matrix.hpp"
 #include "model.hpp"
@@ -66,86 +65,19 @@ struct adam_options {
   }
 };
 
-/// Removes from each decoder row's gradient its component along the row:
-/// `g_f -= <g_f, e_f> e_f` (exact for unit rows; the row's norm is used otherwise).
-template <cpu_scalar T, int F>
-void project_decoder_gradient(const cpu_backend& be, const sae<T, F>& m, sae_gradients<T, F>& g) {
-  cpu::detail::parallel_for(be, m.W_dec.rows(), [&](std::ptrdiff_t f) {
-    const auto e = m.W_dec.row(f);
-    const T n2 = e.squaredNorm();
-    if (n2 > T(0)) g.W_dec.row(f) -= (g.W_dec.row(f).dot(e) / n2) * e;
-  });
-}
-
-/// Global L2 norm of all gradients (summed per row, then in index order: deterministic).
-template <cpu_scalar T, int F>
-double gradient_norm(const cpu_backend& be, const sae_gradients<T, F>& g) {
-  std::vector<double> rows(std::size_t(g.W_enc.rows()));
-  cpu::detail::parallel_for(be, g.W_enc.rows(), [&](std::ptrdiff_t f) {
-    rows[std::size_t(f)] = double(g.W_enc.row(f).squaredNorm()) + double(g.W_dec.row(f).squaredNorm());
-  });
-  double s = double(g.b_enc.squaredNorm()) + double(g.b_dec.squaredNorm());
-  for (double r : rows) s += r;
-  return std::sqrt(s);
-}
-
-/// Adam state for one `sae<T, F>`: first and second moments of every parameter.
+/// The state of Adam for one `sae<T, F>`: options, step count, first and second moments
+/// and the last learning rate. Backend-neutral: checkpoints write and read it, the CPU
+/// optimizer (`adam`, cpu/optimizer.hpp) steps it, and the CUDA engine hands the trainer
+/// a host copy of its device state in this form.
 template <cpu_scalar T, int F = dynamic>
-class adam {
+class adam_state {
  public:
-  adam() = default;
-  /// \throws hsae::config_error if `opt` is invalid.
-  adam(const sae<T, F>& m, adam_options opt) : opt_(opt) {
+  adam_state() = default;
+  /// Zero moments shaped like `m`. \throws hsae::config_error if `opt` is invalid.
+  adam_state(const sae<T, F>& m, adam_options opt) : opt_(opt) {
     opt_.validate();
     m_.zeros_like(m);
     v_.zeros_like(m);
-  }
-
-  /// One step: optional decoder-gradient projection, optional global-norm clipping,
-  /// the Adam update of every parameter, then decoder row renormalisation; the W_enc
-  /// and W_dec rows of a latent are updated in one pass. `g` is modified (projected,
-  /// clipped). Returns the gradient norm before clipping (after projection).
-  /// \throws hsae::shape_error if the gradients do not match the model,
-  ///         hsae::numeric_error if the gradient norm is not finite.
-  double step(const cpu_backend& be, sae<T, F>& m, sae_gradients<T, F>& g) {
-    detail::expect_shape("W_enc gradient", g.W_enc.rows(), g.W_enc.cols(), m.W_enc.rows(), m.W_enc.cols());
-    detail::expect_shape("W_dec gradient", g.W_dec.rows(), g.W_dec.cols(), m.W_dec.rows(), m.W_dec.cols());
-    detail::expect_shape("Adam state", m_.W_enc.rows(), m_.W_enc.cols(), m.W_enc.rows(), m.W_enc.cols());
-    detail::expects<shape_error>(g.b_enc.size() == m.b_enc.size() && g.b_dec.size() == m.b_dec.size(),
-                                 "bias gradients do not match the model");
-    if (opt_.project_decoder_gradient) project_decoder_gradient(be, m, g);
-    const double norm = gradient_norm(be, g);
-    detail::expects<numeric_error>(std::isfinite(norm), "adam: the gradient norm is not finite (", norm,
-                                   "); the step was not applied");
-    double clip = 1.0;
-    if (opt_.max_grad_norm > 0 && norm > opt_.max_grad_norm) clip = opt_.max_grad_norm / norm;
-
-    detail::expects<config_error>(t_ < std::numeric_limits<std::int64_t>::max(), "adam: step count ", t_,
-                                  " cannot grow further");
-    const double lr = opt_.lr_at(t_, m.d_sae());
-    ++t_;
-    const double bc1 = 1.0 - std::pow(opt_.beta1, double(t_));
-    const double bc2 = 1.0 - std::pow(opt_.beta2, double(t_));
-    const T b1 = T(opt_.beta1), b2 = T(opt_.beta2), eps = T(opt_.eps), gs = T(clip);
-    // w -= lr * (m / bc1) / (sqrt(v / bc2) + eps)
-    const T step_size = T(lr / bc1), inv_sqrt_bc2 = T(1.0 / std::sqrt(bc2));
-    auto update = [&](auto w, auto gr, auto mm, auto vv) {
-      mm = b1 * mm + (T(1) - b1) * gs * gr;
-      vv = b2 * vv + (T(1) - b2) * (gs * gr).square();
-      w -= step_size * mm / (vv.sqrt() * inv_sqrt_bc2 + eps);
-    };
-    cpu::detail::parallel_for(be, m.W_dec.rows(), [&](std::ptrdiff_t f) {
-      update(m.W_enc.row(f).array(), g.W_enc.row(f).array(), m_.W_enc.row(f).array(), v_.W_enc.row(f).array());
-      update(m.W_dec.row(f).array(), g.W_dec.row(f).array(), m_.W_dec.row(f).array(), v_.W_dec.row(f).array());
-      if (opt_.normalize_decoder) {
-        const T n = m.W_dec.row(f).norm();
-        if (n > T(0)) m.W_dec.row(f) /= n;
-      }
-    });
-    update(m.b_enc.array(), g.b_enc.array(), m_.b_enc.array(), v_.b_enc.array());
-    update(m.b_dec.array(), g.b_dec.array(), m_.b_dec.array(), v_.b_dec.array());
-    last_lr_ = lr;
-    return norm;
   }
 
   std::int64_t steps() const { return t_; }
@@ -181,7 +113,7 @@ class adam {
     last_lr_ = last_lr;
   }
 
- private:
+ protected:
   adam_options opt_{};
   sae_gradients<T, F> m_, v_;
   std::int64_t t_ = 0;

@@ -35,6 +35,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -42,6 +43,8 @@
 
 #include "checkpoint.hpp"
 #include "cpu/backend.hpp"
+#include "cpu/init.hpp"
+#include "cpu/training_engine.hpp"
 #include "dead_latents.hpp"
 #include "detail/files.hpp"
 #include "error.hpp"
@@ -50,7 +53,6 @@
 #include "metrics.hpp"
 #include "model.hpp"
 #include "optimizer.hpp"
-#include "train_step.hpp"
 #include "training_engine.hpp"
 
 HSAE_NAMESPACE_BEGIN
@@ -80,6 +82,16 @@ inline void expect_writable_file(const char* what, const std::filesystem::path& 
   if (::access(dir.c_str(), W_OK | X_OK) != 0)
     throw_error<config_error>(what, " '", p.string(), "': the directory '", dir.string(), "' is not writable (",
                               errno_text(errno), ")");
+}
+}  // namespace detail
+
+namespace detail {
+/// The host's threads for host work (the init recipe): the CPU engine's own backend, a
+/// default `cpu_backend` for the others.
+template <class Engine>
+cpu_backend host_backend_of(const Engine& e) {
+  if constexpr (std::is_same_v<typename Engine::backend_type, cpu_backend>) return e.backend();
+  else return {};
 }
 }  // namespace detail
 
@@ -340,7 +352,7 @@ class trainer {
   template <class Source>
   void save_checkpoint(const std::filesystem::path& path, const Source& source) const {
     const sae<T, F>& m = engine_.model();
-    const adam<T, F>& optim = engine_.optimizer();
+    const adam_state<T, F>& optim = engine_.optimizer();
     const dead_latent_tracker& tracker = engine_.dead_latents();
     checkpoint_state<T> st;
     st.set("step", step_);
@@ -437,7 +449,7 @@ class trainer {
   double input_scale() const { return scale_; }
   /// Host views of the tracker and the optimizer (downloaded on demand with a GPU backend).
   const dead_latent_tracker& dead_latents() const { return engine_.dead_latents(); }
-  const adam<T, F>& optimizer() const { return engine_.optimizer(); }
+  const adam_state<T, F>& optimizer() const { return engine_.optimizer(); }
   /// The engine: the backend-specific state (training_engine.hpp, cuda/trainer.cuh).
   const engine_type& engine() const { return engine_; }
   const S& schedule() const { return schedule_; }
@@ -530,7 +542,7 @@ class trainer {
     }
     engine_.start(
         [&](sae<T, F>& m) {
-          if (opt_.initialize) init(engine_.host_backend(), m, x, opt_.init);
+          if (opt_.initialize) init(detail::host_backend_of(engine_), m, x, opt_.init);
         },
         opt_.adam, opt_.dead_after_tokens);
     if (opt_.eval_rows > 0 && scale_ != 1.0) eval_x_ *= T(scale_);

@@ -6,40 +6,33 @@
 /// state for checkpoints. The trainer (loop, sources, metrics, progress, checkpoint files)
 /// is the same for every backend; choosing the engine is choosing the backend:
 ///
-///   trainer<float, dynamic, S>                        CPU (this file)
+///   trainer<float, dynamic, S>                        CPU (cpu/training_engine.hpp)
 ///   trainer<float, dynamic, S, cuda_backend>          GPU, fp32 storage (cuda/trainer.cuh)
 ///   trainer<float, dynamic, S, cuda_with_storage<__nv_bfloat16>>   GPU, bf16 storage
 ///
-/// What an engine provides (the trainer uses nothing else):
-///   using backend_type;                      the handle the trainer's constructor takes
-///   engine(const backend_type&, sae<T, F>)   the model as given (not yet on the backend)
-///   const cpu_backend& host_backend()        for host work (init, geometric median)
-///   void start(init_fn, adam_options, dead_after_tokens)
-///                                            init_fn(sae<T, F>&) initialises the host model,
-///                                            then a fresh optimizer and tracker
-///   void restore(model, adam_options, steps, m1, m2, last_lr, dead_after_tokens, counters)
-///   engine_step step(const row_matrix<T>& x, schedule, step_options)
-///   evaluation evaluate(cref<T> x, schedule) const
-///   const sae<T, F>& model() const;  const adam<T, F>& optimizer() const;
-///   const dead_latent_tracker& dead_latents() const      (host views; fresh after a step)
+/// What an engine provides is the concept `training_engine_for` below; the trainer uses
+/// nothing else, and each engine's header checks it with a static_assert. This header
+/// includes no backend.
 #pragma once
 
+#include <concepts>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
-#include "cpu/backend.hpp"
+#include "config.hpp"
 #include "dead_latents.hpp"
-#include "error.hpp"
 #include "k_schedule.hpp"
 #include "matrix.hpp"
 #include "metrics.hpp"
 #include "model.hpp"
 #include "optimizer.hpp"
-#include "train_step.hpp"
+#include "step_types.hpp"
 
 HSAE_NAMESPACE_BEGIN
+
+struct cpu_backend;  // cpu/backend.hpp; the trainer's default backend
 
 /// What one engine step reports to the trainer.
 struct engine_step {
@@ -58,63 +51,41 @@ inline constexpr bool no_engine_for = false;
 template <class Backend, cpu_scalar T, int F>
 class training_engine {
   static_assert(detail::no_engine_for<Backend>,
-                "hsae::trainer: no training engine for this Backend. Use cpu_backend (default), or include "
-                "<hsae/cuda.cuh> for cuda_backend / cuda_with_storage<Storage>.");
+                "hsae::trainer: no training engine for this Backend. For cpu_backend include <hsae/trainer.hpp> "
+                "(or <hsae/hsae.hpp>); for cuda_backend / cuda_with_storage<Storage> include <hsae/cuda.cuh> too.");
 };
 
-/// The CPU engine: `train_step` (train_step.hpp) on the host model, in place.
-template <cpu_scalar T, int F>
-class training_engine<cpu_backend, T, F> {
- public:
-  using backend_type = cpu_backend;
-  static constexpr bool borrows_backend = false;  ///< the trainer copies the CPU backend
-  /// prefetch_mode::automatic: the reader would compete with the step's threads.
-  static constexpr bool prefetch_by_default = false;
-
-  training_engine(const cpu_backend& be, sae<T, F> model) : be_(be), model_(std::move(model)) {}
-
-  const cpu_backend& host_backend() const { return be_; }
-
-  template <class InitFn>
-  void start(InitFn&& init_model, const adam_options& ao, std::int64_t dead_after_tokens) {
-    init_model(model_);
-    opt_ = adam<T, F>(model_, ao);
-    dead_ = dead_latent_tracker(model_.d_sae(), dead_after_tokens);
-  }
-
-  void restore(sae<T, F> model, const adam_options& ao, std::int64_t steps, sae_gradients<T, F> m1,
-               sae_gradients<T, F> m2, double last_lr, std::int64_t dead_after_tokens,
-               std::vector<std::int64_t> tokens_since_fired) {
-    model_ = std::move(model);
-    opt_ = adam<T, F>(model_, ao);
-    opt_.set_state(steps, std::move(m1), std::move(m2), last_lr);
-    dead_ = dead_latent_tracker(model_.d_sae(), dead_after_tokens);
-    dead_.set_tokens_since_fired(std::move(tokens_since_fired));
-  }
-
-  template <k_schedule_like S>
-  engine_step step(const row_matrix<T>& x, const S& schedule, const step_options& so) {
-    engine_step r;
-    r.stats = train_step(be_, model_, opt_, dead_, x, schedule, ws_, so);
-    r.dead_fraction = dead_.dead_fraction();
-    return r;
-  }
-
-  template <k_schedule_like S>
-  evaluation evaluate(cref<T> x, const S& schedule) const {
-    return ::hsae::evaluate(be_, model_, x, schedule);
-  }
-
-  const sae<T, F>& model() const { return model_; }
-  const adam<T, F>& optimizer() const { return opt_; }
-  const dead_latent_tracker& dead_latents() const { return dead_; }
-
- private:
-  cpu_backend be_;
-  sae<T, F> model_;
-  adam<T, F> opt_;
-  dead_latent_tracker dead_;
-  train_workspace<T, F> ws_;
-};
+/// The engine contract: what `trainer<T, F, S, Backend>` needs of
+/// `training_engine<Backend, T, F>`, for a schedule type `S`.
+///
+///   backend_type                     the handle the trainer's constructor takes
+///   borrows_backend                  true: the engine keeps a pointer to the handle (it
+///                                    must outlive the trainer); false: it copies it
+///   prefetch_by_default              whether prefetch_mode::automatic reads ahead
+///   E(const backend_type&, sae<T, F>)  the model as given (not yet on the backend)
+///   start(init_fn, adam_options, dead_after_tokens)
+///                                    init_fn(sae<T, F>&) initialises the host model
+///                                    (on the host); then a fresh optimizer and tracker
+///   restore(model, adam_options, steps, m1, m2, last_lr, dead_after_tokens, counters)
+///                                    the state of a checkpoint, already validated
+///   step(x, schedule, step_options) -> engine_step
+///   evaluate(x, schedule) -> evaluation
+///   model(), optimizer(), dead_latents()   host views (fresh after a step)
+template <class E, class T, int F, class S>
+concept training_engine_for =
+    std::constructible_from<E, const typename E::backend_type&, sae<T, F>> &&
+    std::convertible_to<decltype(E::borrows_backend), bool> &&
+    std::convertible_to<decltype(E::prefetch_by_default), bool> &&
+    requires(E& e, const E& ce, void (*init_fn)(sae<T, F>&), const adam_options& ao, std::int64_t n,
+             const row_matrix<T>& x, cref<T> xv, const S& schedule, const step_options& so) {
+      e.start(init_fn, ao, n);
+      e.restore(sae<T, F>{}, ao, n, sae_gradients<T, F>{}, sae_gradients<T, F>{}, 0.0, n,
+                std::vector<std::int64_t>{});
+      { e.step(x, schedule, so) } -> std::same_as<engine_step>;
+      { ce.evaluate(xv, schedule) } -> std::same_as<evaluation>;
+      { ce.model() } -> std::same_as<const sae<T, F>&>;
+      { ce.optimizer() } -> std::convertible_to<const adam_state<T, F>&>;
+      { ce.dead_latents() } -> std::same_as<const dead_latent_tracker&>;
+    };
 
 HSAE_NAMESPACE_END

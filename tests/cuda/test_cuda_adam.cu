@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
-// The GPU constrained Adam against optimizer.hpp over several steps: weights, moments,
+// The GPU constrained Adam against cpu/optimizer.hpp over several steps: weights, moments,
 // the projected decoder gradient, the gradient norm, clipping, warm-up, the options that
 // switch the constraint off, storage copies, and the non-finite-gradient guard.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <hsae/cpu/init.hpp>
+#include <hsae/cpu/optimizer.hpp>
 #include <hsae/cuda/optimizer.cuh>
 #include <hsae/model.hpp>
 #include <hsae/optimizer.hpp>

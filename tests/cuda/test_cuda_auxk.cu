@@ -9,6 +9,7 @@
 #include <cstring>
 #include <hsae/cpu/auxk.hpp>
 #include <hsae/cpu/encode.hpp>
+#include <hsae/cpu/init.hpp>
 #include <hsae/cpu/loss.hpp>
 #include <hsae/cuda/auxk.cuh>
 #include <hsae/model.hpp>

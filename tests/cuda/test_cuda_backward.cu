@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <hsae/cpu/encode.hpp>
+#include <hsae/cpu/init.hpp>
 #include <hsae/cpu/latent_pairs.hpp>
 #include <hsae/cpu/loss.hpp>
 #include <hsae/cuda/detail/sparse_backward.cuh>

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-// One CUDA train_step (cuda/train_step.cuh) against the CPU train_step (train_step.hpp) on
+// One CUDA train_step (cuda/train_step.cuh) against the CPU train_step (cpu/train_step.hpp) on
 // the same model, batch, schedule, optimizer state and dead-latent counters: the loss and
 // every level's squared error, the AuxK loss, the gradient norm, the dead counts, every
 // gradient, the parameter update, the Adam moments and the counters after the step.
@@ -28,7 +28,7 @@
 // bf16 storage: the batch and the weights are bf16 values (so the GPU's storage copies
 // equal its fp32 masters), and the GPU stores the pre-activations in bf16 (relative 2^-9,
 // with exact ties). The CPU train_step cannot round them so, so the reference is its
-// composition (train_step.hpp, piece by piece) applied to the GPU's own code and
+// composition (cpu/train_step.hpp, piece by piece) applied to the GPU's own code and
 // pre-activations: everything after the encoder is then the same arithmetic, and the
 // tolerances are fp32's. The full CPU train_step's loss (unrounded pre-activations, ties
 // broken otherwise) is checked end to end within 5e-2 (B >= 16; one row of a tiny batch
@@ -39,12 +39,13 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <hsae/cpu/init.hpp>
+#include <hsae/cpu/train_step.hpp>
 #include <hsae/cuda/train_step.cuh>
 #include <hsae/k_schedule.hpp>
 #include <hsae/model.hpp>
 #include <hsae/optimizer.hpp>
 #include <hsae/rng.hpp>
-#include <hsae/train_step.hpp>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -265,7 +266,7 @@ void compare_step(const cuda_backend& be, const scenario& sc, const S& sched, st
     copy_to_host(be, dws.code.values, cws.code.values);
     copy_to_host(be, dws.code.indices, cws.code.indices);
     copy_to_host(be, dws.pre, cws.pre);
-    cws.grads.zeros_like(cm, cb);
+    zero_gradients(cb, cws.grads, cm);
     cst.levels = hierarchical_loss_backward(cb, cm, p.x, cws.code, sched, cws.grads, cws.loss);
     cst.loss = cst.levels.loss;
     cst.dead = ct.num_dead();

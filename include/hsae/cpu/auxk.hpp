@@ -17,29 +17,13 @@
 #include "../matrix.hpp"
 #include "../model.hpp"
 #include "../sparse_code.hpp"
+#include "../step_types.hpp"
 #include "backend.hpp"
 #include "latent_pairs.hpp"
 #include "loss.hpp"
 #include "topk.hpp"
 
 HSAE_NAMESPACE_BEGIN
-
-struct auxk_options {
-  /// Dead latents each row may use; <= 0 means the default min(512, d_model / 2).
-  int k_aux = 0;
-  /// Weight of the AuxK loss in the total.
-  double alpha = 1.0 / 32.0;
-
-  int resolved_k_aux(int d_model) const { return k_aux > 0 ? k_aux : std::max(1, std::min(512, d_model / 2)); }
-
-  /// Checks the settings up front (AuxK itself first runs when a latent dies, maybe
-  /// hours into a run): alpha must be finite and >= 0; every k_aux is valid.
-  /// \throws hsae::config_error naming the field and its value.
-  void validate() const {
-    detail::expects<config_error>(std::isfinite(alpha) && alpha >= 0,
-                                  "auxk_options.alpha must be finite and >= 0, got ", alpha);
-  }
-};
 
 template <cpu_scalar T>
 struct auxk_workspace {

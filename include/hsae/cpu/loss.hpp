@@ -24,24 +24,27 @@
 #include "../matrix.hpp"
 #include "../model.hpp"
 #include "../sparse_code.hpp"
+#include "../step_types.hpp"
 #include "backend.hpp"
 #include "encode.hpp"
 #include "latent_pairs.hpp"
 
 HSAE_NAMESPACE_BEGIN
 
-/// What one evaluation of the schedule loss measured.
-struct loss_stats {
-  /// The loss L = 1/(B*D*W) sum_b sum_l w_l ||x_b - xhat_{b,k_l}||^2.
-  double loss = 0;
-  /// Per schedule level l: k_l and sum_b ||x_b - xhat_{b,k_l}||^2.
-  std::vector<int> level_k;
-  std::vector<double> level_sse;
-  std::int64_t rows = 0;
-  int d_model = 0;
-  /// Mean squared error per element at level l (MSE@k_l).
-  double mse(std::size_t l) const { return level_sse[l] / (double(rows) * double(d_model)); }
-};
+/// Shapes `g` like `m` and zeroes it over the backend's threads, before the backward
+/// passes accumulate into it (`sae_gradients::zeros_like` does the same on one thread;
+/// the weight gradients are [d_sae, d_model] twice, a visible part of a step).
+template <cpu_scalar T, int F>
+void zero_gradients(const cpu_backend& be, sae_gradients<T, F>& g, const sae<T, F>& m) {
+  g.W_enc.resize(m.W_enc.rows(), m.W_enc.cols());
+  g.W_dec.resize(m.W_dec.rows(), m.W_dec.cols());
+  g.b_enc.setZero(m.b_enc.size());
+  g.b_dec.setZero(m.b_dec.size());
+  cpu::detail::parallel_blocks(be, g.W_enc.rows(), 256, [&](std::ptrdiff_t lo, std::ptrdiff_t hi) {
+    g.W_enc.middleRows(lo, hi - lo).setZero();
+    g.W_dec.middleRows(lo, hi - lo).setZero();
+  });
+}
 
 /// Buffers reused across calls (no allocation once sizes settle).
 template <cpu_scalar T>

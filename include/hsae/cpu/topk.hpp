@@ -34,6 +34,7 @@
 #endif
 
 #include "../config.hpp"
+#include "../detail/ordered_key.hpp"
 #include "../error.hpp"
 #include "../matrix.hpp"
 #include "backend.hpp"
@@ -44,22 +45,7 @@ namespace cpu {
 
 namespace detail {
 
-/// Order-preserving unsigned key of a float: a > b  <=>  key(a) > key(b); -0.0 maps to
-/// +0.0's key and every NaN to 0 (below -inf).
-HSAE_HOST_DEVICE inline std::uint32_t ordered_key(float v) {
-  if (v != v) return 0u;
-  v += 0.0f;  // -0.0 -> +0.0
-  std::uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-HSAE_HOST_DEVICE inline std::uint64_t ordered_key(double v) {
-  if (v != v) return 0u;
-  v += 0.0;
-  std::uint64_t u;
-  std::memcpy(&u, &v, sizeof u);
-  return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
-}
+using ::hsae::detail::ordered_key;
 
 /// A candidate: larger compares as better. Float packs value key and inverted index
 /// into one 64-bit word; double needs a pair.

@@ -15,8 +15,8 @@
 #include <type_traits>
 
 #include "../config.hpp"
-#include "../cpu/auxk.hpp"
 #include "../error.hpp"
+#include "../step_types.hpp"
 #include "backend.cuh"
 #include "dead_latents.cuh"
 #include "detail/auxk.cuh"

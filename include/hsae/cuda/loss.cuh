@@ -19,9 +19,9 @@
 #include <vector>
 
 #include "../config.hpp"
-#include "../cpu/loss.hpp"
 #include "../error.hpp"
 #include "../k_schedule.hpp"
+#include "../step_types.hpp"
 #include "backend.cuh"
 #include "detail/loss.cuh"
 #include "detail/sparse_backward.cuh"

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cuda/optimizer.cuh
-/// Adam with the SAE decoder constraint on the GPU, the counterpart of optimizer.hpp
+/// Adam with the SAE decoder constraint on the GPU, the counterpart of cpu/optimizer.hpp
 /// (same options, same learning-rate schedule, same arithmetic in fp32). Kernel design:
 /// cuda/detail/adam.cuh.
 ///

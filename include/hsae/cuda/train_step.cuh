@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cuda/train_step.cuh
-/// `train_step` on the GPU: the CUDA counterpart of train_step.hpp, composing the same
+/// `train_step` on the GPU: the CUDA counterpart of cpu/train_step.hpp, composing the same
 /// pieces in the same way (check the batch, optional finite check, encode with sorted
 /// top-K and, when latents may be dead, AuxK's selection over the dead latents in the
 /// same read of the pre-activations, schedule loss forward and decoder backward, AuxK
@@ -40,10 +40,9 @@
 #include <vector>
 
 #include "../config.hpp"
-#include "../cpu/auxk.hpp"
 #include "../error.hpp"
 #include "../k_schedule.hpp"
-#include "../train_step.hpp"
+#include "../step_types.hpp"
 #include "auxk.cuh"
 #include "backend.cuh"
 #include "dead_latents.cuh"

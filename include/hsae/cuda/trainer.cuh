@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cuda/trainer.cuh
-/// `trainer` on the GPU: the CUDA training engine (training_engine.hpp). Including this
-/// header (or hsae/cuda.cuh) lets the trainer take a CUDA backend:
+/// `trainer` on the GPU: the CUDA training engine (training_engine.hpp). With this header
+/// (or hsae/cuda.cuh) and the loop, hsae/trainer.hpp, the trainer takes a CUDA backend:
 ///
 ///   cuda_backend be(stream);
 ///   trainer<float, dynamic, all_prefixes<64>, cuda_backend> tr(be, sae<float>(768, 16384), {}, opt);
@@ -39,7 +39,7 @@
 #include "../model.hpp"
 #include "../optimizer.hpp"
 #include "../sparse_code.hpp"
-#include "../trainer.hpp"
+#include "../step_types.hpp"
 #include "../training_engine.hpp"
 #include "backend.cuh"
 #include "dead_latents.cuh"
@@ -86,7 +86,6 @@ class cuda_training_engine {
 
   cuda_training_engine(const cuda_backend& be, sae<float, F> model) : be_(&be), host_model_(std::move(model)) {}
 
-  const cpu_backend& host_backend() const { return host_be_; }
   const cuda_backend& backend() const { return *be_; }
 
   template <class InitFn>
@@ -97,7 +96,7 @@ class cuda_training_engine {
     m_.upload(*be_, host_model_);
     opt_ = device_adam<Storage, F>(*be_, m_, ao);
     dead_ = device_dead_latent_tracker(*be_, host_model_.d_sae(), dead_after_tokens);
-    host_opt_ = adam<float, F>(host_model_, ao);
+    host_opt_ = adam_state<float, F>(host_model_, ao);
     host_dead_ = dead_latent_tracker(host_model_.d_sae(), dead_after_tokens);
     ao_ = ao;
     model_stale_ = opt_stale_ = dead_stale_ = false;
@@ -114,7 +113,7 @@ class cuda_training_engine {
     opt_.set_state(*be_, steps, m1, m2, last_lr);
     dead_ = device_dead_latent_tracker(*be_, host_model_.d_sae(), dead_after_tokens);
     dead_.set_tokens_since_fired(*be_, tokens_since_fired);
-    host_opt_ = adam<float, F>(host_model_, ao);
+    host_opt_ = adam_state<float, F>(host_model_, ao);
     host_opt_.set_state(steps, std::move(m1), std::move(m2), last_lr);
     host_dead_ = dead_latent_tracker(host_model_.d_sae(), dead_after_tokens);
     host_dead_.set_tokens_since_fired(std::move(tokens_since_fired));
@@ -186,11 +185,11 @@ class cuda_training_engine {
     return host_model_;
   }
   /// Host copy of the optimizer: moments, step count and last learning rate.
-  const adam<float, F>& optimizer() const {
+  const adam_state<float, F>& optimizer() const {
     if (opt_stale_) {
       sae_gradients<float, F> m1, m2;
       opt_.get_state(*be_, m1, m2);
-      host_opt_ = adam<float, F>(model(), ao_);
+      host_opt_ = adam_state<float, F>(model(), ao_);
       host_opt_.set_state(opt_.steps(), std::move(m1), std::move(m2), opt_.last_lr());
       opt_stale_ = false;
     }
@@ -236,7 +235,6 @@ class cuda_training_engine {
   }
 
   const cuda_backend* be_;
-  cpu_backend host_be_{};
   device_sae<Storage, F> m_;
   device_adam<Storage, F> opt_;
   device_dead_latent_tracker dead_;
@@ -251,7 +249,7 @@ class cuda_training_engine {
   mutable device_loss_workspace eval_loss_;
   // Host views, refreshed on demand.
   mutable sae<float, F> host_model_;
-  mutable adam<float, F> host_opt_;
+  mutable adam_state<float, F> host_opt_;
   mutable dead_latent_tracker host_dead_;
   mutable bool model_stale_ = false, opt_stale_ = false, dead_stale_ = false;
 };
@@ -271,5 +269,9 @@ class training_engine<cuda_with_storage<Storage>, T, F> : public cuda::detail::c
  public:
   using cuda::detail::cuda_training_engine<Storage, T, F>::cuda_training_engine;
 };
+
+static_assert(training_engine_for<training_engine<cuda_backend, float, dynamic>, float, dynamic, dynamic_k_schedule>);
+static_assert(training_engine_for<training_engine<cuda_with_storage<__nv_bfloat16>, float, 64>, float, 64,
+                                  k_schedule<8, 16>>);
 
 HSAE_NAMESPACE_END

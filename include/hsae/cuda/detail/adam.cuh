@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cuda/detail/adam.cuh
-/// Adam with the SAE decoder constraint on the GPU, matching optimizer.hpp: project each
+/// Adam with the SAE decoder constraint on the GPU, matching cpu/optimizer.hpp: project each
 /// decoder row's gradient off the row (g -= (<g,e> / ||e||^2) e), global gradient norm
 /// (after projection; optional clipping), Adam with bias correction, decoder rows
 /// renormalised to unit norm, storage copies (fp16/bf16) written in the same pass.
@@ -35,7 +35,7 @@ HSAE_NAMESPACE_BEGIN
 
 namespace cuda::detail {
 
-/// Per-step constants, computed on the host exactly as optimizer.hpp does.
+/// Per-step constants, computed on the host exactly as cpu/optimizer.hpp does.
 struct adam_step_constants {
   float beta1 = 0.9f, beta2 = 0.999f, eps = 6.25e-10f;
   float step_size = 0;     ///< float(lr / (1 - beta1^t))
@@ -64,7 +64,7 @@ namespace adam_impl {
 
 inline constexpr int cache = 8;  ///< decoder columns per thread held in registers
 
-/// One Adam element update (optimizer.hpp's expression order).
+/// One Adam element update (cpu/optimizer.hpp's expression order).
 __device__ __forceinline__ float element(float w, float g, float& m, float& v, const adam_step_constants& h, float gs) {
   m = h.beta1 * m + ((1.f - h.beta1) * gs) * g;
   const float gg = gs * g;

@@ -48,7 +48,7 @@
 #include <cuda_runtime.h>
 
 #include "../../config.hpp"
-#include "../../cpu/topk.hpp"
+#include "../../detail/ordered_key.hpp"
 #include "../error.cuh"
 #include "types.cuh"
 
@@ -62,7 +62,7 @@ inline constexpr int topk_max_k_aux = 2048;
 
 /// Composite key of value v at index i (see the file comment).
 __device__ __forceinline__ std::uint64_t composite_key(float v, std::uint32_t i) {
-  return (std::uint64_t(::hsae::cpu::detail::ordered_key(v)) << 32) | std::uint64_t(0xFFFFFFFFu - i);
+  return (std::uint64_t(::hsae::detail::ordered_key(v)) << 32) | std::uint64_t(0xFFFFFFFFu - i);
 }
 __device__ __forceinline__ std::uint32_t composite_index(std::uint64_t c) {
   return 0xFFFFFFFFu - std::uint32_t(c & 0xFFFFFFFFull);

@@ -223,7 +223,7 @@ __device__ __forceinline__ void seed_threshold(const uint4 (&tile)[Loads], unsig
     if (unsigned(t) * Block + tid < nvec) {
 #pragma unroll
       for (int j = 0; j < vec; ++j) {
-        const std::uint32_t key = ::hsae::cpu::detail::ordered_key(vector_lane<T>(tile[t], j));
+        const std::uint32_t key = ::hsae::detail::ordered_key(vector_lane<T>(tile[t], j));
         if (key > m1) {
           m2 = m1;
           m1 = key;

@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-/// \file train_step.hpp
+/// \file cpu/train_step.hpp
 /// `train_step` composes the pieces the standard way: check the batch, encode (GEMM,
 /// bias, ReLU, sorted top-K), schedule loss forward and decoder backward, AuxK over
 /// dead latents, sparse encoder backward, dead-latent update, and the constrained Adam
@@ -9,30 +9,19 @@
 #include <cstdint>
 #include <vector>
 
-#include "cpu/auxk.hpp"
-#include "cpu/encode.hpp"
-#include "cpu/loss.hpp"
-#include "dead_latents.hpp"
-#include "error.hpp"
-#include "k_schedule.hpp"
-#include "matrix.hpp"
-#include "model.hpp"
+#include "../dead_latents.hpp"
+#include "../error.hpp"
+#include "../k_schedule.hpp"
+#include "../matrix.hpp"
+#include "../model.hpp"
+#include "../step_types.hpp"
+#include "auxk.hpp"
+#include "backend.hpp"
+#include "encode.hpp"
+#include "loss.hpp"
 #include "optimizer.hpp"
 
 HSAE_NAMESPACE_BEGIN
-
-struct step_options {
-  auxk_options auxk{};
-  /// Apply AuxK (when any latent is dead).
-  bool use_auxk = true;
-  /// Reject a batch holding NaN/Inf (one O(B*D) scan).
-  bool check_finite = true;
-
-  /// Checks every setting: those of `auxk` (auxk_options::validate), whether or not
-  /// use_auxk is set. A few comparisons; train_step calls it first.
-  /// \throws hsae::config_error naming the field and its value.
-  void validate() const { auxk.validate(); }
-};
 
 /// Everything one step reads and writes besides the model and optimizer; reuse it
 /// across steps so that nothing is allocated once the shapes settle.
@@ -43,15 +32,6 @@ struct train_workspace {
   sae_gradients<T, F> grads;
   loss_workspace<T> loss;
   auxk_workspace<T> aux;
-};
-
-struct step_stats {
-  double loss = 0;      ///< schedule loss
-  double aux_loss = 0;  ///< AuxK loss (scaled; 0 when nothing is dead)
-  double grad_norm = 0;
-  double lr = 0;
-  std::int64_t dead = 0;  ///< dead latents before this step's update
-  loss_stats levels;      ///< per-level squared errors of this batch
 };
 
 /// One training step on the batch `x [B, d_model]` under `schedule` (k_max = K).
@@ -70,7 +50,7 @@ step_stats train_step(const cpu_backend& be, sae<T, F>& m, adam<T, F>& opt, dead
 
   step_stats st;
   encode(be, m, x, K, ws.code, ws.pre);
-  ws.grads.zeros_like(m, be);
+  zero_gradients(be, ws.grads, m);
   st.levels = hierarchical_loss_backward(be, m, x, ws.code, schedule, ws.grads, ws.loss);
   st.loss = st.levels.loss;
   st.dead = dead.num_dead();
