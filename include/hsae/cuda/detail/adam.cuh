@@ -34,6 +34,7 @@
 HSAE_NAMESPACE_BEGIN
 
 namespace cuda::detail {
+HSAE_KERNEL_NAMESPACE_BEGIN
 
 /// Per-step constants, computed on the host exactly as cpu/optimizer.hpp does.
 struct adam_step_constants {
@@ -82,7 +83,7 @@ __device__ __forceinline__ void store_storage(T* p, std::size_t i, float w) {
 
 /// Pass 1: projection (written back) and row_sq[f] = ||gW_enc[f]||^2 + ||gW_dec[f]||^2.
 template <class T>
-__global__ void __launch_bounds__(256) row_norm_kernel(adam_args<T> a, bool project, double* __restrict__ row_sq) {
+HSAE_KERNEL void __launch_bounds__(256) row_norm_kernel(adam_args<T> a, bool project, double* __restrict__ row_sq) {
   __shared__ float smem[33 * 2];
   const std::int64_t f = blockIdx.x;
   const std::size_t D = std::size_t(a.D), base = std::size_t(f) * D;
@@ -117,7 +118,7 @@ __global__ void __launch_bounds__(256) row_norm_kernel(adam_args<T> a, bool proj
 
 /// Global norm, clip factor and finite flag; one CTA of 1024 threads.
 template <int Dummy = 0>
-__global__ void __launch_bounds__(1024)
+HSAE_KERNEL void __launch_bounds__(1024)
     norm_kernel(const double* __restrict__ row_sq, int F, const float* __restrict__ gb_enc,
                 const float* __restrict__ gb_dec, int D, double max_grad_norm, const int* __restrict__ reject,
                 double* __restrict__ norm, float* __restrict__ clip, int* __restrict__ ok) {
@@ -141,8 +142,8 @@ __global__ void __launch_bounds__(1024)
 
 /// Pass 2: the fused update of one latent's W_enc and W_dec rows.
 template <class T>
-__global__ void __launch_bounds__(1024) row_update_kernel(adam_args<T> a, adam_step_constants h,
-                                                          const float* __restrict__ clip, const int* __restrict__ ok) {
+HSAE_KERNEL void __launch_bounds__(1024) row_update_kernel(adam_args<T> a, adam_step_constants h,
+                                                           const float* __restrict__ clip, const int* __restrict__ ok) {
   __shared__ float smem[33];
   if (*ok == 0) return;
   const float gs = *clip;
@@ -198,9 +199,9 @@ __global__ void __launch_bounds__(1024) row_update_kernel(adam_args<T> a, adam_s
 
 /// Plain Adam on a vector (b_enc, b_dec).
 template <int Dummy = 0>
-__global__ void vector_update_kernel(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
-                                     float* __restrict__ v, int n, adam_step_constants h,
-                                     const float* __restrict__ clip, const int* __restrict__ ok) {
+HSAE_KERNEL void vector_update_kernel(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
+                                      float* __restrict__ v, int n, adam_step_constants h,
+                                      const float* __restrict__ clip, const int* __restrict__ ok) {
   const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n || *ok == 0) return;
   w[i] = element(w[i], g[i], m[i], v[i], h, *clip);
@@ -251,6 +252,7 @@ void adam_step(const adam_args<T>& a, const adam_step_constants& h, void* worksp
   check_launch("adam vector_update_kernel (b_dec)");
 }
 
+HSAE_KERNEL_NAMESPACE_END
 }  // namespace cuda::detail
 
 HSAE_NAMESPACE_END

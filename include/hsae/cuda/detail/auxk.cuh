@@ -37,6 +37,7 @@
 HSAE_NAMESPACE_BEGIN
 
 namespace cuda::detail {
+HSAE_KERNEL_NAMESPACE_BEGIN
 
 /// Arguments of the AuxK loss and backward (device pointers unless stated).
 template <class T>
@@ -74,7 +75,7 @@ inline constexpr int threads = 512;
 
 /// row_tv[b] = sum_j (e_bj - colsum_j / B)^2 in double.
 template <int Dummy = 0>
-__global__ void __launch_bounds__(256)
+HSAE_KERNEL void __launch_bounds__(256)
     row_variance_kernel(const float* __restrict__ e, const double* __restrict__ colsum, int B, int D,
                         double* __restrict__ row_tv) {
   __shared__ double smem[33];
@@ -91,8 +92,8 @@ __global__ void __launch_bounds__(256)
 /// With the dead count on the device: scale = min(n_dead / k_aux, 1), and tv = 0 when
 /// nothing is dead (every later kernel then adds nothing and the loss is 0).
 template <int Dummy = 0>
-__global__ void device_scale_kernel(const int* __restrict__ n_dead, int k_aux, double* __restrict__ tv,
-                                    double* __restrict__ scale) {
+HSAE_KERNEL void device_scale_kernel(const int* __restrict__ n_dead, int k_aux, double* __restrict__ tv,
+                                     double* __restrict__ scale) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   const int n = *n_dead;
   *scale = fmin(double(n) / double(k_aux), 1.0);
@@ -111,7 +112,7 @@ struct decode_params {
 
 /// One CTA per row: q, its squared norm, scaled q, dL/dv (and atomics in fast mode).
 template <class T>
-__global__ void __launch_bounds__(threads) decode_kernel(decode_params<T> p) {
+HSAE_KERNEL void __launch_bounds__(threads) decode_kernel(decode_params<T> p) {
   constexpr int I = items, G = group;
   __shared__ float red[2 * 32 * G];
   int parity = 0;
@@ -198,8 +199,8 @@ __global__ void __launch_bounds__(threads) decode_kernel(decode_params<T> p) {
 
 /// loss = tv > 0 ? alpha * scale * sse / tv : 0 (scale from `scale_device` when set).
 template <int Dummy = 0>
-__global__ void finalize_kernel(const double* __restrict__ sse, const double* __restrict__ tv, double alpha,
-                                double scale, const double* __restrict__ scale_device, double* __restrict__ loss) {
+HSAE_KERNEL void finalize_kernel(const double* __restrict__ sse, const double* __restrict__ tv, double alpha,
+                                 double scale, const double* __restrict__ scale_device, double* __restrict__ loss) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   const double s = scale_device != nullptr ? *scale_device : scale;
   *loss = *tv > 0 ? alpha * s * *sse / *tv : 0.0;
@@ -207,7 +208,7 @@ __global__ void finalize_kernel(const double* __restrict__ sse, const double* __
 
 /// Zero dL/dv when no AuxK applies.
 template <int Dummy = 0>
-__global__ void zero_kernel(float* __restrict__ p, std::int64_t n) {
+HSAE_KERNEL void zero_kernel(float* __restrict__ p, std::int64_t n) {
   const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) p[i] = 0.f;
 }
@@ -331,6 +332,7 @@ void auxk_loss_backward(const auxk_args<T>& a, void* workspace, std::size_t work
   }
 }
 
+HSAE_KERNEL_NAMESPACE_END
 }  // namespace cuda::detail
 
 HSAE_NAMESPACE_END

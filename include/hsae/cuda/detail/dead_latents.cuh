@@ -25,6 +25,7 @@
 HSAE_NAMESPACE_BEGIN
 
 namespace cuda::detail {
+HSAE_KERNEL_NAMESPACE_BEGIN
 
 /// The tracker's device state (all device pointers).
 struct dead_latent_state {
@@ -51,8 +52,8 @@ inline std::size_t select_temp_bytes(int F) {
 
 /// flags[f] = 1 for every latent with a positive value among the first k ranks of a row.
 template <int Dummy = 0>
-__global__ void mark_kernel(const float* __restrict__ values, const index_t* __restrict__ indices, int B, int kc, int k,
-                            int F, std::uint8_t* __restrict__ flags) {
+HSAE_KERNEL void mark_kernel(const float* __restrict__ values, const index_t* __restrict__ indices, int B, int kc,
+                             int k, int F, std::uint8_t* __restrict__ flags) {
   const std::int64_t p = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p >= std::int64_t(B) * k) return;
   const std::int64_t b = p / k, t = p - b * k;
@@ -66,8 +67,8 @@ __global__ void mark_kernel(const float* __restrict__ values, const index_t* __r
 /// counter (atomicMax per warp into s.max_since, zeroed before). With `reject` set
 /// (nonzero) the counters stay as they are and only the flags and mask are rebuilt.
 template <int Dummy = 0>
-__global__ void update_kernel(dead_latent_state s, std::int64_t rows, std::uint8_t* __restrict__ flags,
-                              const int* __restrict__ reject) {
+HSAE_KERNEL void update_kernel(dead_latent_state s, std::int64_t rows, std::uint8_t* __restrict__ flags,
+                               const int* __restrict__ reject) {
   const std::int64_t f = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const bool apply = reject == nullptr || *reject == 0;
   bool dead = false;
@@ -132,6 +133,7 @@ inline void update_dead_latents(const dead_latent_state& s, const float* values,
                                            stream));
 }
 
+HSAE_KERNEL_NAMESPACE_END
 }  // namespace cuda::detail
 
 HSAE_NAMESPACE_END

@@ -27,6 +27,7 @@
 HSAE_NAMESPACE_BEGIN
 
 namespace cuda::detail {
+HSAE_KERNEL_NAMESPACE_BEGIN
 
 /// out[f] = b_enc[f] - sum_j W_enc[f, j] b_dec[j] (fp32), on the handle's stream.
 inline void fold_decoder_bias(cublasHandle_t h, cudaStream_t stream, const float* W_enc, const float* b_enc,
@@ -47,7 +48,7 @@ void encoder_gemm(cublasHandle_t h, const T* W, const T* x, T* pre, int rows, in
 }
 
 template <class T>
-__global__ void bias_relu_kernel(T* __restrict__ pre, const float* __restrict__ bias, std::size_t total, int d_sae) {
+HSAE_KERNEL void bias_relu_kernel(T* __restrict__ pre, const float* __restrict__ bias, std::size_t total, int d_sae) {
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     const float v = storage_traits<T>::to_float(pre[i]) + bias[i % std::size_t(d_sae)];
@@ -149,6 +150,7 @@ bool encoder_gemm_lt(cublasLtHandle_t lt, cudaStream_t stream, const T* W, const
   return true;
 }
 
+HSAE_KERNEL_NAMESPACE_END
 }  // namespace cuda::detail
 
 HSAE_NAMESPACE_END

@@ -45,6 +45,7 @@
 HSAE_NAMESPACE_BEGIN
 
 namespace cuda::detail {
+HSAE_KERNEL_NAMESPACE_BEGIN
 
 inline constexpr int loss_items = 8;      ///< columns per thread per tile
 inline constexpr int loss_group = 8;      ///< ranks per batched block reduction
@@ -85,7 +86,7 @@ struct kernel_params {
 };
 
 template <class T>
-__global__ void __launch_bounds__(loss_threads) schedule_loss_kernel(kernel_params<T> p) {
+HSAE_KERNEL void __launch_bounds__(loss_threads) schedule_loss_kernel(kernel_params<T> p) {
   constexpr int I = loss_items, G = loss_group;
   __shared__ float red[2 * 32 * G];
   int parity = 0;
@@ -220,8 +221,8 @@ __global__ void __launch_bounds__(loss_threads) schedule_loss_kernel(kernel_para
 
 /// loss = sum_t omega_t * level_sse[level_of[t]] / (B * D), in rank order.
 template <int Dummy = 0>
-__global__ void finalize_kernel(const double* __restrict__ omega, const int* __restrict__ level_of, int K,
-                                const double* __restrict__ level_sse, double BD, double* __restrict__ loss) {
+HSAE_KERNEL void finalize_kernel(const double* __restrict__ omega, const int* __restrict__ level_of, int K,
+                                 const double* __restrict__ level_sse, double BD, double* __restrict__ loss) {
   if (threadIdx.x != 0 || blockIdx.x != 0) return;
   double s = 0;
   for (int t = 0; t < K; ++t) {
@@ -314,6 +315,7 @@ void schedule_loss(const schedule_loss_args<T>& a, void* workspace, std::size_t 
   }
 }
 
+HSAE_KERNEL_NAMESPACE_END
 }  // namespace cuda::detail
 
 HSAE_NAMESPACE_END

@@ -40,6 +40,7 @@
 HSAE_NAMESPACE_BEGIN
 
 namespace cuda::detail {
+HSAE_KERNEL_NAMESPACE_BEGIN
 
 // ---------------------------------------------------------------------------------------
 // Workspace carving (CUB's two-phase style: the size query runs the same carving on a
@@ -143,8 +144,8 @@ inline int row_block_threads(int D, int items, int max_threads = 1024) {
 /// out[j] (+)= alpha * sum_{r < n} rows[r * D + j], for j < D. One CTA per 32 columns,
 /// 16 warps striding over the rows, warp partials added in index order: deterministic.
 template <class In, class Acc, class Out>
-__global__ void __launch_bounds__(512) column_sum_kernel(const In* __restrict__ rows, std::int64_t n, int D,
-                                                         Out* __restrict__ out, Acc alpha, bool accumulate) {
+HSAE_KERNEL void __launch_bounds__(512) column_sum_kernel(const In* __restrict__ rows, std::int64_t n, int D,
+                                                          Out* __restrict__ out, Acc alpha, bool accumulate) {
   __shared__ Acc part[16][32];
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5;
   const std::int64_t j = std::int64_t(blockIdx.x) * 32 + lane;
@@ -171,7 +172,7 @@ void column_sum(const In* rows, std::int64_t n, int D, Out* out, Acc alpha, bool
 /// *out = sum_{i < n} in[i] in Acc: one CTA of 1024 threads, thread-strided partials and
 /// a fixed tree: deterministic.
 template <class In, class Acc>
-__global__ void __launch_bounds__(1024)
+HSAE_KERNEL void __launch_bounds__(1024)
     vector_sum_kernel(const In* __restrict__ in, std::int64_t n, Acc* __restrict__ out) {
   __shared__ Acc smem[33];
   Acc v[1] = {Acc(0)};
@@ -214,8 +215,8 @@ inline std::size_t sort_temp_bytes(int n, int F) {
 /// keys[p] = indices[p] when it is a latent in [0, F), else the sentinel F (an AuxK slot
 /// beyond the dead latents holds -1); ids[p] = p.
 template <int Dummy = 0>
-__global__ void keys_kernel(const index_t* __restrict__ indices, int n, int F, std::uint32_t* __restrict__ keys,
-                            int* __restrict__ ids) {
+HSAE_KERNEL void keys_kernel(const index_t* __restrict__ indices, int n, int F, std::uint32_t* __restrict__ keys,
+                             int* __restrict__ ids) {
   const std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const index_t f = indices[i];
@@ -226,7 +227,7 @@ __global__ void keys_kernel(const index_t* __restrict__ indices, int n, int F, s
 /// offsets[f] = first position q with keys[q] >= f (lower bound), for f in [0, F]; pairs
 /// with the sentinel key F lie beyond offsets[F] and belong to no latent.
 template <int Dummy = 0>
-__global__ void offsets_kernel(const std::uint32_t* __restrict__ keys, int n, int F, int* __restrict__ offsets) {
+HSAE_KERNEL void offsets_kernel(const std::uint32_t* __restrict__ keys, int n, int F, int* __restrict__ offsets) {
   const std::int64_t f = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (f > F) return;
   int lo = 0, hi = n;
@@ -287,9 +288,9 @@ inline latent_pairs_view build_latent_pairs(const index_t* indices, int n, int F
 ///  - not staged (AuxK): row = b, factor values[p] (src holds q_b per row).
 /// `gate`: when not null and `!(*gate > 0)` nothing is added.
 template <int Dummy = 0>
-__global__ void accumulate_by_latent_kernel(latent_pairs_view lp, const float* __restrict__ values, int kc, int k_limit,
-                                            const float* __restrict__ src, bool staged, int D, float* __restrict__ out,
-                                            const double* __restrict__ gate) {
+HSAE_KERNEL void accumulate_by_latent_kernel(latent_pairs_view lp, const float* __restrict__ values, int kc,
+                                             int k_limit, const float* __restrict__ src, bool staged, int D,
+                                             float* __restrict__ out, const double* __restrict__ gate) {
   if (gate != nullptr && !(*gate > 0)) return;
   const int lane = int(threadIdx.x) & 31;
   const std::int64_t f = std::int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -353,7 +354,7 @@ inline int latent_blocks(int F) { return (F + latent_block(F) - 1) / latent_bloc
 
 /// Deterministic: one warp per latent, pairs in pair-id order. Also writes gsum[f].
 template <class T>
-__global__ void accumulate_kernel(latent_pairs_view lp, encoder_backward_args<T> a, float* __restrict__ gsum) {
+HSAE_KERNEL void accumulate_kernel(latent_pairs_view lp, encoder_backward_args<T> a, float* __restrict__ gsum) {
   const int lane = int(threadIdx.x) & 31;
   const std::int64_t f = std::int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5);
   if (f >= lp.F) return;
@@ -388,8 +389,8 @@ __global__ void accumulate_kernel(latent_pairs_view lp, encoder_backward_args<T>
 /// partial[blk, j] = sum over latents f of block blk (ascending) with gsum[f] != 0 of
 /// gsum[f] * W_enc[f, j].
 template <class T>
-__global__ void prebias_partial_kernel(const float* __restrict__ gsum, const T* __restrict__ W_enc, int F, int D,
-                                       int block, float* __restrict__ partial) {
+HSAE_KERNEL void prebias_partial_kernel(const float* __restrict__ gsum, const T* __restrict__ W_enc, int F, int D,
+                                        int block, float* __restrict__ partial) {
   const std::int64_t j = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int blk = int(blockIdx.y);
   const int f0 = blk * block, f1 = min(F, f0 + block);
@@ -404,7 +405,7 @@ __global__ void prebias_partial_kernel(const float* __restrict__ gsum, const T* 
 
 /// Fast mode: one CTA per batch row, atomics into the gradients.
 template <class T>
-__global__ void atomic_kernel(encoder_backward_args<T> a) {
+HSAE_KERNEL void atomic_kernel(encoder_backward_args<T> a) {
   const int b = int(blockIdx.x);
   const std::size_t D = std::size_t(a.D), kc = std::size_t(a.kc);
   const float* v = a.values + std::size_t(b) * kc;
@@ -480,6 +481,7 @@ void encoder_backward(const encoder_backward_args<T>& a, const latent_pairs_view
   column_sum<float, float, float>(partial, blocks, a.D, a.gb_dec, -1.f, true, stream);
 }
 
+HSAE_KERNEL_NAMESPACE_END
 }  // namespace cuda::detail
 
 HSAE_NAMESPACE_END

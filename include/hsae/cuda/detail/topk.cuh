@@ -55,6 +55,7 @@
 HSAE_NAMESPACE_BEGIN
 
 namespace cuda::detail {
+HSAE_KERNEL_NAMESPACE_BEGIN
 
 /// Largest k the GPU top-k supports, and largest k_aux.
 inline constexpr int topk_max_k = 4096;
@@ -431,7 +432,7 @@ __device__ __forceinline__ void reset_buffers(topk_buffer_state& st, topk_buffer
 
 /// One CTA per row; dynamic shared memory Config::smem_bytes.
 template <class T, class Config>
-__global__ void __launch_bounds__(Config::block) topk_kernel(topk_args<T> a) {
+HSAE_KERNEL void __launch_bounds__(Config::block) topk_kernel(topk_args<T> a) {
   constexpr int block = Config::block;
   constexpr int cap = Config::cap;
   constexpr int cap_aux = Config::cap_aux;
@@ -562,6 +563,7 @@ void topk_rows(const topk_args<T>& a, int rows, cudaStream_t stream) {
   topk_rows_with<topk_streaming_configs>(a, rows, stream);
 }
 
+HSAE_KERNEL_NAMESPACE_END
 }  // namespace cuda::detail
 
 HSAE_NAMESPACE_END

@@ -37,6 +37,7 @@
 HSAE_NAMESPACE_BEGIN
 
 namespace cuda::detail {
+HSAE_KERNEL_NAMESPACE_BEGIN
 
 /// A topk_config plus the __launch_bounds__ minimum of resident CTAs per SM. A thread
 /// holds a tile in flight (16 registers) besides the tile it filters; at 64 registers
@@ -245,7 +246,7 @@ __device__ __forceinline__ void seed_threshold(const uint4 (&tile)[Loads], unsig
 
 /// One CTA per row; dynamic shared memory Config::smem_bytes.
 template <class T, class Config>
-__global__ void __launch_bounds__(Config::block, Config::min_blocks) topk_tiled_kernel(topk_args<T> a) {
+HSAE_KERNEL void __launch_bounds__(Config::block, Config::min_blocks) topk_tiled_kernel(topk_args<T> a) {
   constexpr int block = Config::block;
   constexpr int cap = Config::cap;
   constexpr int cap_aux = Config::cap_aux;
@@ -365,6 +366,7 @@ void topk_rows_tiled(const topk_args<T>& a, int rows, cudaStream_t stream) {
   topk_rows_with<topk_tiled_configs>(a, rows, stream);
 }
 
+HSAE_KERNEL_NAMESPACE_END
 }  // namespace cuda::detail
 
 HSAE_NAMESPACE_END

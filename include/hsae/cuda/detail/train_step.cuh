@@ -25,6 +25,7 @@
 HSAE_NAMESPACE_BEGIN
 
 namespace cuda::detail {
+HSAE_KERNEL_NAMESPACE_BEGIN
 
 /// A step's record on the device, followed in memory by the schedule's per-level squared
 /// errors (double [levels]). Its header is zeroed at the start of every step.
@@ -45,7 +46,7 @@ static_assert(sizeof(step_record) % sizeof(double) == 0, "step_record: the level
 inline std::size_t step_record_bytes(std::size_t levels) { return sizeof(step_record) + levels * sizeof(double); }
 
 template <class T>
-__global__ void __launch_bounds__(256)
+HSAE_KERNEL void __launch_bounds__(256)
     finite_check_kernel(const T* __restrict__ x, std::size_t n, step_record* __restrict__ rec) {
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
@@ -82,7 +83,7 @@ struct step_record_sources {
 };
 
 template <class T>
-__global__ void gather_step_record_kernel(step_record_sources<T> s, step_record* __restrict__ rec) {
+HSAE_KERNEL void gather_step_record_kernel(step_record_sources<T> s, step_record* __restrict__ rec) {
   double* levels = reinterpret_cast<double*>(rec + 1);
   for (int l = int(threadIdx.x); l < s.levels; l += int(blockDim.x)) levels[l] = s.level_sse[l];
   if (threadIdx.x != 0) return;
@@ -101,6 +102,7 @@ void gather_step_record(const step_record_sources<T>& s, step_record* rec, cudaS
   check_launch("gather_step_record_kernel");
 }
 
+HSAE_KERNEL_NAMESPACE_END
 }  // namespace cuda::detail
 
 HSAE_NAMESPACE_END

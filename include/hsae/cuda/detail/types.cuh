@@ -16,6 +16,7 @@
 
 #include "../../config.hpp"
 #include "../error.cuh"
+#include "kernel.cuh"
 
 HSAE_NAMESPACE_BEGIN
 
@@ -53,6 +54,7 @@ struct storage_traits<__nv_bfloat16> {
 };
 
 namespace cuda::detail {
+HSAE_KERNEL_NAMESPACE_BEGIN
 
 /// Grid size for a grid-stride loop over n items: enough blocks to fill the device, at
 /// most 65535 * 32 (the loops stride, so any n is covered).
@@ -63,7 +65,7 @@ inline unsigned grid_for(std::size_t n, unsigned block) {
 }
 
 template <class Src, class Dst>
-__global__ void convert_kernel(const Src* __restrict__ src, Dst* __restrict__ dst, std::size_t n) {
+HSAE_KERNEL void convert_kernel(const Src* __restrict__ src, Dst* __restrict__ dst, std::size_t n) {
   const std::size_t stride = std::size_t(gridDim.x) * blockDim.x;
   for (std::size_t i = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
     dst[i] = storage_traits<Dst>::from_float(storage_traits<Src>::to_float(src[i]));
@@ -79,6 +81,7 @@ void convert(const Src* src, Dst* dst, std::size_t n, cudaStream_t stream) {
   HSAE_CUDA_CHECK_LAUNCH();
 }
 
+HSAE_KERNEL_NAMESPACE_END
 }  // namespace cuda::detail
 
 HSAE_NAMESPACE_END
