@@ -103,6 +103,22 @@ TEST_CASE("k_schedule<8, 16, 32, 64> at compile time", "[k_schedule]") {
   CHECK(weights_of(s) == std::vector<double>{1, 1, 1, 1});
 }
 
+TEST_CASE("static_k_max and schedule_fits_width: the compile-time width check", "[k_schedule]") {
+  using hsae::dynamic;
+  STATIC_REQUIRE(hsae::static_k_max<hsae::k_schedule<8, 16, 32, 64>> == 64);
+  STATIC_REQUIRE(hsae::static_k_max<hsae::all_prefixes<5>> == 5);
+  STATIC_REQUIRE(hsae::static_k_max<hsae::multi_topk<8>> == 32);
+  STATIC_REQUIRE(hsae::static_k_max<hsae::weighted_k_schedule<kWeights, 2, 4, 9>> == 9);
+  STATIC_REQUIRE(hsae::static_k_max<hsae::dynamic_k_schedule> == 0);  // known at run time only
+  // Both fixed: the width decides.
+  STATIC_REQUIRE(hsae::schedule_fits_width<hsae::k_schedule<8, 64>, 64>);
+  STATIC_REQUIRE_FALSE(hsae::schedule_fits_width<hsae::k_schedule<8, 64>, 63>);
+  STATIC_REQUIRE_FALSE(hsae::schedule_fits_width<hsae::multi_topk<8>, 31>);
+  // Either one dynamic: left to the run-time check (config_error naming k_max and d_sae).
+  STATIC_REQUIRE(hsae::schedule_fits_width<hsae::k_schedule<8, 64>, dynamic>);
+  STATIC_REQUIRE(hsae::schedule_fits_width<hsae::dynamic_k_schedule, 4>);
+}
+
 TEST_CASE("all_prefixes<5>, top_k<32>, multi_topk<8>", "[k_schedule]") {
   using P = hsae::all_prefixes<5>;
   STATIC_REQUIRE(std::is_same_v<P, hsae::k_schedule<1, 2, 3, 4, 5>>);

@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <initializer_list>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -42,6 +43,21 @@ concept k_schedule_like = requires(const S& s, std::size_t l) {
   { s.weight(l) } -> std::convertible_to<double>;
   { s.k_max() } -> std::convertible_to<int>;
 };
+
+/// k_max of a schedule known at compile time (`S::k_max()` is a constant expression, as
+/// for k_schedule, weighted_k_schedule and their aliases), 0 for a run-time schedule.
+template <class S>
+inline constexpr int static_k_max = 0;
+template <class S>
+  requires requires { typename std::integral_constant<int, S::k_max()>; }
+inline constexpr int static_k_max<S> = S::k_max();
+
+/// Whether a schedule `S` fits a dictionary of compile-time width `F`: false only when
+/// both are fixed at compile time and k_max > F. The trainer and both train_steps
+/// static_assert it, so `trainer<float, 32, k_schedule<8, 64>>` is a compile error rather
+/// than a config_error at run time.
+template <class S, int F>
+inline constexpr bool schedule_fits_width = F == dynamic || static_k_max<S> <= F;
 
 namespace detail {
 

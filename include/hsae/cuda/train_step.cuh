@@ -136,6 +136,7 @@ template <class T, int F, k_schedule_like S>
 void train_step(const cuda_backend& be, device_sae<T, F>& m, device_adam<T, F>& opt, device_dead_latent_tracker& dead,
                 device_matrix_view<const std::type_identity_t<T>> x, const S& schedule,
                 device_train_workspace<T, F>& ws, const step_options& so = {}) {
+  static_assert(schedule_fits_width<S, F>, "hsae::train_step: the schedule's k_max exceeds the dictionary width F");
   cuda::detail::check_train_step(m, dead, x, schedule, so);
   const int K = schedule.k_max();
   const std::size_t levels = schedule.size();

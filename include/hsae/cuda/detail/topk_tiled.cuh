@@ -2,12 +2,13 @@
 /// \file cuda/detail/topk_tiled.cuh
 /// The tiled variant of the per-row top-k (detail/topk.cuh): the same result, bit for
 /// bit (same composite keys, same compaction, guard and final sort), with a cheaper
-/// streaming filter. It is selected with `cuda_topk_kernel::tiled` (cuda/topk.cuh) and
-/// is not the default until it has passed test_cuda_topk and bench_cuda_topk on a GPU.
+/// streaming filter. It is selected with `cuda_topk_kernel::tiled` (cuda/topk.cuh); why
+/// it is not the default is said there.
 ///
 /// Why: the streaming kernel spends about 50 instructions per key (a 64-bit composite key
-/// per element, two block barriers and a warp scan per 16-byte vector), so on an H100 it
-/// is instruction-bound at 1.5-3.7x the HBM read floor for fp32 and 2.8-8.7x for bf16.
+/// per element, two block barriers and a warp scan per 16-byte vector), so it is bound by
+/// instructions, not by HBM reads, and more so for bf16 (docs/TOPK.md; measured ratios to
+/// the read floor in bench/RESULTS.md).
 /// Here a key costs a float comparison in the common case:
 ///  - Tiles of 16 keys per thread (4 16-byte loads for fp32, 2 for half/bf16), the next
 ///    tile's loads issued before the current tile is filtered.
