@@ -42,4 +42,5 @@
 #include "sparse_code.hpp"
 #include "train_step.hpp"
 #include "trainer.hpp"
+#include "trainer_checkpoint.hpp"
 #include "version.hpp"

@@ -51,6 +51,7 @@
 #include "model.hpp"
 #include "optimizer.hpp"
 #include "train_step.hpp"
+#include "trainer_checkpoint.hpp"
 #include "training_engine.hpp"
 
 HSAE_NAMESPACE_BEGIN
@@ -333,37 +334,15 @@ class trainer {
 
   /// Writes a checkpoint of the run (model, optimizer moments and step, dead-latent
   /// counters, held-out rows, input scale, step and token counts, and the source's
-  /// state when it can save it; see checkpoint.hpp), atomically.
+  /// state when it can save it; see trainer_checkpoint.hpp and checkpoint.hpp), atomically.
   /// The state comes from the engine's host views: a GPU run's checkpoint holds the fp32
   /// master weights and moments under the same names and dtypes as a CPU run's, so either
   /// backend resumes the other's checkpoints (T = float).
   template <class Source>
   void save_checkpoint(const std::filesystem::path& path, const Source& source) const {
-    const sae<T, F>& m = engine_.model();
-    const adam<T, F>& optim = engine_.optimizer();
-    const dead_latent_tracker& tracker = engine_.dead_latents();
     checkpoint_state<T> st;
-    st.set("step", step_);
-    st.set("tokens", tokens_);
-    st.set("rows_pulled", rows_pulled_);
-    st.set("input_scale", scale_);
-    st.set("d_model", std::int64_t(m.d_model()));
-    st.set("d_sae", std::int64_t(m.d_sae()));
-    st.set("k_max", std::int64_t(schedule_.k_max()));
-    st.set("schedule", schedule_text());
-    st.set("total_tokens", opt_.total_tokens);
-    st.set("batch_size", opt_.batch_size);
-    put_params(st, "model.", m.W_enc, m.b_enc, m.W_dec, m.b_dec);
-    const auto& m1 = optim.first_moment();
-    const auto& m2 = optim.second_moment();
-    put_params(st, "adam.m.", m1.W_enc, m1.b_enc, m1.W_dec, m1.b_dec);
-    put_params(st, "adam.v.", m2.W_enc, m2.b_enc, m2.W_dec, m2.b_dec);
-    st.set("adam.steps", optim.steps());
-    st.set("adam.last_lr", optim.last_lr());
-    const auto& since = tracker.tokens_since_fired();
-    st.arrays["dead.tokens_since_fired"] = std::vector<double>(since.begin(), since.end());
-    st.set("dead.after_tokens", tracker.dead_after_tokens());
-    st.matrices["held_out"] = eval_x_;
+    detail::fill_checkpoint(st, {step_, tokens_, rows_pulled_, scale_}, checkpoint_terms(), schedule_, engine_.model(),
+                            engine_.optimizer(), engine_.dead_latents(), eval_x_);
     if constexpr (requires { source.save_state(st); }) source.save_state(st);
     write_checkpoint(path, st);
   }
@@ -383,7 +362,7 @@ class trainer {
   template <batch_source<T> Source>
   void resume(const std::filesystem::path& path, Source& source) {
     const checkpoint_state<T> st = read_checkpoint<T>(path);
-    restored r = check_checkpoint(st);
+    detail::restored_run<T, F> r = detail::check_checkpoint(st, engine_.model(), schedule_, checkpoint_terms());
     if constexpr (requires { source.load_state(st); }) {
       source.load_state(st);
     } else {  // replay: read and drop the rows the run had pulled
@@ -396,7 +375,7 @@ class trainer {
     }
     engine_.restore(std::move(r.model), opt_.adam, r.adam_steps, std::move(r.m1), std::move(r.m2), r.last_lr,
                     opt_.dead_after_tokens, std::move(r.since));
-    eval_x_ = st.matrix("held_out");
+    eval_x_ = *r.held_out;
     scale_ = r.scale;
     step_ = r.step;
     tokens_ = r.tokens;
@@ -536,23 +515,9 @@ class trainer {
     if (opt_.eval_rows > 0 && scale_ != 1.0) eval_x_ *= T(scale_);
   }
 
-  std::string schedule_text() const {
-    std::string s;
-    for (std::size_t l = 0; l < schedule_.size(); ++l) {
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "%s(%d,%.17g)", l ? "," : "", int(schedule_.k(l)), double(schedule_.weight(l)));
-      s += buf;
-    }
-    return s;
-  }
-
-  template <class W, class V>
-  static void put_params(checkpoint_state<T>& st, const std::string& prefix, const W& W_enc, const V& b_enc,
-                         const W& W_dec, const V& b_dec) {
-    st.matrices[prefix + "W_enc"] = W_enc;
-    st.matrices[prefix + "b_enc"] = b_enc.transpose();
-    st.matrices[prefix + "W_dec"] = W_dec;
-    st.matrices[prefix + "b_dec"] = b_dec.transpose();
+  /// What a checkpoint of this run must agree with (trainer_checkpoint.hpp).
+  detail::checkpoint_run checkpoint_terms() const {
+    return {opt_.total_tokens, opt_.batch_size, opt_.steps(), opt_.init_rows};
   }
   /// Refuses a host buffer of `rows` x `d` values of T larger than the machine's memory.
   static void expect_fits_memory(const char* field, std::int64_t rows, std::int64_t d) {
@@ -563,78 +528,6 @@ class trainer {
     detail::expects<config_error>(need <= mem, "trainer: ", field, "=", rows, " needs ", need,
                                   " bytes for its rows (d_model=", d, ", ", sizeof(T),
                                   " bytes a value), more than this machine's memory (", mem, " bytes)");
-  }
-
-  /// The checkpoint's values, each checked against this run before any is used.
-  struct restored {
-    sae<T, F> model;
-    sae_gradients<T, F> m1, m2;
-    std::vector<std::int64_t> since;
-    double scale = 1, last_lr = 0;
-    std::int64_t step = 0, tokens = 0, rows_pulled = 0, adam_steps = 0;
-  };
-
-  /// Reads and range-checks everything `resume` restores; the trainer and the source are
-  /// left untouched when this throws (hsae::io_error naming the checkpoint and the entry).
-  restored check_checkpoint(const checkpoint_state<T>& st) const {
-    restored r;
-    const sae<T, F>& cur = engine_.model();
-    const Eigen::Index d = cur.d_model(), f = cur.d_sae();
-    st.expects(st.get_int("d_model") == d && st.get_int("d_sae") == f, "shapes d_model=", st.get_int("d_model"),
-               " d_sae=", st.get_int("d_sae"), " differ from this trainer's model (", d, ", ", f, ")");
-    st.expects(st.text("schedule") == schedule_text(), "written under schedule ", st.text("schedule"),
-               ", this trainer has ", schedule_text());
-    st.expects(st.get_int("total_tokens") == opt_.total_tokens && st.get_int("batch_size") == opt_.batch_size,
-               "written for total_tokens=", st.get_int("total_tokens"), " batch_size=", st.get_int("batch_size"),
-               ", this trainer has ", opt_.total_tokens, " and ", opt_.batch_size);
-    // Counters: a step trains min(batch_size, what is left) rows.
-    r.step = st.get_int("step", 0, opt_.steps());
-    r.tokens = st.get_int("tokens", 0, opt_.total_tokens);
-    const std::int64_t want_tokens = r.step == opt_.steps() ? opt_.total_tokens : r.step * opt_.batch_size;
-    st.expects(r.tokens == want_tokens, "entry 'tokens' = ", r.tokens, " disagrees with step ", r.step,
-               " of batch_size ", opt_.batch_size, " (expected ", want_tokens, ")");
-    r.scale = st.get_double("input_scale");
-    st.expects(std::isfinite(r.scale) && r.scale > 0, "entry 'input_scale' = ", r.scale,
-               " must be positive and finite");
-    const row_matrix<T>& held = st.matrix("held_out");
-    if (held.rows() > 0) st.finite_matrix("held_out", held.rows(), d);
-    // Rows pulled: the held-out rows, the init sample (at most init_rows), then the training rows.
-    r.rows_pulled = st.get_int("rows_pulled", 0, std::numeric_limits<std::int64_t>::max());
-    const std::int64_t before_training = r.rows_pulled - r.tokens - std::int64_t(held.rows());  // no overflow: all >= 0
-    st.expects(before_training >= 0 && before_training <= std::max<std::int64_t>(opt_.init_rows, 0),
-               "entry 'rows_pulled' = ", r.rows_pulled, " disagrees with ", r.tokens, " training rows, ", held.rows(),
-               " held-out rows and init_rows=", opt_.init_rows);
-    r.adam_steps = st.get_int("adam.steps", 0, r.step);
-    r.last_lr = st.get_double("adam.last_lr", 0, std::numeric_limits<double>::max());
-    r.model = cur;
-    r.m1.zeros_like(cur);
-    r.m2.zeros_like(cur);
-    get_params(st, "model.", r.model.W_enc, r.model.b_enc, r.model.W_dec, r.model.b_dec);
-    get_params(st, "adam.m.", r.m1.W_enc, r.m1.b_enc, r.m1.W_dec, r.m1.b_dec);
-    get_params(st, "adam.v.", r.m2.W_enc, r.m2.b_enc, r.m2.W_dec, r.m2.b_dec);
-    for (const char* name : {"W_enc", "b_enc", "W_dec", "b_dec"}) {
-      const row_matrix<T>& v = st.matrix(std::string("adam.v.") + name);
-      st.expects((v.array() >= T(0)).all(), "tensor 'adam.v.", name, "' holds a negative second moment");
-    }
-    // A latent's count of tokens since it fired never exceeds the tokens trained on.
-    r.since = st.int_array("dead.tokens_since_fired", 0, r.tokens);
-    st.expects(std::int64_t(r.since.size()) == f, "dead-latent counters for ", r.since.size(),
-               " latents, expected ", f);
-    return r;
-  }
-
-  template <class W, class V>
-  static void get_params(const checkpoint_state<T>& st, const std::string& prefix, W& W_enc, V& b_enc, W& W_dec,
-                         V& b_dec) {
-    auto take = [&](const std::string& name, auto& dst, Eigen::Index rows, Eigen::Index cols) {
-      const row_matrix<T>& src = st.finite_matrix(prefix + name, rows, cols);
-      if constexpr (std::decay_t<decltype(dst)>::ColsAtCompileTime == 1) dst = src.transpose();
-      else dst = src;
-    };
-    take("W_enc", W_enc, W_enc.rows(), W_enc.cols());
-    take("b_enc", b_enc, 1, b_enc.size());
-    take("W_dec", W_dec, W_dec.rows(), W_dec.cols());
-    take("b_dec", b_dec, 1, b_dec.size());
   }
 
   /// Reads `rows` rows from the source into `dst` and checks that it returned exactly
