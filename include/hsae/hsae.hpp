@@ -43,4 +43,5 @@
 #include "train_step.hpp"
 #include "trainer.hpp"
 #include "trainer_checkpoint.hpp"
+#include "training_log.hpp"
 #include "version.hpp"

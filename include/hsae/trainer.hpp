@@ -9,7 +9,8 @@
 /// On a terminal it keeps one progress line up to date (step, tokens/s, loss, FVU at
 /// k_max, dead %, ETA); elsewhere it prints that line every `log_every_steps`. With
 /// `metrics_path` set it writes JSON lines: one "step" record per log interval, one
-/// "eval" record per evaluation (every schedule level), and a final "summary".
+/// "eval" record per evaluation (every schedule level), and a final "summary"
+/// (training_log.hpp). Checkpoints: trainer_checkpoint.hpp.
 ///
 /// A source is anything with `int d_model()` and `void next(Eigen::Index rows,
 /// row_matrix<T>& x)` filling the next `rows` rows (synthetic_source, matrix_source,
@@ -53,6 +54,7 @@
 #include "train_step.hpp"
 #include "trainer_checkpoint.hpp"
 #include "training_engine.hpp"
+#include "training_log.hpp"
 
 HSAE_NAMESPACE_BEGIN
 
@@ -91,7 +93,6 @@ concept batch_source = requires(S& s, Eigen::Index rows, row_matrix<T>& x) {
   s.next(rows, x);
 };
 
-enum class progress_mode { automatic, always, never };
 /// Whether `fit` reads the next batch on a second thread while a step runs; automatic:
 /// with a GPU backend (whose steps leave the host idle), not on the CPU (where the reader
 /// would compete with the step's threads for the cores: on 2 cores the demo measured
@@ -160,32 +161,6 @@ struct trainer_options {
   std::int64_t steps() const { return total_tokens / batch_size + (total_tokens % batch_size != 0); }
 };
 
-/// What one logged step reported (also passed to `trainer::on_step`).
-struct step_record {
-  std::int64_t step = 0;    ///< steps done (1-based after the step)
-  std::int64_t tokens = 0;  ///< tokens trained on so far
-  double loss = 0;          ///< schedule loss of this batch
-  double aux_loss = 0;
-  double fvu_kmax = 0;  ///< this batch's FVU at k_max
-  double dead_fraction = 0;
-  double lr = 0;
-  double grad_norm = 0;
-  double tokens_per_second = 0;
-  double elapsed_seconds = 0;
-};
-
-/// The end of a run.
-struct train_summary {
-  std::int64_t steps = 0;
-  std::int64_t tokens = 0;
-  double seconds = 0;
-  double tokens_per_second = 0;
-  double final_loss = 0;
-  double input_scale = 1;
-  /// Final evaluation on the held-out rows (levels empty when eval_rows = 0).
-  evaluation eval;
-};
-
 /// The training loop. \tparam T the host data's precision (the batches sources fill;
 /// float or double on the CPU, float for CUDA), \tparam F the dictionary width (or
 /// hsae::dynamic), \tparam S the k-schedule, \tparam Backend `cpu_backend` (default),
@@ -231,7 +206,7 @@ class trainer {
   train_summary fit(Source& source) {
     detail::expects<shape_error>(source.d_model() == model().d_model(), "trainer: the source's d_model=",
                                  source.d_model(), " differs from the model's d_model=", model().d_model());
-    open_metrics();
+    detail::training_log log(log_options());
     const auto t0 = clock::now();
 
     row_matrix<T> x;
@@ -241,14 +216,8 @@ class trainer {
     resumed_ = false;
 
     const std::int64_t steps = opt_.steps();
-    const bool tty = opt_.progress == progress_mode::always ||
-                     (opt_.progress == progress_mode::automatic && opt_.progress_stream &&
-                      ::isatty(::fileno(opt_.progress_stream)));
-    const bool quiet = opt_.progress == progress_mode::never || !opt_.progress_stream;
-    auto last_draw = clock::now() - std::chrono::seconds(1);
     const auto train_start = clock::now();
     const std::int64_t tokens_at_start = tokens_;
-    step_record rec;
     double final_loss = 0;
     // The next batch, read on another thread while a step runs (trainer_options::prefetch).
     // `fetch` is declared after `x_next` so that unwinding joins the reader first.
@@ -278,37 +247,15 @@ class trainer {
         fetch = std::async(std::launch::async, read_batch, next_rows, std::ref(x_next));
       }
       const engine_step es = engine_.step(x, schedule_, opt_.step);
-      const step_stats& st = es.stats;
       ++step_;
       tokens_ += rows;
-      final_loss = st.loss;
+      final_loss = es.stats.loss;
 
-      const double secs = seconds_since(train_start);
-      rec.step = step_;
-      rec.tokens = tokens_;
-      rec.loss = st.loss;
-      rec.aux_loss = st.aux_loss;
-      rec.fvu_kmax = st.levels.level_sse.back() / batch_variance(x);
-      rec.dead_fraction = es.dead_fraction;
-      rec.lr = st.lr;
-      rec.grad_norm = st.grad_norm;
-      rec.elapsed_seconds = secs;
-      rec.tokens_per_second = secs > 0 ? double(tokens_ - tokens_at_start) / secs : 0;
+      const step_record rec = record(es, x, seconds_since(train_start), tokens_ - tokens_at_start);
       if (on_step) on_step(rec);
-
-      const bool logged = step_ % opt_.log_every_steps == 0 || last;
-      if (logged) write_json(step_json(rec));
-      if (!quiet) {
-        if (tty && (last || seconds_since(last_draw) > 0.2)) {
-          std::fprintf(opt_.progress_stream, "\r%s\x1b[K%s", progress_line(rec, steps).c_str(), last ? "\n" : "");
-          std::fflush(opt_.progress_stream);
-          last_draw = clock::now();
-        } else if (!tty && logged) {
-          std::fprintf(opt_.progress_stream, "%s\n", progress_line(rec, steps).c_str());
-        }
-      }
+      log.step(rec, last);
       if (opt_.eval_rows > 0 && opt_.eval_every_steps > 0 && step_ % opt_.eval_every_steps == 0 && !last)
-        run_eval();
+        run_eval(log);
       if (checkpoint_after) save_checkpoint(opt_.checkpoint_path, source);
     }
 
@@ -319,16 +266,9 @@ class trainer {
     sum.input_scale = scale_;
     const double train_secs = seconds_since(train_start);
     sum.tokens_per_second = train_secs > 0 ? double(tokens_) / train_secs : 0;
-    if (opt_.eval_rows > 0) sum.eval = run_eval();
+    if (opt_.eval_rows > 0) sum.eval = run_eval(log);
     sum.seconds = seconds_since(t0);
-    write_json({{"type", "summary"},
-                {"steps", sum.steps},
-                {"tokens", sum.tokens},
-                {"seconds", sum.seconds},
-                {"tokens_per_second", sum.tokens_per_second},
-                {"final_loss", sum.final_loss},
-                {"input_scale", sum.input_scale}});
-    metrics_.close();
+    log.summary(sum);
     return sum;
   }
 
@@ -443,48 +383,40 @@ class trainer {
     return std::max(sq - col_sum_.squaredNorm() / double(x.rows()), 1e-300);
   }
 
-  evaluation run_eval() {
+  /// The record of the step just taken (`es` on batch `x`), `secs` and `tokens` into this fit.
+  step_record record(const engine_step& es, const row_matrix<T>& x, double secs, std::int64_t tokens) {
+    const step_stats& st = es.stats;
+    step_record rec;
+    rec.step = step_;
+    rec.tokens = tokens_;
+    rec.loss = st.loss;
+    rec.aux_loss = st.aux_loss;
+    rec.fvu_kmax = st.levels.level_sse.back() / batch_variance(x);
+    rec.dead_fraction = es.dead_fraction;
+    rec.lr = st.lr;
+    rec.grad_norm = st.grad_norm;
+    rec.elapsed_seconds = secs;
+    rec.tokens_per_second = secs > 0 ? double(tokens) / secs : 0;
+    return rec;
+  }
+
+  /// The progress line and the metrics file of a fit (appended to after `resume`).
+  detail::training_log_options log_options() const {
+    return {.progress = opt_.progress,
+            .stream = opt_.progress_stream,
+            .metrics_path = opt_.metrics_path,
+            .append = resumed_,
+            .log_every_steps = opt_.log_every_steps,
+            .steps = opt_.steps(),
+            .total_tokens = opt_.total_tokens,
+            .k_max = schedule_.k_max()};
+  }
+
+  evaluation run_eval(detail::training_log& log) {
     evaluation e = evaluate_held_out();
-    nlohmann::json levels = nlohmann::json::array();
-    for (const auto& l : e.levels) levels.push_back({{"k", l.k}, {"fvu", l.fvu}, {"mse", l.mse}, {"l0", l.l0}});
-    write_json({{"type", "eval"},
-                {"step", step_},
-                {"tokens", tokens_},
-                {"rows", e.rows},
-                {"dead_fraction", e.dead_fraction},
-                {"levels", std::move(levels)}});
+    log.eval(step_, tokens_, e);
     if (on_eval) on_eval(step_, e);
     return e;
-  }
-
-  std::string progress_line(const step_record& r, std::int64_t steps) const {
-    const double eta = r.tokens_per_second > 0 ? double(opt_.total_tokens - r.tokens) / r.tokens_per_second : 0;
-    const long eta_s = long(std::lround(eta));
-    char buf[256];
-    std::snprintf(buf, sizeof buf,
-                  "step %lld/%lld | %.0f tok/s | loss %.5f | FVU@%d %.4f | dead %.1f%% | ETA %ld:%02ld",
-                  (long long)r.step, (long long)steps, r.tokens_per_second, r.loss, schedule_.k_max(), r.fvu_kmax,
-                  100.0 * r.dead_fraction, eta_s / 60, eta_s % 60);
-    return buf;
-  }
-
-  static nlohmann::json step_json(const step_record& r) {
-    return {{"type", "step"},       {"step", r.step},           {"tokens", r.tokens},
-            {"loss", r.loss},       {"aux_loss", r.aux_loss},   {"fvu_kmax", r.fvu_kmax},
-            {"dead_fraction", r.dead_fraction}, {"lr", r.lr},   {"grad_norm", r.grad_norm},
-            {"tokens_per_second", r.tokens_per_second},         {"elapsed_seconds", r.elapsed_seconds}};
-  }
-
-  void open_metrics() {
-    if (opt_.metrics_path.empty()) return;
-    metrics_.open(opt_.metrics_path, std::ios::out | (resumed_ ? std::ios::app : std::ios::trunc));
-    detail::expects<io_error>(metrics_.good(), "trainer: cannot open the metrics file '", opt_.metrics_path, "'");
-  }
-  void write_json(const nlohmann::json& j) {
-    if (!metrics_.is_open()) return;
-    metrics_ << j.dump() << '\n';
-    metrics_.flush();
-    detail::expects<io_error>(metrics_.good(), "trainer: writing the metrics file '", opt_.metrics_path, "' failed");
   }
 
   /// The fresh start of fit: held-out rows, init sample, init, optimizer, tracker.
@@ -554,7 +486,6 @@ class trainer {
   std::int64_t tokens_ = 0;
   std::int64_t rows_pulled_ = 0;  ///< rows read from the source (held-out, init, training)
   bool resumed_ = false;
-  std::ofstream metrics_;
 };
 
 HSAE_NAMESPACE_END
