@@ -308,6 +308,43 @@ TEST_CASE("trainer: JSON-lines metrics and the progress line", "[trainer]") {
   CHECK(text.find('\r') == std::string::npos);
 }
 
+TEST_CASE("trainer: a fit that threw leaves no metrics file open: the next fit writes it afresh", "[trainer][errors]") {
+  const cpu_backend be;
+  synthetic_source<float> src(small_data());
+  trainer_options o = small_run();
+  o.total_tokens = 256 * 12;
+  o.log_every_steps = 1;
+  const std::string path = "test_trainer_refit.jsonl";
+  o.metrics_path = path;
+  trainer<float, dynamic, top_k<4>> tr(be, sae<float>(24, 32), top_k<4>{}, o);
+
+  fixed_source poisoned{src.next(300)};
+  poisoned.poison_at = 4;  // eval rows, init rows, then steps: the 3rd training batch
+  REQUIRE_THROWS_AS(tr.fit(poisoned), numeric_error);
+  REQUIRE(tr.steps_done() == 2);
+
+  // The thrown fit's file was left open: this fit then refused it ("cannot open the metrics file").
+  train_summary s;
+  REQUIRE_NOTHROW(s = tr.fit(src));
+  CHECK(s.steps == 12);
+
+  std::ifstream in(path);
+  std::string line;
+  std::vector<std::int64_t> steps;
+  int summaries = 0;
+  while (std::getline(in, line)) {
+    const nlohmann::json j = nlohmann::json::parse(line);
+    if (j.at("type") == "step") steps.push_back(j.at("step").get<std::int64_t>());
+    if (j.at("type") == "summary") ++summaries;
+  }
+  in.close();
+  std::remove(path.c_str());
+  // Truncated at the new start: steps 1..12 once each (not the thrown fit's 1 and 2 before them).
+  REQUIRE(steps.size() == 12);
+  for (std::size_t i = 0; i < steps.size(); ++i) CHECK(steps[i] == std::int64_t(i) + 1);
+  CHECK(summaries == 1);
+}
+
 TEST_CASE("trainer: input normalisation is folded back by export_model", "[trainer]") {
   const cpu_backend be;
   synthetic_options d = small_data();

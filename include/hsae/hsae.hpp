@@ -49,5 +49,7 @@
 #include "sparse_code.hpp"
 #include "step_types.hpp"
 #include "trainer.hpp"
+#include "trainer_checkpoint.hpp"
 #include "training_engine.hpp"
+#include "training_log.hpp"
 #include "version.hpp"

@@ -9,7 +9,8 @@
 /// On a terminal it keeps one progress line up to date (step, tokens/s, loss, FVU at
 /// k_max, dead %, ETA); elsewhere it prints that line every `log_every_steps`. With
 /// `metrics_path` set it writes JSON lines: one "step" record per log interval, one
-/// "eval" record per evaluation (every schedule level), and a final "summary".
+/// "eval" record per evaluation (every schedule level), and a final "summary"
+/// (training_log.hpp). Checkpoints: trainer_checkpoint.hpp.
 ///
 /// A source is anything with `int d_model()` and `void next(Eigen::Index rows,
 /// row_matrix<T>& x)` filling the next `rows` rows (synthetic_source, matrix_source,
@@ -28,18 +29,14 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <future>
-#include <limits>
 #include <string>
 #include <string_view>
 #include <system_error>
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "checkpoint.hpp"
 #include "cpu/backend.hpp"
@@ -53,7 +50,9 @@
 #include "metrics.hpp"
 #include "model.hpp"
 #include "optimizer.hpp"
+#include "trainer_checkpoint.hpp"
 #include "training_engine.hpp"
+#include "training_log.hpp"
 
 HSAE_NAMESPACE_BEGIN
 
@@ -102,7 +101,6 @@ concept batch_source = requires(S& s, Eigen::Index rows, row_matrix<T>& x) {
   s.next(rows, x);
 };
 
-enum class progress_mode { automatic, always, never };
 /// Whether `fit` reads the next batch on a second thread while a step runs; automatic:
 /// with a GPU backend (whose steps leave the host idle), not on the CPU (where the reader
 /// would compete with the step's threads for the cores: on 2 cores the demo measured
@@ -171,32 +169,6 @@ struct trainer_options {
   std::int64_t steps() const { return total_tokens / batch_size + (total_tokens % batch_size != 0); }
 };
 
-/// What one logged step reported (also passed to `trainer::on_step`).
-struct step_record {
-  std::int64_t step = 0;    ///< steps done (1-based after the step)
-  std::int64_t tokens = 0;  ///< tokens trained on so far
-  double loss = 0;          ///< schedule loss of this batch
-  double aux_loss = 0;
-  double fvu_kmax = 0;  ///< this batch's FVU at k_max
-  double dead_fraction = 0;
-  double lr = 0;
-  double grad_norm = 0;
-  double tokens_per_second = 0;
-  double elapsed_seconds = 0;
-};
-
-/// The end of a run.
-struct train_summary {
-  std::int64_t steps = 0;
-  std::int64_t tokens = 0;
-  double seconds = 0;
-  double tokens_per_second = 0;
-  double final_loss = 0;
-  double input_scale = 1;
-  /// Final evaluation on the held-out rows (levels empty when eval_rows = 0).
-  evaluation eval;
-};
-
 /// The training loop. \tparam T the host data's precision (the batches sources fill;
 /// float or double on the CPU, float for CUDA), \tparam F the dictionary width (or
 /// hsae::dynamic), \tparam S the k-schedule, \tparam Backend `cpu_backend` (default),
@@ -242,7 +214,7 @@ class trainer {
   train_summary fit(Source& source) {
     detail::expects<shape_error>(source.d_model() == model().d_model(), "trainer: the source's d_model=",
                                  source.d_model(), " differs from the model's d_model=", model().d_model());
-    open_metrics();
+    detail::training_log log(log_options());
     const auto t0 = clock::now();
 
     row_matrix<T> x;
@@ -252,14 +224,8 @@ class trainer {
     resumed_ = false;
 
     const std::int64_t steps = opt_.steps();
-    const bool tty = opt_.progress == progress_mode::always ||
-                     (opt_.progress == progress_mode::automatic && opt_.progress_stream &&
-                      ::isatty(::fileno(opt_.progress_stream)));
-    const bool quiet = opt_.progress == progress_mode::never || !opt_.progress_stream;
-    auto last_draw = clock::now() - std::chrono::seconds(1);
     const auto train_start = clock::now();
     const std::int64_t tokens_at_start = tokens_;
-    step_record rec;
     double final_loss = 0;
     // The next batch, read on another thread while a step runs (trainer_options::prefetch).
     // `fetch` is declared after `x_next` so that unwinding joins the reader first.
@@ -289,37 +255,15 @@ class trainer {
         fetch = std::async(std::launch::async, read_batch, next_rows, std::ref(x_next));
       }
       const engine_step es = engine_.step(x, schedule_, opt_.step);
-      const step_stats& st = es.stats;
       ++step_;
       tokens_ += rows;
-      final_loss = st.loss;
+      final_loss = es.stats.loss;
 
-      const double secs = seconds_since(train_start);
-      rec.step = step_;
-      rec.tokens = tokens_;
-      rec.loss = st.loss;
-      rec.aux_loss = st.aux_loss;
-      rec.fvu_kmax = st.levels.level_sse.back() / batch_variance(x);
-      rec.dead_fraction = es.dead_fraction;
-      rec.lr = st.lr;
-      rec.grad_norm = st.grad_norm;
-      rec.elapsed_seconds = secs;
-      rec.tokens_per_second = secs > 0 ? double(tokens_ - tokens_at_start) / secs : 0;
+      const step_record rec = record(es, x, seconds_since(train_start), tokens_ - tokens_at_start);
       if (on_step) on_step(rec);
-
-      const bool logged = step_ % opt_.log_every_steps == 0 || last;
-      if (logged) write_json(step_json(rec));
-      if (!quiet) {
-        if (tty && (last || seconds_since(last_draw) > 0.2)) {
-          std::fprintf(opt_.progress_stream, "\r%s\x1b[K%s", progress_line(rec, steps).c_str(), last ? "\n" : "");
-          std::fflush(opt_.progress_stream);
-          last_draw = clock::now();
-        } else if (!tty && logged) {
-          std::fprintf(opt_.progress_stream, "%s\n", progress_line(rec, steps).c_str());
-        }
-      }
+      log.step(rec, last);
       if (opt_.eval_rows > 0 && opt_.eval_every_steps > 0 && step_ % opt_.eval_every_steps == 0 && !last)
-        run_eval();
+        run_eval(log);
       if (checkpoint_after) save_checkpoint(opt_.checkpoint_path, source);
     }
 
@@ -330,52 +274,23 @@ class trainer {
     sum.input_scale = scale_;
     const double train_secs = seconds_since(train_start);
     sum.tokens_per_second = train_secs > 0 ? double(tokens_) / train_secs : 0;
-    if (opt_.eval_rows > 0) sum.eval = run_eval();
+    if (opt_.eval_rows > 0) sum.eval = run_eval(log);
     sum.seconds = seconds_since(t0);
-    write_json({{"type", "summary"},
-                {"steps", sum.steps},
-                {"tokens", sum.tokens},
-                {"seconds", sum.seconds},
-                {"tokens_per_second", sum.tokens_per_second},
-                {"final_loss", sum.final_loss},
-                {"input_scale", sum.input_scale}});
-    metrics_.close();
+    log.summary(sum);
     return sum;
   }
 
   /// Writes a checkpoint of the run (model, optimizer moments and step, dead-latent
   /// counters, held-out rows, input scale, step and token counts, and the source's
-  /// state when it can save it; see checkpoint.hpp), atomically.
+  /// state when it can save it; see trainer_checkpoint.hpp and checkpoint.hpp), atomically.
   /// The state comes from the engine's host views: a GPU run's checkpoint holds the fp32
   /// master weights and moments under the same names and dtypes as a CPU run's, so either
   /// backend resumes the other's checkpoints (T = float).
   template <class Source>
   void save_checkpoint(const std::filesystem::path& path, const Source& source) const {
-    const sae<T, F>& m = engine_.model();
-    const adam_state<T, F>& optim = engine_.optimizer();
-    const dead_latent_tracker& tracker = engine_.dead_latents();
     checkpoint_state<T> st;
-    st.set("step", step_);
-    st.set("tokens", tokens_);
-    st.set("rows_pulled", rows_pulled_);
-    st.set("input_scale", scale_);
-    st.set("d_model", std::int64_t(m.d_model()));
-    st.set("d_sae", std::int64_t(m.d_sae()));
-    st.set("k_max", std::int64_t(schedule_.k_max()));
-    st.set("schedule", schedule_text());
-    st.set("total_tokens", opt_.total_tokens);
-    st.set("batch_size", opt_.batch_size);
-    put_params(st, "model.", m.W_enc, m.b_enc, m.W_dec, m.b_dec);
-    const auto& m1 = optim.first_moment();
-    const auto& m2 = optim.second_moment();
-    put_params(st, "adam.m.", m1.W_enc, m1.b_enc, m1.W_dec, m1.b_dec);
-    put_params(st, "adam.v.", m2.W_enc, m2.b_enc, m2.W_dec, m2.b_dec);
-    st.set("adam.steps", optim.steps());
-    st.set("adam.last_lr", optim.last_lr());
-    const auto& since = tracker.tokens_since_fired();
-    st.arrays["dead.tokens_since_fired"] = std::vector<double>(since.begin(), since.end());
-    st.set("dead.after_tokens", tracker.dead_after_tokens());
-    st.matrices["held_out"] = eval_x_;
+    detail::fill_checkpoint(st, {step_, tokens_, rows_pulled_, scale_}, checkpoint_terms(), schedule_, engine_.model(),
+                            engine_.optimizer(), engine_.dead_latents(), eval_x_);
     if constexpr (requires { source.save_state(st); }) source.save_state(st);
     write_checkpoint(path, st);
   }
@@ -395,7 +310,7 @@ class trainer {
   template <batch_source<T> Source>
   void resume(const std::filesystem::path& path, Source& source) {
     const checkpoint_state<T> st = read_checkpoint<T>(path);
-    restored r = check_checkpoint(st);
+    detail::restored_run<T, F> r = detail::check_checkpoint(st, engine_.model(), schedule_, checkpoint_terms());
     if constexpr (requires { source.load_state(st); }) {
       source.load_state(st);
     } else {  // replay: read and drop the rows the run had pulled
@@ -408,7 +323,7 @@ class trainer {
     }
     engine_.restore(std::move(r.model), opt_.adam, r.adam_steps, std::move(r.m1), std::move(r.m2), r.last_lr,
                     opt_.dead_after_tokens, std::move(r.since));
-    eval_x_ = st.matrix("held_out");
+    eval_x_ = *r.held_out;
     scale_ = r.scale;
     step_ = r.step;
     tokens_ = r.tokens;
@@ -476,48 +391,40 @@ class trainer {
     return std::max(sq - col_sum_.squaredNorm() / double(x.rows()), 1e-300);
   }
 
-  evaluation run_eval() {
+  /// The record of the step just taken (`es` on batch `x`), `secs` and `tokens` into this fit.
+  step_record record(const engine_step& es, const row_matrix<T>& x, double secs, std::int64_t tokens) {
+    const step_stats& st = es.stats;
+    step_record rec;
+    rec.step = step_;
+    rec.tokens = tokens_;
+    rec.loss = st.loss;
+    rec.aux_loss = st.aux_loss;
+    rec.fvu_kmax = st.levels.level_sse.back() / batch_variance(x);
+    rec.dead_fraction = es.dead_fraction;
+    rec.lr = st.lr;
+    rec.grad_norm = st.grad_norm;
+    rec.elapsed_seconds = secs;
+    rec.tokens_per_second = secs > 0 ? double(tokens) / secs : 0;
+    return rec;
+  }
+
+  /// The progress line and the metrics file of a fit (appended to after `resume`).
+  detail::training_log_options log_options() const {
+    return {.progress = opt_.progress,
+            .stream = opt_.progress_stream,
+            .metrics_path = opt_.metrics_path,
+            .append = resumed_,
+            .log_every_steps = opt_.log_every_steps,
+            .steps = opt_.steps(),
+            .total_tokens = opt_.total_tokens,
+            .k_max = schedule_.k_max()};
+  }
+
+  evaluation run_eval(detail::training_log& log) {
     evaluation e = evaluate_held_out();
-    nlohmann::json levels = nlohmann::json::array();
-    for (const auto& l : e.levels) levels.push_back({{"k", l.k}, {"fvu", l.fvu}, {"mse", l.mse}, {"l0", l.l0}});
-    write_json({{"type", "eval"},
-                {"step", step_},
-                {"tokens", tokens_},
-                {"rows", e.rows},
-                {"dead_fraction", e.dead_fraction},
-                {"levels", std::move(levels)}});
+    log.eval(step_, tokens_, e);
     if (on_eval) on_eval(step_, e);
     return e;
-  }
-
-  std::string progress_line(const step_record& r, std::int64_t steps) const {
-    const double eta = r.tokens_per_second > 0 ? double(opt_.total_tokens - r.tokens) / r.tokens_per_second : 0;
-    const long eta_s = long(std::lround(eta));
-    char buf[256];
-    std::snprintf(buf, sizeof buf,
-                  "step %lld/%lld | %.0f tok/s | loss %.5f | FVU@%d %.4f | dead %.1f%% | ETA %ld:%02ld",
-                  (long long)r.step, (long long)steps, r.tokens_per_second, r.loss, schedule_.k_max(), r.fvu_kmax,
-                  100.0 * r.dead_fraction, eta_s / 60, eta_s % 60);
-    return buf;
-  }
-
-  static nlohmann::json step_json(const step_record& r) {
-    return {{"type", "step"},       {"step", r.step},           {"tokens", r.tokens},
-            {"loss", r.loss},       {"aux_loss", r.aux_loss},   {"fvu_kmax", r.fvu_kmax},
-            {"dead_fraction", r.dead_fraction}, {"lr", r.lr},   {"grad_norm", r.grad_norm},
-            {"tokens_per_second", r.tokens_per_second},         {"elapsed_seconds", r.elapsed_seconds}};
-  }
-
-  void open_metrics() {
-    if (opt_.metrics_path.empty()) return;
-    metrics_.open(opt_.metrics_path, std::ios::out | (resumed_ ? std::ios::app : std::ios::trunc));
-    detail::expects<io_error>(metrics_.good(), "trainer: cannot open the metrics file '", opt_.metrics_path, "'");
-  }
-  void write_json(const nlohmann::json& j) {
-    if (!metrics_.is_open()) return;
-    metrics_ << j.dump() << '\n';
-    metrics_.flush();
-    detail::expects<io_error>(metrics_.good(), "trainer: writing the metrics file '", opt_.metrics_path, "' failed");
   }
 
   /// The fresh start of fit: held-out rows, init sample, init, optimizer, tracker.
@@ -548,23 +455,9 @@ class trainer {
     if (opt_.eval_rows > 0 && scale_ != 1.0) eval_x_ *= T(scale_);
   }
 
-  std::string schedule_text() const {
-    std::string s;
-    for (std::size_t l = 0; l < schedule_.size(); ++l) {
-      char buf[64];
-      std::snprintf(buf, sizeof buf, "%s(%d,%.17g)", l ? "," : "", int(schedule_.k(l)), double(schedule_.weight(l)));
-      s += buf;
-    }
-    return s;
-  }
-
-  template <class W, class V>
-  static void put_params(checkpoint_state<T>& st, const std::string& prefix, const W& W_enc, const V& b_enc,
-                         const W& W_dec, const V& b_dec) {
-    st.matrices[prefix + "W_enc"] = W_enc;
-    st.matrices[prefix + "b_enc"] = b_enc.transpose();
-    st.matrices[prefix + "W_dec"] = W_dec;
-    st.matrices[prefix + "b_dec"] = b_dec.transpose();
+  /// What a checkpoint of this run must agree with (trainer_checkpoint.hpp).
+  detail::checkpoint_run checkpoint_terms() const {
+    return {opt_.total_tokens, opt_.batch_size, opt_.steps(), opt_.init_rows};
   }
   /// Refuses a host buffer of `rows` x `d` values of T larger than the machine's memory.
   static void expect_fits_memory(const char* field, std::int64_t rows, std::int64_t d) {
@@ -575,78 +468,6 @@ class trainer {
     detail::expects<config_error>(need <= mem, "trainer: ", field, "=", rows, " needs ", need,
                                   " bytes for its rows (d_model=", d, ", ", sizeof(T),
                                   " bytes a value), more than this machine's memory (", mem, " bytes)");
-  }
-
-  /// The checkpoint's values, each checked against this run before any is used.
-  struct restored {
-    sae<T, F> model;
-    sae_gradients<T, F> m1, m2;
-    std::vector<std::int64_t> since;
-    double scale = 1, last_lr = 0;
-    std::int64_t step = 0, tokens = 0, rows_pulled = 0, adam_steps = 0;
-  };
-
-  /// Reads and range-checks everything `resume` restores; the trainer and the source are
-  /// left untouched when this throws (hsae::io_error naming the checkpoint and the entry).
-  restored check_checkpoint(const checkpoint_state<T>& st) const {
-    restored r;
-    const sae<T, F>& cur = engine_.model();
-    const Eigen::Index d = cur.d_model(), f = cur.d_sae();
-    st.expects(st.get_int("d_model") == d && st.get_int("d_sae") == f, "shapes d_model=", st.get_int("d_model"),
-               " d_sae=", st.get_int("d_sae"), " differ from this trainer's model (", d, ", ", f, ")");
-    st.expects(st.text("schedule") == schedule_text(), "written under schedule ", st.text("schedule"),
-               ", this trainer has ", schedule_text());
-    st.expects(st.get_int("total_tokens") == opt_.total_tokens && st.get_int("batch_size") == opt_.batch_size,
-               "written for total_tokens=", st.get_int("total_tokens"), " batch_size=", st.get_int("batch_size"),
-               ", this trainer has ", opt_.total_tokens, " and ", opt_.batch_size);
-    // Counters: a step trains min(batch_size, what is left) rows.
-    r.step = st.get_int("step", 0, opt_.steps());
-    r.tokens = st.get_int("tokens", 0, opt_.total_tokens);
-    const std::int64_t want_tokens = r.step == opt_.steps() ? opt_.total_tokens : r.step * opt_.batch_size;
-    st.expects(r.tokens == want_tokens, "entry 'tokens' = ", r.tokens, " disagrees with step ", r.step,
-               " of batch_size ", opt_.batch_size, " (expected ", want_tokens, ")");
-    r.scale = st.get_double("input_scale");
-    st.expects(std::isfinite(r.scale) && r.scale > 0, "entry 'input_scale' = ", r.scale,
-               " must be positive and finite");
-    const row_matrix<T>& held = st.matrix("held_out");
-    if (held.rows() > 0) st.finite_matrix("held_out", held.rows(), d);
-    // Rows pulled: the held-out rows, the init sample (at most init_rows), then the training rows.
-    r.rows_pulled = st.get_int("rows_pulled", 0, std::numeric_limits<std::int64_t>::max());
-    const std::int64_t before_training = r.rows_pulled - r.tokens - std::int64_t(held.rows());  // no overflow: all >= 0
-    st.expects(before_training >= 0 && before_training <= std::max<std::int64_t>(opt_.init_rows, 0),
-               "entry 'rows_pulled' = ", r.rows_pulled, " disagrees with ", r.tokens, " training rows, ", held.rows(),
-               " held-out rows and init_rows=", opt_.init_rows);
-    r.adam_steps = st.get_int("adam.steps", 0, r.step);
-    r.last_lr = st.get_double("adam.last_lr", 0, std::numeric_limits<double>::max());
-    r.model = cur;
-    r.m1.zeros_like(cur);
-    r.m2.zeros_like(cur);
-    get_params(st, "model.", r.model.W_enc, r.model.b_enc, r.model.W_dec, r.model.b_dec);
-    get_params(st, "adam.m.", r.m1.W_enc, r.m1.b_enc, r.m1.W_dec, r.m1.b_dec);
-    get_params(st, "adam.v.", r.m2.W_enc, r.m2.b_enc, r.m2.W_dec, r.m2.b_dec);
-    for (const char* name : {"W_enc", "b_enc", "W_dec", "b_dec"}) {
-      const row_matrix<T>& v = st.matrix(std::string("adam.v.") + name);
-      st.expects((v.array() >= T(0)).all(), "tensor 'adam.v.", name, "' holds a negative second moment");
-    }
-    // A latent's count of tokens since it fired never exceeds the tokens trained on.
-    r.since = st.int_array("dead.tokens_since_fired", 0, r.tokens);
-    st.expects(std::int64_t(r.since.size()) == f, "dead-latent counters for ", r.since.size(),
-               " latents, expected ", f);
-    return r;
-  }
-
-  template <class W, class V>
-  static void get_params(const checkpoint_state<T>& st, const std::string& prefix, W& W_enc, V& b_enc, W& W_dec,
-                         V& b_dec) {
-    auto take = [&](const std::string& name, auto& dst, Eigen::Index rows, Eigen::Index cols) {
-      const row_matrix<T>& src = st.finite_matrix(prefix + name, rows, cols);
-      if constexpr (std::decay_t<decltype(dst)>::ColsAtCompileTime == 1) dst = src.transpose();
-      else dst = src;
-    };
-    take("W_enc", W_enc, W_enc.rows(), W_enc.cols());
-    take("b_enc", b_enc, 1, b_enc.size());
-    take("W_dec", W_dec, W_dec.rows(), W_dec.cols());
-    take("b_dec", b_dec, 1, b_dec.size());
   }
 
   /// Reads `rows` rows from the source into `dst` and checks that it returned exactly
@@ -673,7 +494,6 @@ class trainer {
   std::int64_t tokens_ = 0;
   std::int64_t rows_pulled_ = 0;  ///< rows read from the source (held-out, init, training)
   bool resumed_ = false;
-  std::ofstream metrics_;
 };
 
 HSAE_NAMESPACE_END
