@@ -143,7 +143,7 @@ int main(int argc, char** argv) {
                   (long long)d_sae, (long long)batch, (long long)tokens, (long long)opt.steps(),
                   double(tokens) / double(files.rows_total()), be.threads());
       std::fflush(stdout);
-      trainer<T, dynamic, schedule> tr(be, sae<T>(files.d_model(), int(d_sae)), schedule{}, opt);
+      trainer tr(be, sae<T>(files.d_model(), int(d_sae)), schedule{}, opt);
       const train_summary sum = tr.fit(files);
       std::printf("\ntrained in %.1f s (%.0f tokens/s)\n", sum.seconds, sum.tokens_per_second);
       print_table(sum.eval);
@@ -159,7 +159,7 @@ int main(int argc, char** argv) {
                 (long long)batch, (long long)tokens, (long long)opt.steps(), be.threads());
     std::fflush(stdout);
 
-    trainer<T, dynamic, schedule> tr(be, sae<T>(data.d_model, int(d_sae)), schedule{}, opt);
+    trainer tr(be, sae<T>(data.d_model, int(d_sae)), schedule{}, opt);
     const train_summary sum = tr.fit(src);
 
     std::printf("\ntrained in %.1f s (%.0f tokens/s)\n", sum.seconds, sum.tokens_per_second);

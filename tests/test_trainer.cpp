@@ -10,6 +10,7 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "test_util.hpp"
@@ -127,6 +128,30 @@ TEST_CASE("trainer: the loss falls, FVU improves and every level is evaluated", 
   // lr warm-up then linear schedule reached the optimizer.
   CHECK(records[0].lr == Approx(3e-3 / 5));
   CHECK(records[10].lr == Approx(3e-3));
+}
+
+TEST_CASE("trainer: deduced arguments and the aliases; a compile-time width trains as the dynamic one", "[trainer]") {
+  const cpu_backend be;
+  const trainer_options o = small_run();
+  trainer deduced(be, sae<float>(24, 96), all_prefixes<6>{}, o);
+  STATIC_REQUIRE(std::is_same_v<decltype(deduced), trainer<float, dynamic, all_prefixes<6>, cpu_backend>>);
+  STATIC_REQUIRE(std::is_same_v<cpu_trainer<all_prefixes<6>>, decltype(deduced)>);
+  STATIC_REQUIRE(std::is_same_v<cpu_trainer<k_schedule<8, 16>, 64, double>, trainer<double, 64, k_schedule<8, 16>>>);
+  STATIC_REQUIRE(std::is_same_v<cuda_trainer<top_k<32>>, trainer<float, dynamic, top_k<32>, cuda_backend>>);
+
+  trainer fixed(be, sae<float, 96>(24), all_prefixes<6>{}, o);
+  STATIC_REQUIRE(std::is_same_v<decltype(fixed), trainer<float, 96, all_prefixes<6>>>);
+  STATIC_REQUIRE(std::remove_cvref_t<decltype(fixed.model().W_dec)>::RowsAtCompileTime == 96);
+  STATIC_REQUIRE(std::remove_cvref_t<decltype(deduced.model().W_dec)>::RowsAtCompileTime == Eigen::Dynamic);
+  synthetic_source<float> a(small_data()), b(small_data());
+  const train_summary sd = deduced.fit(a);
+  const train_summary sf = fixed.fit(b);
+  CHECK(sf.eval.last().fvu == sd.eval.last().fvu);  // the same arithmetic, bit for bit
+  CHECK(fixed.model().W_dec == deduced.model().W_dec);
+  CHECK(fixed.model().b_dec == deduced.model().b_dec);
+  // A fixed width refuses a model of another width when it is made, not when it trains.
+  CHECK_THAT(hsae_test::message_of<config_error>([] { (void)sae<float, 96>(24, 95); }),
+             Catch::Contains("d_sae=95 differs from the compile-time dictionary width F=96"));
 }
 
 TEST_CASE("trainer: training from .npy files equals training from the same rows in memory", "[trainer][npy]") {

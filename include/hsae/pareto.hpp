@@ -110,7 +110,7 @@ pareto_result pareto_study(const cpu_backend& be, MakeSource&& make_source, cons
 
   auto run = [&](std::string name, bool hier, int k, const dynamic_k_schedule& schedule) {
     auto source = make_source();
-    trainer<T, dynamic, dynamic_k_schedule> tr(be, sae<T>(source.d_model(), o.d_sae), schedule, o.train);
+    trainer tr(be, sae<T>(source.d_model(), o.d_sae), schedule, o.train);
     const auto t0 = std::chrono::steady_clock::now();
     const train_summary sum = tr.fit(source);
     pareto_model pm;

@@ -103,8 +103,7 @@ concept batch_source = requires(S& s, Eigen::Index rows, row_matrix<T>& x) {
 
 /// Whether `fit` reads the next batch on a second thread while a step runs; automatic:
 /// with a GPU backend (whose steps leave the host idle), not on the CPU (where the reader
-/// would compete with the step's threads for the cores: on 2 cores the demo measured
-/// 36.6-41.3 k tokens/s with it against 40.9-43.4 k without).
+/// competes with the step's threads for the cores; bench/RESULTS.md has the measurement).
 enum class prefetch_mode { automatic, always, never };
 
 struct trainer_options {
@@ -169,15 +168,29 @@ struct trainer_options {
   std::int64_t steps() const { return total_tokens / batch_size + (total_tokens % batch_size != 0); }
 };
 
+class cuda_backend;  // cuda/backend.cuh (include <hsae/cuda.cuh> to train with it)
+
 /// The training loop. \tparam T the host data's precision (the batches sources fill;
 /// float or double on the CPU, float for CUDA), \tparam F the dictionary width (or
 /// hsae::dynamic), \tparam S the k-schedule, \tparam Backend `cpu_backend` (default),
 /// `cuda_backend` or `cuda_with_storage<Storage>` (cuda/trainer.cuh): the constructor takes
 /// that backend's handle (`engine_type::backend_type`).
+///
+/// The arguments can be deduced from the constructor's (see the deduction guide below):
+///
+///   trainer tr(cpu_backend{}, sae<float>(768, 16384), all_prefixes<64>{}, opt);   // CPU
+///   trainer tr(cuda_be, sae<float>(768, 16384), all_prefixes<64>{}, opt);         // GPU
+///
+/// and `cpu_trainer<S, F, T>` / `cuda_trainer<S, F>` name the type in declarations.
 template <cpu_scalar T, int F, k_schedule_like S, class Backend = cpu_backend>
 class trainer {
+  static_assert(schedule_fits_width<S, F>, "hsae::trainer: the schedule's k_max exceeds the dictionary width F");
+
  public:
   using engine_type = training_engine<Backend, T, F>;
+  static_assert(training_engine_for<engine_type, T, F, S>,
+                "hsae::trainer: training_engine<Backend, T, F> does not meet the engine contract "
+                "(training_engine_for, training_engine.hpp)");
   using backend_type = typename engine_type::backend_type;
 
   /// Trains `model` (its shapes fix d_model and d_sae) under `schedule` on `be` (a CPU
@@ -495,5 +508,21 @@ class trainer {
   std::int64_t rows_pulled_ = 0;  ///< rows read from the source (held-out, init, training)
   bool resumed_ = false;
 };
+
+/// Deduces every argument: T and F from the model, S from the schedule, Backend from the
+/// handle (cpu_backend, cuda_backend). cuda_with_storage<Storage> is spelled out, since
+/// its handle is a cuda_backend too.
+template <class Backend, cpu_scalar T, int F, k_schedule_like S>
+trainer(const Backend&, sae<T, F>, S, trainer_options) -> trainer<T, F, S, Backend>;
+
+/// The trainer on the CPU: `cpu_trainer<all_prefixes<64>>` is trainer<float, dynamic,
+/// all_prefixes<64>, cpu_backend>.
+template <k_schedule_like S, int F = dynamic, cpu_scalar T = float>
+using cpu_trainer = trainer<T, F, S, cpu_backend>;
+
+/// The trainer on the GPU with fp32 storage (needs <hsae/cuda.cuh>): `cuda_trainer<S>` is
+/// trainer<float, dynamic, S, cuda_backend>.
+template <k_schedule_like S, int F = dynamic>
+using cuda_trainer = trainer<float, F, S, cuda_backend>;
 
 HSAE_NAMESPACE_END

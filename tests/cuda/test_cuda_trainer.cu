@@ -39,6 +39,7 @@
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../test_util.hpp"
@@ -47,6 +48,11 @@
 
 using namespace hsae;
 using namespace hsae_cuda_test;
+
+// The deduction guide takes the backend from the handle: a cuda_backend makes a cuda_trainer.
+static_assert(std::is_same_v<decltype(trainer(std::declval<const cuda_backend&>(), sae<float>(), all_prefixes<8>{},
+                                              trainer_options{})),
+                             cuda_trainer<all_prefixes<8>>>);
 namespace fs = std::filesystem;
 
 namespace {
