@@ -396,37 +396,10 @@ class npy_file {
     const std::size_t n = std::size_t(count) * std::size_t(cols_);
     const auto* src = reinterpret_cast<const unsigned char*>(data()) +
                       std::size_t(first) * std::size_t(cols_) * npy_itemsize(dtype_);
-    switch (dtype_) {
-      case npy_dtype::f32:
-        if constexpr (std::is_same_v<T, float>) {
-          std::memcpy(out, src, n * sizeof(float));
-        } else {
-          for (std::size_t i = 0; i < n; ++i) {
-            float v;
-            std::memcpy(&v, src + 4 * i, 4);
-            out[i] = T(v);
-          }
-        }
-        break;
-      case npy_dtype::f64:
-        if constexpr (std::is_same_v<T, double>) {
-          std::memcpy(out, src, n * sizeof(double));
-        } else {
-          for (std::size_t i = 0; i < n; ++i) {
-            double v;
-            std::memcpy(&v, src + 8 * i, 8);
-            out[i] = T(v);
-          }
-        }
-        break;
-      case npy_dtype::f16:
-        for (std::size_t i = 0; i < n; ++i) {
-          std::uint16_t h;
-          std::memcpy(&h, src + 2 * i, 2);
-          out[i] = T(half_to_float(h));
-        }
-        break;
-    }
+    detail::decode_floats(dtype_ == npy_dtype::f16   ? detail::float_encoding::f16
+                          : dtype_ == npy_dtype::f32 ? detail::float_encoding::f32
+                                                     : detail::float_encoding::f64,
+                          src, n, out);
   }
   /// Copies row `r` into `out` (cols() values).
   template <cpu_scalar T>

@@ -2,12 +2,16 @@
 /// \file detail/half.hpp
 /// Hand-written IEEE binary16 and bfloat16 <-> binary32/64 conversions, correctly rounded
 /// (nearest, ties to even), exact for every pattern on the way up: the codecs of the .npy
-/// and safetensors readers and writers (public as hsae::half_to_float, ...).
+/// and safetensors readers and writers (public as hsae::half_to_float, ...), and the one
+/// loop both readers decode stored floats with (detail::decode_floats).
 #pragma once
 
 #include <bit>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "../config.hpp"
 
@@ -121,5 +125,48 @@ inline std::uint16_t double_to_bfloat16(double d) noexcept {
   }
   return float_to_bfloat16(f);
 }
+
+namespace detail {
+
+/// The little-endian float encodings the file readers decode.
+enum class float_encoding { f16, bf16, f32, f64 };
+
+/// out[i] = T(to_value(the i-th `Stored` at `src`)), for unaligned `src`.
+template <class Stored, class T, class ToValue>
+void decode_each(const unsigned char* src, std::size_t n, T* out, ToValue to_value) {
+  for (std::size_t i = 0; i < n; ++i) {
+    Stored v;
+    std::memcpy(&v, src + sizeof(Stored) * i, sizeof(Stored));
+    out[i] = T(to_value(v));
+  }
+}
+
+/// Converts `n` elements encoded as `e` at `src` (unaligned little-endian bytes) to T. With
+/// n = 0 nothing is touched: `out` (and `src`) may then be null, as an empty Eigen matrix's
+/// data() is (memcpy with a null pointer is undefined even for 0 bytes).
+template <class T>
+void decode_floats(float_encoding e, const void* src_bytes, std::size_t n, T* out) {
+  if (n == 0) return;
+  const auto* src = static_cast<const unsigned char*>(src_bytes);
+  const auto same = [](auto v) { return v; };
+  switch (e) {
+    case float_encoding::f32:
+      if constexpr (std::is_same_v<T, float>) std::memcpy(out, src, n * sizeof(float));
+      else decode_each<float>(src, n, out, same);
+      break;
+    case float_encoding::f64:
+      if constexpr (std::is_same_v<T, double>) std::memcpy(out, src, n * sizeof(double));
+      else decode_each<double>(src, n, out, same);
+      break;
+    case float_encoding::f16:
+      decode_each<std::uint16_t>(src, n, out, [](std::uint16_t h) { return half_to_float(h); });
+      break;
+    case float_encoding::bf16:
+      decode_each<std::uint16_t>(src, n, out, [](std::uint16_t h) { return bfloat16_to_float(h); });
+      break;
+  }
+}
+
+}  // namespace detail
 
 HSAE_NAMESPACE_END

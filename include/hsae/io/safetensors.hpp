@@ -242,50 +242,16 @@ nlohmann::json parse_json_strict(std::string_view text, int max_nesting, bool un
   return root;
 }
 
-/// Converts `n` elements of `dt` at `src` (unaligned little-endian bytes) to T. With n = 0
-/// nothing is touched: `out` (and `src`) may then be null, as an empty Eigen matrix's data() is.
+/// Converts `n` elements of `dt` at `src` (unaligned little-endian bytes) to T
+/// (detail::decode_floats). Callers check safetensors_dtype_is_float first.
 template <class T>
 void convert_elements(safetensors_dtype dt, const std::byte* src, std::size_t n, T* out) {
-  if (n == 0) return;  // memcpy with a null pointer is undefined even for 0 bytes
   switch (dt) {
-    case safetensors_dtype::f32:
-      if constexpr (std::is_same_v<T, float>) {
-        std::memcpy(out, src, n * 4);
-      } else {
-        for (std::size_t i = 0; i < n; ++i) {
-          float v;
-          std::memcpy(&v, src + 4 * i, 4);
-          out[i] = T(v);
-        }
-      }
-      break;
-    case safetensors_dtype::f64:
-      if constexpr (std::is_same_v<T, double>) {
-        std::memcpy(out, src, n * 8);
-      } else {
-        for (std::size_t i = 0; i < n; ++i) {
-          double v;
-          std::memcpy(&v, src + 8 * i, 8);
-          out[i] = T(v);
-        }
-      }
-      break;
-    case safetensors_dtype::f16:
-      for (std::size_t i = 0; i < n; ++i) {
-        std::uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);
-        out[i] = T(half_to_float(h));
-      }
-      break;
-    case safetensors_dtype::bf16:
-      for (std::size_t i = 0; i < n; ++i) {
-        std::uint16_t h;
-        std::memcpy(&h, src + 2 * i, 2);
-        out[i] = T(bfloat16_to_float(h));
-      }
-      break;
-    default:
-      break;  // callers check safetensors_dtype_is_float first
+    case safetensors_dtype::f32: return decode_floats(float_encoding::f32, src, n, out);
+    case safetensors_dtype::f64: return decode_floats(float_encoding::f64, src, n, out);
+    case safetensors_dtype::f16: return decode_floats(float_encoding::f16, src, n, out);
+    case safetensors_dtype::bf16: return decode_floats(float_encoding::bf16, src, n, out);
+    default: return;
   }
 }
 
