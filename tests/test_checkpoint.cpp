@@ -28,16 +28,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-synthetic_options data_options(std::uint64_t seed = 21) {
-  synthetic_options d;
-  d.d_model = 24;
-  d.n_atoms = 48;
-  d.children_per_atom = 1;
-  d.mean_active = 3;
-  d.noise_std = 0.01;
-  d.seed = seed;
-  return d;
-}
+synthetic_options data_options(std::uint64_t seed = 21) { return hsae_test::small_synthetic(seed); }
 
 trainer_options run_options(const fs::path& ckpt = {}) {
   trainer_options o;

@@ -19,16 +19,7 @@ using namespace hsae;
 
 namespace {
 
-synthetic_options small_data(std::uint64_t seed = 5) {
-  synthetic_options d;
-  d.d_model = 24;
-  d.n_atoms = 48;
-  d.children_per_atom = 1;
-  d.mean_active = 3;
-  d.noise_std = 0.01;
-  d.seed = seed;
-  return d;
-}
+synthetic_options small_data(std::uint64_t seed = 5) { return hsae_test::small_synthetic(seed); }
 
 trainer_options small_run() {
   trainer_options o;

@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <filesystem>
@@ -14,11 +15,25 @@
 #include <string>
 #include <system_error>
 
+#include <hsae/data/synthetic.hpp>
 #include <hsae/matrix.hpp>
 #include <hsae/model.hpp>
 #include <hsae/rng.hpp>
 
 namespace hsae_test {
+
+/// The small synthetic dataset the trainer and checkpoint tests train on: d_model 24,
+/// 48 root atoms with one child each, 3 active per row, a little noise.
+inline hsae::synthetic_options small_synthetic(std::uint64_t seed) {
+  hsae::synthetic_options d;
+  d.d_model = 24;
+  d.n_atoms = 48;
+  d.children_per_atom = 1;
+  d.mean_active = 3;
+  d.noise_std = 0.01;
+  d.seed = seed;
+  return d;
+}
 
 /// A batch source over the rows of a fixed matrix, in order, cycling; with poison_at >= 0
 /// the batch of that call (0-based) gets a NaN in its middle row.
