@@ -17,6 +17,7 @@
 #include <vector>
 
 #include <hsae/cpu/encode.hpp>
+#include <hsae/cpu/init.hpp>
 #include <hsae/cpu/topk.hpp>
 #include <hsae/cuda/encode.cuh>
 #include <hsae/rng.hpp>

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <hsae/cpu/init.hpp>
 #include <hsae/cpu/loss.hpp>
 #include <hsae/cuda/loss.cuh>
 #include <hsae/k_schedule.hpp>

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <utility>
 
+#include <hsae/cpu/init.hpp>
 #include <hsae/cuda/memory.cuh>
 #include <hsae/cuda/model.cuh>
 #include <hsae/rng.hpp>
