@@ -16,7 +16,9 @@
 ///   hsae::npy_source, matrix_source data/sources.hpp (batch sources, batch_source concept)
 ///   hsae::safetensors_file, ...     io/safetensors.hpp (memory-mapped reading, atomic writing)
 ///   hsae::save_saelens, load_sparsify, convert_sae_dir, ...
-///                                   io/sae_files.hpp (SAELens and sparsify SAE directories)
+///                                   io/sae_files.hpp (SAELens and sparsify SAE directories:
+///                                   io/saelens.hpp, io/sparsify.hpp, io/sae_dir.hpp, their
+///                                   vocabulary io/sae_types.hpp)
 #pragma once
 
 #include "checkpoint.hpp"

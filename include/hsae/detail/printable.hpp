@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file detail/printable.hpp
 /// Quoting hostile bytes in error messages: the file parsers (data/npy.hpp,
-/// io/safetensors.hpp, io/sae_files.hpp) put header text and names from the file into
+/// io/safetensors.hpp, io/detail/sae_common.hpp) put header text and names from the file into
 /// their messages, which end up on terminals and in logs.
 #pragma once
 
