@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cpu/topk.hpp
-/// Sorted per-row top-k on the CPU.
+/// Sorted per-row top-k on the CPU: `topk` (a sparse code, as the GPU's) and
+/// `cpu::topk_rows` (values and indices in two matrices).
 ///
 /// Order: values descending; equal values rank by the lower index first; -0.0 equals
 /// +0.0; NaN ranks below every number (it is chosen only when a row has fewer than k
@@ -37,6 +38,7 @@
 #include "../detail/ordered_key.hpp"
 #include "../error.hpp"
 #include "../matrix.hpp"
+#include "../sparse_code.hpp"
 #include "backend.hpp"
 
 HSAE_NAMESPACE_BEGIN
@@ -225,6 +227,21 @@ class row_selector {
   std::size_t count_ = 0;
 };
 
+namespace detail {
+
+/// The body of `topk_rows` without its check: requires 1 <= k <= x.cols().
+template <class T>
+void topk_rows_unchecked(const cpu_backend& be, cref<T> x, int k, row_matrix<T>& values, index_matrix& indices) {
+  values.resize(x.rows(), k);
+  indices.resize(x.rows(), k);
+  parallel_for<true>(be, x.rows(), [&](std::ptrdiff_t r) {
+    thread_local row_selector<T> sel;
+    sel.select(x.row(r).data(), index_t(x.cols()), index_t(k), values.row(r).data(), indices.row(r).data());
+  });
+}
+
+}  // namespace detail
+
 /// Sorted top-k of every row of `x` [rows, n] into `values` / `indices` [rows, k]
 /// (resized if needed). Rows run in parallel over the backend's threads.
 ///
@@ -233,14 +250,26 @@ template <cpu_scalar T>
 void topk_rows(const cpu_backend& be, cref<T> x, int k, row_matrix<T>& values, index_matrix& indices) {
   ::hsae::detail::expects<config_error>(k >= 1 && k <= x.cols(), "top-k: k=", k, " must be in [1, ", x.cols(),
                                         "] (the row width)");
-  values.resize(x.rows(), k);
-  indices.resize(x.rows(), k);
-  detail::parallel_for<true>(be, x.rows(), [&](std::ptrdiff_t r) {
-    thread_local row_selector<T> sel;
-    sel.select(x.row(r).data(), index_t(x.cols()), index_t(k), values.row(r).data(), indices.row(r).data());
-  });
+  detail::topk_rows_unchecked<T>(be, x, k, values, indices);
 }
 
 }  // namespace cpu
+
+/// Sorted top-k of every row of `pre` [B, n] into `out` (resized to [B, k]), as the
+/// GPU's `topk` (cuda/topk.cuh) computes it: the values as they are (no ReLU) and their
+/// indices, in this file's order (values descending, equal values by lower index,
+/// -0.0 == +0.0, NaN below every number). Rows run in parallel over the backend's
+/// threads; the result does not depend on their number. An input with no rows gives
+/// an empty [0, k] code.
+/// \throws hsae::config_error unless 1 <= k <= n, hsae::shape_error on an empty row
+///         width (n = 0).
+template <cpu_scalar T>
+void topk(const cpu_backend& be, cref<std::type_identity_t<T>> pre, int k, sparse_code<T>& out) {
+  ::hsae::detail::expects<shape_error>(pre.cols() >= 1, "cpu topk: the input has shape [", pre.rows(), ", ",
+                                       pre.cols(), "], expected at least one column");
+  ::hsae::detail::expects<config_error>(k >= 1 && k <= pre.cols(), "cpu topk: k=", k, " must be in [1, ",
+                                        pre.cols(), "] (the row width)");
+  cpu::detail::topk_rows_unchecked<T>(be, pre, k, out.values, out.indices);
+}
 
 HSAE_NAMESPACE_END
