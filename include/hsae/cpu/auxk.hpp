@@ -34,6 +34,11 @@ struct auxk_workspace {
   row_matrix<T> q;
   std::vector<double> row_err;
   cpu::latent_pairs pairs;
+  /// The residual's column mean [D].
+  vector<double> mean;
+  /// The encoder backward's scratch (cpu::detail::encoder_backward_unchecked).
+  vector<T> gsum;
+  std::vector<index_t> touched;
 };
 
 namespace cpu::detail {
@@ -61,7 +66,9 @@ double auxk_backward_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T
   const int k = int(std::min<std::int64_t>(k_aux, n_dead));
   const double scale = std::min(double(n_dead) / double(k_aux), 1.0);
 
-  const vector<double> mean = residual.template cast<double>().colwise().mean().transpose();
+  ws.mean.resize(D);
+  ws.mean.noalias() = residual.template cast<double>().colwise().mean().transpose();
+  const vector<double>& mean = ws.mean;
   ws.row_err.assign(std::size_t(B), 0.0);
   parallel_for(be, B, [&](std::ptrdiff_t b) {
     ws.row_err[std::size_t(b)] = (residual.row(b).template cast<double>() - mean.transpose()).squaredNorm();
@@ -73,9 +80,13 @@ double auxk_backward_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T
   ws.code.resize(B, k);
   ws.q.resize(B, D);
   const double coef = 2.0 * opt.alpha * scale / tv;
+  // Per thread, sized for any dead count (<= d_sae): no allocation when the count
+  // changes from step to step.
+  static thread_local std::vector<T> gathered;
+  reserve_thread_selectors<T>(be, index_t(m.d_sae()), index_t(k_aux),
+                              [&] { gathered.reserve(std::size_t(m.d_sae())); });
   parallel_for<true>(be, B, [&](std::ptrdiff_t b) {
-    thread_local std::vector<T> gathered;
-    thread_local row_selector<T> sel;
+    row_selector<T>& sel = thread_selector<T>();
     gathered.resize(std::size_t(n_dead));
     for (std::int64_t j = 0; j < n_dead; ++j) gathered[std::size_t(j)] = pre(b, dead[std::size_t(j)]);
     sel.select(gathered.data(), index_t(n_dead), index_t(k), ws.code.values.row(b).data(),
@@ -107,7 +118,7 @@ double auxk_backward_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T
       if (v != T(0)) g.noalias() += v * ws.q.row(Eigen::Index(p / k));
     }
   });
-  encoder_backward_unchecked(be, m, x, ws.code, ws.grad_values, grads, ws.pairs);
+  encoder_backward_unchecked(be, m, x, ws.code, ws.grad_values, grads, ws.pairs, ws.gsum, ws.touched);
   return opt.alpha * scale * sse / tv;
 }
 

@@ -48,11 +48,11 @@ void encode_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> x, int 
                       row_matrix<T>& pre) {
   encoder_gemm(m, x, pre);
   code.resize(x.rows(), k);
+  reserve_thread_selectors<T>(be, index_t(m.d_sae()), index_t(k), [] {});
   parallel_for<true>(be, pre.rows(), [&](std::ptrdiff_t b) {
     auto r = pre.row(b);
     r = (r + m.b_enc.transpose()).cwiseMax(T(0));
-    thread_local row_selector<T> sel;
-    sel.select(r.data(), index_t(r.size()), index_t(k), code.values.row(b).data(), code.indices.row(b).data());
+    thread_selector<T>().select(r.data(), index_t(r.size()), index_t(k), code.values.row(b).data(), code.indices.row(b).data());
   });
 }
 

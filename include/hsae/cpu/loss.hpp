@@ -62,6 +62,12 @@ struct loss_workspace {
   std::vector<T> staging;
   cpu::latent_pairs pairs;
   std::vector<std::int64_t> cursor;
+  /// Per-rank weights (normalized_rank_weights) and the level of each rank (-1: none).
+  std::vector<double> omega;
+  std::vector<int> level_of;
+  /// The encoder backward's per-latent sums and the latents they touch.
+  vector<T> gsum;
+  std::vector<index_t> touched;
 };
 
 namespace cpu::detail {
@@ -111,15 +117,18 @@ void check_loss_inputs(const sae<T, F>& m, cref<T> x, const sparse_code<T>& code
 
 /// One pass over the rows; `Backward` adds the decoder-side gradients. Unchecked: the
 /// caller has checked the batch, the code (`check_loss_inputs`) and, for `Backward`,
-/// the decoder-side gradients' shapes (`check_gradients`).
+/// the decoder-side gradients' shapes (`check_gradients`). The statistics go to `st`,
+/// whose vectors keep their capacity: nothing allocates once the shapes settle.
 template <bool Backward, class T, int F, class S>
-loss_stats schedule_loss_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
-                                   const S& schedule, sae_gradients<T, F>* grads, loss_workspace<T>& ws) {
+void schedule_loss_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
+                             const S& schedule, sae_gradients<T, F>* grads, loss_workspace<T>& ws, loss_stats& st) {
   const Eigen::Index B = x.rows();
   const int D = m.d_model(), K = schedule.k_max(), kc = code.k();
   const std::size_t levels = schedule.size();
-  const std::vector<double> omega = normalized_rank_weights<double>(schedule);
-  std::vector<int> level_of(std::size_t(K), -1);
+  normalized_rank_weights(schedule, ws.omega);
+  const std::vector<double>& omega = ws.omega;
+  ws.level_of.assign(std::size_t(K), -1);
+  std::vector<int>& level_of = ws.level_of;
   for (std::size_t l = 0; l < levels; ++l) level_of[std::size_t(schedule.k(l) - 1)] = int(l);
   const double c = 2.0 / (double(B) * double(D));
 
@@ -217,7 +226,7 @@ HSAE_SIMD_SUM(dot)
     }
   }
 
-  loss_stats st;
+  st.loss = 0;
   st.rows = B;
   st.d_model = D;
   st.level_k.resize(levels);
@@ -229,18 +238,28 @@ HSAE_SIMD_SUM(dot)
   for (std::size_t l = 0; l < levels; ++l)
     st.loss += omega[std::size_t(schedule.k(l) - 1)] * st.level_sse[l] / (double(B) * double(D));
   if constexpr (Backward) grads->b_dec.noalias() += ws.bias_rows.colwise().sum().transpose();
+}
+
+template <bool Backward, class T, int F, class S>
+loss_stats schedule_loss_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
+                                   const S& schedule, sae_gradients<T, F>* grads, loss_workspace<T>& ws) {
+  loss_stats st;
+  schedule_loss_unchecked<Backward>(be, m, x, code, schedule, grads, ws, st);
   return st;
 }
 
 /// The body of `encoder_backward` without its checks: the caller has checked the batch,
 /// the code (`check_code`), `grad_values` [B, code.k()] and the W_enc, b_enc and b_dec
-/// gradients' shapes.
+/// gradients' shapes. `gsum` and `touched` are scratch (no allocation once sized).
 template <class T, int F>
 void encoder_backward_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
-                                cref<T> grad_values, sae_gradients<T, F>& grads, latent_pairs& pairs) {
+                                cref<T> grad_values, sae_gradients<T, F>& grads, latent_pairs& pairs, vector<T>& gsum,
+                                std::vector<index_t>& touched) {
   const int kc = code.k(), D = m.d_model();
   pairs.build(code.indices, m.d_sae());
-  vector<T> gsum = vector<T>::Zero(m.d_sae());
+  gsum.setZero(m.d_sae());
+  touched.clear();
+  touched.reserve(std::size_t(m.d_sae()));
   parallel_for(be, m.d_sae(), [&](std::ptrdiff_t f) {
     T acc = 0;
     auto g = grads.W_enc.row(f);
@@ -260,7 +279,6 @@ void encoder_backward_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<
       gsum[f] = acc;
     }
   });
-  std::vector<index_t> touched;
   for (index_t f = 0; f < m.d_sae(); ++f)
     if (gsum[f] != T(0)) touched.push_back(f);
   parallel_blocks(be, D, 64, [&](std::ptrdiff_t lo, std::ptrdiff_t hi) {
@@ -313,7 +331,9 @@ void encoder_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x, cons
   cpu::detail::check_code(m, x, code);
   detail::expect_shape("grad_values", grad_values.rows(), grad_values.cols(), code.rows(), code.k());
   cpu::detail::check_gradients(m, grads, cpu::detail::grad_W_enc | cpu::detail::grad_b_enc | cpu::detail::grad_b_dec);
-  cpu::detail::encoder_backward_unchecked(be, m, x, code, grad_values, grads, pairs);
+  vector<T> gsum;
+  std::vector<index_t> touched;
+  cpu::detail::encoder_backward_unchecked(be, m, x, code, grad_values, grads, pairs, gsum, touched);
 }
 
 HSAE_NAMESPACE_END

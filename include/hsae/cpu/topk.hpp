@@ -150,6 +150,12 @@ inline T max_ignoring_nan(const T* x, index_t n) {
 template <cpu_scalar T>
 class row_selector {
  public:
+  /// Makes room for any row of up to `n` entries and k <= `k`, so that `select` on such
+  /// rows never allocates.
+  void reserve(index_t n, index_t k) {
+    buf_.reserve(std::max({std::size_t(n), std::size_t(8) * std::size_t(k), std::size_t(2048)}));
+  }
+
   /// Writes the k largest entries of `row[0, n)` to `values[0, k)` / `indices[0, k)`,
   /// sorted as documented in this file. Requires 1 <= k <= n.
   void select(const T* row, index_t n, index_t k, T* values, index_t* indices) {
@@ -228,6 +234,27 @@ class row_selector {
 };
 
 namespace detail {
+
+/// The calling thread's row_selector (one per thread and T, kept across calls).
+template <class T>
+row_selector<T>& thread_selector() {
+  thread_local row_selector<T> sel;
+  return sel;
+}
+
+/// Sizes every thread's row_selector (and anything `also` sizes per thread) for rows
+/// of up to `n` entries and k <= `k` before a dynamically scheduled loop, in which a
+/// thread may see its first row only in a later call: then no call allocates once the
+/// shapes settle.
+template <class T, class Also>
+void reserve_thread_selectors(const cpu_backend& be, index_t n, index_t k, Also&& also) {
+  parallel_for(be, be.threads(), [&](std::ptrdiff_t) {
+    thread_selector<T>().reserve(n, k);
+    also();
+  });
+  thread_selector<T>().reserve(n, k);  // the calling thread (one-thread runs)
+  also();
+}
 
 /// The body of `topk_rows` without its check: requires 1 <= k <= x.cols().
 template <class T>
