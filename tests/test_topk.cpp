@@ -6,6 +6,8 @@
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
+#include "test_util.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -420,4 +422,63 @@ TEMPLATE_TEST_CASE("topk_rows rejects k < 1 and k > n", "[topk][errors]", float,
   }
   CHECK_NOTHROW(hsae::cpu::topk_rows<T>(be, x, 10, v, i));
   CHECK_NOTHROW(hsae::cpu::topk_rows<T>(be, x, 1, v, i));
+}
+
+// The public hsae::topk (the GPU topk's CPU twin): a sparse code [B, k] with the values
+// as they are (no ReLU) and the sort reference's order.
+TEMPLATE_TEST_CASE("topk into a sparse code matches the sort reference", "[topk]", float, double) {
+  using T = TestType;
+  std::mt19937_64 g(4242);
+  const hsae::cpu_backend be{};
+  for (index_t n : {1, 7, 300, 5000}) {
+    const index_t B = 9;
+    hsae::row_matrix<T> x(B, n);
+    for (index_t b = 0; b < B; ++b) {
+      std::vector<T> row;
+      switch (b % 3) {
+        case 0: row = normal_row<T>(g, n); break;                          // negatives kept: no ReLU
+        case 1: row = levels_row<T>(g, n, {T(-1), T(0), T(2)}); break;     // ties
+        default: row = relu_row<T>(g, n);                                  // ties among zeros
+      }
+      for (index_t j = 0; j < n; ++j) x(b, j) = row[std::size_t(j)];
+    }
+    std::vector<int> ks{1, int(n)};
+    if (n > 2) ks.push_back(int(n / 2));
+    for (int k : ks) {
+      hsae::sparse_code<T> code;
+      hsae::topk<T>(be, x, k, code);
+      REQUIRE(code.rows() == B);
+      REQUIRE(code.k() == k);
+      REQUIRE(code.indices.rows() == B);
+      REQUIRE(code.indices.cols() == k);
+      for (index_t b = 0; b < B; ++b) {
+        const std::vector<T> row(x.row(b).data(), x.row(b).data() + n);
+        const auto ref = reference_topk(row, k);
+        INFO("n=" << n << " k=" << k << " row " << b);
+        REQUIRE(first_mismatch(row, ref, code.indices.row(b).data(), code.values.row(b).data()) == -1);
+      }
+    }
+  }
+  // Deduces T from the code; an empty batch gives an empty code.
+  const hsae::row_matrix<T> none(0, 5);
+  hsae::sparse_code<T> code;
+  hsae::topk(be, none, 3, code);
+  CHECK(code.rows() == 0);
+  CHECK(code.k() == 3);
+}
+
+TEMPLATE_TEST_CASE("topk into a sparse code rejects a bad k and an empty row width", "[topk][errors]", float, double) {
+  using T = TestType;
+  const hsae::row_matrix<T> x = hsae::row_matrix<T>::Ones(3, 10);
+  hsae::sparse_code<T> code;
+  const hsae::cpu_backend be{};
+  for (int k : {0, -1, 11}) {
+    INFO("k=" << k);
+    CHECK_THROWS_AS(hsae::topk(be, x, k, code), hsae::config_error);
+    CHECK_THAT(hsae_test::message_of<hsae::config_error>([&] { hsae::topk(be, x, k, code); }),
+               Catch::Contains(hsae_test::numbered("cpu topk: k=", k, " must")));
+  }
+  const hsae::row_matrix<T> empty(3, 0);
+  CHECK_THAT(hsae_test::message_of<hsae::shape_error>([&] { hsae::topk(be, empty, 1, code); }),
+             Catch::Contains("expected at least one column"));
 }

@@ -45,9 +45,15 @@ class dead_latent_tracker {
   /// Dead latents in ascending order.
   std::vector<index_t> dead_latents() const {
     std::vector<index_t> out;
+    dead_latents(out);
+    return out;
+  }
+  /// Dead latents in ascending order into `out` (no allocation once its capacity is d_sae).
+  void dead_latents(std::vector<index_t>& out) const {
+    out.clear();
+    out.reserve(since_.size());
     for (std::size_t f = 0; f < since_.size(); ++f)
       if (since_[f] >= dead_after_) out.push_back(index_t(f));
-    return out;
   }
   std::int64_t num_dead() const {
     return std::count_if(since_.begin(), since_.end(), [&](std::int64_t s) { return s >= dead_after_; });

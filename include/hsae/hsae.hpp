@@ -5,7 +5,7 @@
 ///   hsae::sae<T, F>                 model (model.hpp); init + geometric median (cpu/init.hpp)
 ///   hsae::k_schedule<Ks...>, ...    k-schedules (k_schedule.hpp)
 ///   step_options, step_stats, ...   what a step takes and reports (step_types.hpp)
-///   hsae::encode / decode           cpu/encode.hpp, sorted top-k in cpu/topk.hpp
+///   hsae::encode / decode           cpu/encode.hpp, sorted top-k (hsae::topk) in cpu/topk.hpp
 ///   hsae::hierarchical_loss[...]    cpu/loss.hpp, AuxK in cpu/auxk.hpp
 ///   hsae::adam<T, F>                cpu/optimizer.hpp (options and state: optimizer.hpp)
 ///   hsae::train_step                cpu/train_step.hpp

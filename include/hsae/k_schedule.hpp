@@ -322,12 +322,20 @@ class dynamic_k_schedule {
 /// the prefix-j squared error in the loss, normalised by the total weight W (computed
 /// without overflow: see detail::weight_normalizer). They sum to 1.
 /// \throws hsae::config_error if `s` is not a valid schedule (detail::check_schedule).
+/// Into `omega` (resized; no allocation once it has the capacity).
 template <class Acc, k_schedule_like S>
-std::vector<Acc> normalized_rank_weights(const S& s) {
+void normalized_rank_weights(const S& s, std::vector<Acc>& omega) {
   detail::check_schedule(s);
-  std::vector<Acc> omega(std::size_t(s.k_max()), Acc(0));
+  omega.assign(std::size_t(s.k_max()), Acc(0));
   const auto norm = detail::weight_normalizer::of(s.size(), [&](std::size_t l) { return double(s.weight(l)); });
   for (std::size_t l = 0; l < s.size(); ++l) omega[std::size_t(s.k(l) - 1)] = Acc(norm(double(s.weight(l))));
+}
+
+/// The same weights as a new vector.
+template <class Acc, k_schedule_like S>
+std::vector<Acc> normalized_rank_weights(const S& s) {
+  std::vector<Acc> omega;
+  normalized_rank_weights(s, omega);
   return omega;
 }
 

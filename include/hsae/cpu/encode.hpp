@@ -41,6 +41,37 @@ void encoder_gemm(const sae<T, F>& m, cref<T> x, row_matrix<T>& pre) {
   pre.noalias() = xc * m.W_enc.transpose();
 }
 
+/// The body of `encode` without its checks: the caller has checked the batch
+/// (`check_batch`) and 1 <= k <= d_sae.
+template <class T, int F>
+void encode_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> x, int k, sparse_code<T>& code,
+                      row_matrix<T>& pre) {
+  encoder_gemm(m, x, pre);
+  code.resize(x.rows(), k);
+  reserve_thread_selectors<T>(be, index_t(m.d_sae()), index_t(k), [] {});
+  parallel_for<true>(be, pre.rows(), [&](std::ptrdiff_t b) {
+    auto r = pre.row(b);
+    r = (r + m.b_enc.transpose()).cwiseMax(T(0));
+    thread_selector<T>().select(r.data(), index_t(r.size()), index_t(k), code.values.row(b).data(), code.indices.row(b).data());
+  });
+}
+
+/// The body of `decode` without its checks: the caller has checked the model's shapes,
+/// 1 <= k <= code.k() and every index of the code in [0, d_sae).
+template <class T, int F>
+void decode_unchecked(const cpu_backend& be, const sae<T, F>& m, const sparse_code<T>& code, int k,
+                      row_matrix<T>& out) {
+  out.resize(code.rows(), m.d_model());
+  parallel_for(be, code.rows(), [&](std::ptrdiff_t b) {
+    auto o = out.row(b);
+    o = m.b_dec.transpose();
+    for (int t = 0; t < k; ++t) {
+      const T v = code.values(b, t);
+      if (v != T(0)) o.noalias() += v * m.W_dec.row(code.indices(b, t));
+    }
+  });
+}
+
 }  // namespace cpu::detail
 
 /// Pre-activations `pre [B, F] = ReLU((x - b_dec) W_enc^T + b_enc)`.
@@ -64,14 +95,7 @@ template <cpu_scalar T, int F>
 void encode(const cpu_backend& be, const sae<T, F>& m, cref<T> x, int k, sparse_code<T>& code, row_matrix<T>& pre) {
   cpu::detail::check_batch(m, x);
   hsae::detail::expects<config_error>(k >= 1 && k <= m.d_sae(), "k=", k, " must be in [1, d_sae=", m.d_sae(), "]");
-  cpu::detail::encoder_gemm(m, x, pre);
-  code.resize(x.rows(), k);
-  cpu::detail::parallel_for<true>(be, pre.rows(), [&](std::ptrdiff_t b) {
-    auto r = pre.row(b);
-    r = (r + m.b_enc.transpose()).cwiseMax(T(0));
-    thread_local cpu::row_selector<T> sel;
-    sel.select(r.data(), index_t(r.size()), index_t(k), code.values.row(b).data(), code.indices.row(b).data());
-  });
+  cpu::detail::encode_unchecked(be, m, x, k, code, pre);
 }
 
 /// Convenience overload that allocates.
@@ -94,15 +118,7 @@ void decode(const cpu_backend& be, const sae<T, F>& m, const sparse_code<T>& cod
                                       "] (the code's k)");
   hsae::detail::expects<shape_error>((code.indices.array() >= 0).all() && (code.indices.array() < m.d_sae()).all(),
                                      "decode: the code holds a latent index outside [0, d_sae=", m.d_sae(), ")");
-  out.resize(code.rows(), m.d_model());
-  cpu::detail::parallel_for(be, code.rows(), [&](std::ptrdiff_t b) {
-    auto o = out.row(b);
-    o = m.b_dec.transpose();
-    for (int t = 0; t < k; ++t) {
-      const T v = code.values(b, t);
-      if (v != T(0)) o.noalias() += v * m.W_dec.row(code.indices(b, t));
-    }
-  });
+  cpu::detail::decode_unchecked(be, m, code, k, out);
 }
 
 template <cpu_scalar T, int F>

@@ -62,6 +62,12 @@ struct loss_workspace {
   std::vector<T> staging;
   cpu::latent_pairs pairs;
   std::vector<std::int64_t> cursor;
+  /// Per-rank weights (normalized_rank_weights) and the level of each rank (-1: none).
+  std::vector<double> omega;
+  std::vector<int> level_of;
+  /// The encoder backward's per-latent sums and the latents they touch.
+  vector<T> gsum;
+  std::vector<index_t> touched;
 };
 
 namespace cpu::detail {
@@ -109,23 +115,26 @@ void check_loss_inputs(const sae<T, F>& m, cref<T> x, const sparse_code<T>& code
                                         " exceeds d_sae=", m.d_sae());
 }
 
-/// One pass over the rows; `Backward` adds the decoder-side gradients.
+/// One pass over the rows; `Backward` adds the decoder-side gradients. Unchecked: the
+/// caller has checked the batch, the code (`check_loss_inputs`) and, for `Backward`,
+/// the decoder-side gradients' shapes (`check_gradients`). The statistics go to `st`,
+/// whose vectors keep their capacity: nothing allocates once the shapes settle.
 template <bool Backward, class T, int F, class S>
-loss_stats schedule_loss(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
-                         const S& schedule, sae_gradients<T, F>* grads, loss_workspace<T>& ws) {
-  check_loss_inputs(m, x, code, schedule);
+void schedule_loss_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
+                             const S& schedule, sae_gradients<T, F>* grads, loss_workspace<T>& ws, loss_stats& st) {
   const Eigen::Index B = x.rows();
   const int D = m.d_model(), K = schedule.k_max(), kc = code.k();
   const std::size_t levels = schedule.size();
-  const std::vector<double> omega = normalized_rank_weights<double>(schedule);
-  std::vector<int> level_of(std::size_t(K), -1);
+  normalized_rank_weights(schedule, ws.omega);
+  const std::vector<double>& omega = ws.omega;
+  ws.level_of.assign(std::size_t(K), -1);
+  std::vector<int>& level_of = ws.level_of;
   for (std::size_t l = 0; l < levels; ++l) level_of[std::size_t(schedule.k(l) - 1)] = int(l);
   const double c = 2.0 / (double(B) * double(D));
 
   ws.level_err.resize(B, Eigen::Index(levels));
   ws.residual.resize(B, D);
   if constexpr (Backward) {
-    check_gradients(m, *grads, grad_W_dec | grad_b_dec);
     ws.grad_values.setZero(B, kc);
     ws.bias_rows.resize(B, D);
     ws.pairs.build(code.indices, m.d_sae());
@@ -217,7 +226,7 @@ HSAE_SIMD_SUM(dot)
     }
   }
 
-  loss_stats st;
+  st.loss = 0;
   st.rows = B;
   st.d_model = D;
   st.level_k.resize(levels);
@@ -229,52 +238,29 @@ HSAE_SIMD_SUM(dot)
   for (std::size_t l = 0; l < levels; ++l)
     st.loss += omega[std::size_t(schedule.k(l) - 1)] * st.level_sse[l] / (double(B) * double(D));
   if constexpr (Backward) grads->b_dec.noalias() += ws.bias_rows.colwise().sum().transpose();
+}
+
+template <bool Backward, class T, int F, class S>
+loss_stats schedule_loss_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
+                                   const S& schedule, sae_gradients<T, F>* grads, loss_workspace<T>& ws) {
+  loss_stats st;
+  schedule_loss_unchecked<Backward>(be, m, x, code, schedule, grads, ws, st);
   return st;
 }
 
-}  // namespace cpu::detail
-
-/// The schedule loss (forward only), with the squared error of every level.
-/// \throws hsae::shape_error / hsae::config_error on inconsistent shapes, a code with
-///         fewer than k_max columns, or latent indices out of range.
-template <cpu_scalar T, int F, k_schedule_like S>
-loss_stats hierarchical_loss(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
-                             const S& schedule, loss_workspace<T>& ws) {
-  return cpu::detail::schedule_loss<false>(be, m, x, code, schedule, static_cast<sae_gradients<T, F>*>(nullptr), ws);
-}
-
-/// The schedule loss and its decoder-side backward. Adds dL/dW_dec to `grads.W_dec`
-/// and the decoder-side dL/db_dec to `grads.b_dec`; leaves dL/dv [B, code.k()] in
-/// `ws.grad_values` (zero beyond k_max) and x - xhat_K in `ws.residual`. Follow with
-/// `encoder_backward(be, m, x, code, ws.grad_values, grads, ws.pairs)`.
-/// \throws as `hierarchical_loss`, and hsae::shape_error if `grads.W_dec` or
-///         `grads.b_dec` is not shaped like the model's.
-template <cpu_scalar T, int F, k_schedule_like S>
-loss_stats hierarchical_loss_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x,
-                                      const sparse_code<T>& code, const S& schedule, sae_gradients<T, F>& grads,
-                                      loss_workspace<T>& ws) {
-  return cpu::detail::schedule_loss<true>(be, m, x, code, schedule, &grads, ws);
-}
-
-/// Sparse encoder backward: with `dpre_{b,t} = grad_values(b,t)` where
-/// `code.values(b,t) > 0` and 0 elsewhere (ReLU and top-k; indices carry no gradient),
-/// adds `W_enc[f] += sum dpre (x_b - b_dec)`, `b_enc[f] += sum dpre` and the pre-bias
-/// term `b_dec -= sum dpre W_enc[f]`. Only the B*k selected pairs are visited
-/// (O(B*k*D), no dense [B,F] x [B,D] product). `pairs` is (re)built from the code.
-/// \throws hsae::shape_error on a batch of the wrong width, a code that does not fit
-///         the batch or the model, `grad_values` not [B, code.k()], or `grads.W_enc`,
-///         `grads.b_enc` or `grads.b_dec` not shaped like the model's.
-template <cpu_scalar T, int F>
-void encoder_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
-                      cref<T> grad_values, sae_gradients<T, F>& grads, cpu::latent_pairs& pairs) {
-  cpu::detail::check_batch(m, x);
-  cpu::detail::check_code(m, x, code);
-  detail::expect_shape("grad_values", grad_values.rows(), grad_values.cols(), code.rows(), code.k());
-  cpu::detail::check_gradients(m, grads, cpu::detail::grad_W_enc | cpu::detail::grad_b_enc | cpu::detail::grad_b_dec);
+/// The body of `encoder_backward` without its checks: the caller has checked the batch,
+/// the code (`check_code`), `grad_values` [B, code.k()] and the W_enc, b_enc and b_dec
+/// gradients' shapes. `gsum` and `touched` are scratch (no allocation once sized).
+template <class T, int F>
+void encoder_backward_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
+                                cref<T> grad_values, sae_gradients<T, F>& grads, latent_pairs& pairs, vector<T>& gsum,
+                                std::vector<index_t>& touched) {
   const int kc = code.k(), D = m.d_model();
   pairs.build(code.indices, m.d_sae());
-  vector<T> gsum = vector<T>::Zero(m.d_sae());
-  cpu::detail::parallel_for(be, m.d_sae(), [&](std::ptrdiff_t f) {
+  gsum.setZero(m.d_sae());
+  touched.clear();
+  touched.reserve(std::size_t(m.d_sae()));
+  parallel_for(be, m.d_sae(), [&](std::ptrdiff_t f) {
     T acc = 0;
     auto g = grads.W_enc.row(f);
     for (std::int64_t q = pairs.begin(index_t(f)); q < pairs.end(index_t(f)); ++q) {
@@ -293,13 +279,61 @@ void encoder_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x, cons
       gsum[f] = acc;
     }
   });
-  std::vector<index_t> touched;
   for (index_t f = 0; f < m.d_sae(); ++f)
     if (gsum[f] != T(0)) touched.push_back(f);
-  cpu::detail::parallel_blocks(be, D, 64, [&](std::ptrdiff_t lo, std::ptrdiff_t hi) {
+  parallel_blocks(be, D, 64, [&](std::ptrdiff_t lo, std::ptrdiff_t hi) {
     auto seg = grads.b_dec.segment(lo, hi - lo);
     for (index_t f : touched) seg.noalias() -= gsum[f] * m.W_enc.row(f).segment(lo, hi - lo).transpose();
   });
+}
+
+}  // namespace cpu::detail
+
+/// The schedule loss (forward only), with the squared error of every level.
+/// \throws hsae::shape_error / hsae::config_error on inconsistent shapes, a code with
+///         fewer than k_max columns, or latent indices out of range.
+template <cpu_scalar T, int F, k_schedule_like S>
+loss_stats hierarchical_loss(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
+                             const S& schedule, loss_workspace<T>& ws) {
+  cpu::detail::check_loss_inputs(m, x, code, schedule);
+  return cpu::detail::schedule_loss_unchecked<false>(be, m, x, code, schedule,
+                                                     static_cast<sae_gradients<T, F>*>(nullptr), ws);
+}
+
+/// The schedule loss and its decoder-side backward. Adds dL/dW_dec to `grads.W_dec`
+/// and the decoder-side dL/db_dec to `grads.b_dec`; leaves dL/dv [B, code.k()] in
+/// `ws.grad_values` (zero beyond k_max) and x - xhat_K in `ws.residual`. Follow with
+/// `encoder_backward(be, m, x, code, ws.grad_values, grads, ws.pairs)`.
+/// \throws as `hierarchical_loss`, and hsae::shape_error if `grads.W_dec` or
+///         `grads.b_dec` is not shaped like the model's.
+template <cpu_scalar T, int F, k_schedule_like S>
+loss_stats hierarchical_loss_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x,
+                                      const sparse_code<T>& code, const S& schedule, sae_gradients<T, F>& grads,
+                                      loss_workspace<T>& ws) {
+  cpu::detail::check_loss_inputs(m, x, code, schedule);
+  ::hsae::detail::check_schedule(schedule);  // before the gradients, as the loss always has
+  cpu::detail::check_gradients(m, grads, cpu::detail::grad_W_dec | cpu::detail::grad_b_dec);
+  return cpu::detail::schedule_loss_unchecked<true>(be, m, x, code, schedule, &grads, ws);
+}
+
+/// Sparse encoder backward: with `dpre_{b,t} = grad_values(b,t)` where
+/// `code.values(b,t) > 0` and 0 elsewhere (ReLU and top-k; indices carry no gradient),
+/// adds `W_enc[f] += sum dpre (x_b - b_dec)`, `b_enc[f] += sum dpre` and the pre-bias
+/// term `b_dec -= sum dpre W_enc[f]`. Only the B*k selected pairs are visited
+/// (O(B*k*D), no dense [B,F] x [B,D] product). `pairs` is (re)built from the code.
+/// \throws hsae::shape_error on a batch of the wrong width, a code that does not fit
+///         the batch or the model, `grad_values` not [B, code.k()], or `grads.W_enc`,
+///         `grads.b_enc` or `grads.b_dec` not shaped like the model's.
+template <cpu_scalar T, int F>
+void encoder_backward(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
+                      cref<T> grad_values, sae_gradients<T, F>& grads, cpu::latent_pairs& pairs) {
+  cpu::detail::check_batch(m, x);
+  cpu::detail::check_code(m, x, code);
+  detail::expect_shape("grad_values", grad_values.rows(), grad_values.cols(), code.rows(), code.k());
+  cpu::detail::check_gradients(m, grads, cpu::detail::grad_W_enc | cpu::detail::grad_b_enc | cpu::detail::grad_b_dec);
+  vector<T> gsum;
+  std::vector<index_t> touched;
+  cpu::detail::encoder_backward_unchecked(be, m, x, code, grad_values, grads, pairs, gsum, touched);
 }
 
 HSAE_NAMESPACE_END

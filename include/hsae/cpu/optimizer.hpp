@@ -32,15 +32,22 @@ void project_decoder_gradient(const cpu_backend& be, const sae<T, F>& m, sae_gra
 }
 
 /// Global L2 norm of all gradients (summed per row, then in index order: deterministic).
+/// `rows` is scratch (resized; no allocation once it has the capacity).
 template <cpu_scalar T, int F>
-double gradient_norm(const cpu_backend& be, const sae_gradients<T, F>& g) {
-  std::vector<double> rows(std::size_t(g.W_enc.rows()));
+double gradient_norm(const cpu_backend& be, const sae_gradients<T, F>& g, std::vector<double>& rows) {
+  rows.resize(std::size_t(g.W_enc.rows()));
   cpu::detail::parallel_for(be, g.W_enc.rows(), [&](std::ptrdiff_t f) {
     rows[std::size_t(f)] = double(g.W_enc.row(f).squaredNorm()) + double(g.W_dec.row(f).squaredNorm());
   });
   double s = double(g.b_enc.squaredNorm()) + double(g.b_dec.squaredNorm());
   for (double r : rows) s += r;
   return std::sqrt(s);
+}
+
+template <cpu_scalar T, int F>
+double gradient_norm(const cpu_backend& be, const sae_gradients<T, F>& g) {
+  std::vector<double> rows;
+  return gradient_norm(be, g, rows);
 }
 
 /// Adam on the CPU for one `sae<T, F>`: the state (`adam_state`) and the update.
@@ -64,7 +71,7 @@ class adam : public adam_state<T, F> {
     detail::expects<shape_error>(g.b_enc.size() == m.b_enc.size() && g.b_dec.size() == m.b_dec.size(),
                                  "bias gradients do not match the model");
     if (opt_.project_decoder_gradient) project_decoder_gradient(be, m, g);
-    const double norm = gradient_norm(be, g);
+    const double norm = gradient_norm(be, g, norm_rows_);
     detail::expects<numeric_error>(std::isfinite(norm), "adam: the gradient norm is not finite (", norm,
                                    "); the step was not applied");
     double clip = 1.0;
@@ -104,6 +111,8 @@ class adam : public adam_state<T, F> {
   using adam_state<T, F>::v_;
   using adam_state<T, F>::t_;
   using adam_state<T, F>::last_lr_;
+  /// gradient_norm's per-latent partials, kept so that a step does not allocate.
+  std::vector<double> norm_rows_;
 };
 
 HSAE_NAMESPACE_END

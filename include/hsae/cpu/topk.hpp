@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file cpu/topk.hpp
-/// Sorted per-row top-k on the CPU.
+/// Sorted per-row top-k on the CPU: `topk` (a sparse code, as the GPU's) and
+/// `cpu::topk_rows` (values and indices in two matrices).
 ///
 /// Order: values descending; equal values rank by the lower index first; -0.0 equals
 /// +0.0; NaN ranks below every number (it is chosen only when a row has fewer than k
@@ -37,6 +38,7 @@
 #include "../detail/ordered_key.hpp"
 #include "../error.hpp"
 #include "../matrix.hpp"
+#include "../sparse_code.hpp"
 #include "backend.hpp"
 
 HSAE_NAMESPACE_BEGIN
@@ -148,6 +150,12 @@ inline T max_ignoring_nan(const T* x, index_t n) {
 template <cpu_scalar T>
 class row_selector {
  public:
+  /// Makes room for any row of up to `n` entries and k <= `k`, so that `select` on such
+  /// rows never allocates.
+  void reserve(index_t n, index_t k) {
+    buf_.reserve(std::max({std::size_t(n), std::size_t(8) * std::size_t(k), std::size_t(2048)}));
+  }
+
   /// Writes the k largest entries of `row[0, n)` to `values[0, k)` / `indices[0, k)`,
   /// sorted as documented in this file. Requires 1 <= k <= n.
   void select(const T* row, index_t n, index_t k, T* values, index_t* indices) {
@@ -225,6 +233,42 @@ class row_selector {
   std::size_t count_ = 0;
 };
 
+namespace detail {
+
+/// The calling thread's row_selector (one per thread and T, kept across calls).
+template <class T>
+row_selector<T>& thread_selector() {
+  thread_local row_selector<T> sel;
+  return sel;
+}
+
+/// Sizes every thread's row_selector (and anything `also` sizes per thread) for rows
+/// of up to `n` entries and k <= `k` before a dynamically scheduled loop, in which a
+/// thread may see its first row only in a later call: then no call allocates once the
+/// shapes settle.
+template <class T, class Also>
+void reserve_thread_selectors(const cpu_backend& be, index_t n, index_t k, Also&& also) {
+  parallel_for(be, be.threads(), [&](std::ptrdiff_t) {
+    thread_selector<T>().reserve(n, k);
+    also();
+  });
+  thread_selector<T>().reserve(n, k);  // the calling thread (one-thread runs)
+  also();
+}
+
+/// The body of `topk_rows` without its check: requires 1 <= k <= x.cols().
+template <class T>
+void topk_rows_unchecked(const cpu_backend& be, cref<T> x, int k, row_matrix<T>& values, index_matrix& indices) {
+  values.resize(x.rows(), k);
+  indices.resize(x.rows(), k);
+  parallel_for<true>(be, x.rows(), [&](std::ptrdiff_t r) {
+    thread_local row_selector<T> sel;
+    sel.select(x.row(r).data(), index_t(x.cols()), index_t(k), values.row(r).data(), indices.row(r).data());
+  });
+}
+
+}  // namespace detail
+
 /// Sorted top-k of every row of `x` [rows, n] into `values` / `indices` [rows, k]
 /// (resized if needed). Rows run in parallel over the backend's threads.
 ///
@@ -233,14 +277,26 @@ template <cpu_scalar T>
 void topk_rows(const cpu_backend& be, cref<T> x, int k, row_matrix<T>& values, index_matrix& indices) {
   ::hsae::detail::expects<config_error>(k >= 1 && k <= x.cols(), "top-k: k=", k, " must be in [1, ", x.cols(),
                                         "] (the row width)");
-  values.resize(x.rows(), k);
-  indices.resize(x.rows(), k);
-  detail::parallel_for<true>(be, x.rows(), [&](std::ptrdiff_t r) {
-    thread_local row_selector<T> sel;
-    sel.select(x.row(r).data(), index_t(x.cols()), index_t(k), values.row(r).data(), indices.row(r).data());
-  });
+  detail::topk_rows_unchecked<T>(be, x, k, values, indices);
 }
 
 }  // namespace cpu
+
+/// Sorted top-k of every row of `pre` [B, n] into `out` (resized to [B, k]), as the
+/// GPU's `topk` (cuda/topk.cuh) computes it: the values as they are (no ReLU) and their
+/// indices, in this file's order (values descending, equal values by lower index,
+/// -0.0 == +0.0, NaN below every number). Rows run in parallel over the backend's
+/// threads; the result does not depend on their number. An input with no rows gives
+/// an empty [0, k] code.
+/// \throws hsae::config_error unless 1 <= k <= n, hsae::shape_error on an empty row
+///         width (n = 0).
+template <cpu_scalar T>
+void topk(const cpu_backend& be, cref<std::type_identity_t<T>> pre, int k, sparse_code<T>& out) {
+  ::hsae::detail::expects<shape_error>(pre.cols() >= 1, "cpu topk: the input has shape [", pre.rows(), ", ",
+                                       pre.cols(), "], expected at least one column");
+  ::hsae::detail::expects<config_error>(k >= 1 && k <= pre.cols(), "cpu topk: k=", k, " must be in [1, ",
+                                        pre.cols(), "] (the row width)");
+  cpu::detail::topk_rows_unchecked<T>(be, pre, k, out.values, out.indices);
+}
 
 HSAE_NAMESPACE_END

@@ -32,35 +32,64 @@ struct train_workspace {
   sae_gradients<T, F> grads;
   loss_workspace<T> loss;
   auxk_workspace<T> aux;
+  /// The dead latents of this step (when AuxK runs).
+  std::vector<index_t> dead;
 };
 
 /// One training step on the batch `x [B, d_model]` under `schedule` (k_max = K).
+/// Everything is checked once, up front, before anything runs; the pieces then run
+/// their unchecked bodies (cpu::detail::*_unchecked), so a step makes one shape check
+/// of the batch and no scan of the codes it builds itself.
+/// Writes the statistics into `st` (its vectors keep their capacity): with `ws` and `st`
+/// reused, a step of settled shapes allocates nothing (tests/test_no_alloc.cpp).
 /// \throws hsae::shape_error on a batch of the wrong width, hsae::config_error if
 ///         K > d_sae or `so` is invalid (step_options::validate, checked on every
 ///         step, dead latents or not), hsae::numeric_error if the batch holds NaN/Inf
 ///         (nothing is changed then).
 template <cpu_scalar T, int F, k_schedule_like S>
-step_stats train_step(const cpu_backend& be, sae<T, F>& m, adam<T, F>& opt, dead_latent_tracker& dead, cref<T> x,
-                      const S& schedule, train_workspace<T, F>& ws, const step_options& so = {}) {
+void train_step(const cpu_backend& be, sae<T, F>& m, adam<T, F>& opt, dead_latent_tracker& dead, cref<T> x,
+                const S& schedule, train_workspace<T, F>& ws, step_stats& st, const step_options& so = {}) {
+  static_assert(schedule_fits_width<S, F>, "hsae::train_step: the schedule's k_max exceeds the dictionary width F");
   so.validate();
   cpu::detail::check_batch(m, x);
   const int K = schedule.k_max();
   detail::expects<config_error>(K <= m.d_sae(), "k_max=", K, " exceeds d_sae=", m.d_sae());
   if (so.check_finite) detail::expect_finite("training batch", x);
+  detail::expects<config_error>(K >= 1, "k=", K, " must be in [1, d_sae=", m.d_sae(), "]");  // as encode's
+  const std::int64_t n_dead = dead.num_dead();
+  const bool aux = so.use_auxk && n_dead > 0;
+  std::vector<index_t>& dead_list = ws.dead;
+  dead_list.clear();
+  if (aux) dead.dead_latents(dead_list);
+  if (aux && so.auxk.alpha != 0) cpu::detail::check_dead_list(m, dead_list);
 
-  step_stats st;
-  encode(be, m, x, K, ws.code, ws.pre);
+  // Unchecked from here: the code comes from encode (k = K columns, indices in
+  // [0, d_sae)), the gradients from zero_gradients, pre and the residual from the
+  // passes that size them.
+  cpu::detail::encode_unchecked(be, m, x, K, ws.code, ws.pre);
   zero_gradients(be, ws.grads, m);
-  st.levels = hierarchical_loss_backward(be, m, x, ws.code, schedule, ws.grads, ws.loss);
+  cpu::detail::schedule_loss_unchecked<true>(be, m, x, ws.code, schedule, &ws.grads, ws.loss, st.levels);
   st.loss = st.levels.loss;
-  st.dead = dead.num_dead();
-  if (so.use_auxk && st.dead > 0)
-    st.aux_loss =
-        auxk_backward(be, m, x, ws.pre, ws.loss.residual, dead.dead_latents(), so.auxk, ws.grads, ws.aux);
-  encoder_backward(be, m, x, ws.code, ws.loss.grad_values, ws.grads, ws.loss.pairs);
+  st.dead = n_dead;
+  st.aux_loss = 0;
+  if (aux)
+    st.aux_loss = cpu::detail::auxk_backward_unchecked(be, m, x, ws.pre, ws.loss.residual, dead_list, so.auxk,
+                                                       ws.grads, ws.aux);
+  cpu::detail::encoder_backward_unchecked(be, m, x, ws.code, ws.loss.grad_values, ws.grads, ws.loss.pairs,
+                                          ws.loss.gsum, ws.loss.touched);
   dead.update(ws.code);
   st.grad_norm = opt.step(be, m, ws.grads);
   st.lr = opt.last_lr();
+}
+
+/// `train_step` returning its statistics: the same step; a new `step_stats` holds
+/// them, so each call allocates its two per-level vectors (`levels.level_k`,
+/// `levels.level_sse`). Loops that must not allocate pass a `step_stats` to reuse.
+template <cpu_scalar T, int F, k_schedule_like S>
+step_stats train_step(const cpu_backend& be, sae<T, F>& m, adam<T, F>& opt, dead_latent_tracker& dead, cref<T> x,
+                      const S& schedule, train_workspace<T, F>& ws, const step_options& so = {}) {
+  step_stats st;
+  train_step(be, m, opt, dead, x, schedule, ws, st, so);
   return st;
 }
 
