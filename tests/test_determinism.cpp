@@ -6,7 +6,9 @@
 
 #include "test_util.hpp"
 
+#include <algorithm>
 #include <cstring>
+#include <limits>
 
 namespace {
 
@@ -61,4 +63,62 @@ TEMPLATE_TEST_CASE("same seed, same bits; thread count and chunking change nothi
   // ...and the run actually moved the weights (the comparison is not vacuous).
   const auto e = run<TestType>(1, 41);
   CHECK_FALSE(bitwise_equal(a.W_dec, e.W_dec));
+}
+
+TEMPLATE_TEST_CASE("loss_and_gradients then the optimizer is train_step without AuxK, bit for bit", "[determinism]",
+                   float, double) {
+  using namespace hsae;
+  using T = TestType;
+  cpu_backend be;
+  synthetic_options so;
+  so.d_model = 24;
+  so.n_atoms = 48;
+  so.seed = 13;
+  synthetic_source<T> src(so);
+  sae<T> a(so.d_model, 96);
+  init(be, a, src.next(512), {.seed = 7});
+  sae<T> b = a;
+  adam_options ao;
+  ao.warmup_steps = 3;
+  ao.lr = 3e-3;
+  ao.max_grad_norm = 1.0;
+  adam<T> opt_a(a, ao), opt_b(b, ao);
+  dead_latent_tracker dead(a.d_sae(), 64);
+  train_workspace<T> ws_a, ws_b;
+  const auto schedule = dynamic_k_schedule::subset({2, 5, 8});
+  step_options step_opt;
+  step_opt.use_auxk = false;
+  row_matrix<T> x;
+  loss_stats ls;
+  for (int i = 0; i < 12; ++i) {
+    src.next(64, x);
+    const step_stats st = train_step(be, a, opt_a, dead, x, schedule, ws_a, step_opt);
+    loss_and_gradients(be, b, x, schedule, ws_b, ls);
+    const double norm = opt_b.step(be, b, ws_b.grads);
+    REQUIRE(ls.loss == st.loss);
+    REQUIRE(norm == st.grad_norm);
+    REQUIRE(bitwise_equal(ws_a.code.indices, ws_b.code.indices));
+  }
+  require_same(a, b);
+
+  // The gradients are those of the loss: one SGD-sized nudge along -grad lowers it.
+  src.next(64, x);
+  const double before = loss_and_gradients(be, b, x, schedule, ws_b).loss;
+  sae<T> c = b;
+  const T eps = T(1e-3) / T(std::max<double>(1e-12, ws_b.grads.W_dec.norm()));
+  c.W_dec -= eps * ws_b.grads.W_dec;
+  c.W_enc -= eps * ws_b.grads.W_enc;
+  c.b_enc -= eps * ws_b.grads.b_enc;
+  c.b_dec -= eps * ws_b.grads.b_dec;
+  train_workspace<T> ws_c;
+  CHECK(loss_and_gradients(be, c, x, schedule, ws_c).loss < before);
+
+  // Checked once, as train_step.
+  row_matrix<T> wrong(4, so.d_model + 1);
+  wrong.setZero();
+  CHECK_THAT(hsae_test::message_of<shape_error>([&] { loss_and_gradients(be, b, wrong, schedule, ws_b); }),
+             Catch::Contains("width"));
+  row_matrix<T> bad = x;
+  bad(3, 2) = std::numeric_limits<T>::quiet_NaN();
+  CHECK_THROWS_AS(loss_and_gradients(be, b, bad, schedule, ws_b), numeric_error);
 }

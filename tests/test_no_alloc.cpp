@@ -212,6 +212,25 @@ TEST_CASE("train_step with AuxK allocates nothing once the shapes settle", "[no_
   Eigen::setNbThreads(eigen_threads);
 }
 
+TEST_CASE("loss_and_gradients allocates nothing once the shapes settle", "[no_alloc]") {
+  using namespace hsae;
+  const int eigen_threads = Eigen::nbThreads();
+  Eigen::setNbThreads(1);  // as above: Eigen's threaded GEMM allocates its bookkeeping
+  const cpu_backend be{.num_threads = 2};
+  const sae<float> m = hsae_test::random_sae<float>(D, F, 5);
+  const dynamic_k_schedule schedule = dynamic_k_schedule::geometric(2, 8);
+  train_workspace<float> ws;
+  loss_stats st;
+  for (int step = 0; step < 2; ++step) loss_and_gradients(be, m, batch(20 + step), schedule, ws, st);
+  const row_matrix<float> x = batch(30);
+  const auto a = count_allocations([&] { loss_and_gradients(be, m, x, schedule, ws, st); });
+  REPORT_ALLOCATIONS(a);
+  CHECK(a.total() == 0);
+  CHECK(a.eigen == 0);
+  CHECK(st.loss > 0);
+  Eigen::setNbThreads(eigen_threads);
+}
+
 TEST_CASE("hierarchical_loss_backward and auxk_backward allocate nothing once the shapes settle", "[no_alloc]") {
   using namespace hsae;
   const cpu_backend be{.num_threads = 2};

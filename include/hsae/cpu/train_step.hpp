@@ -82,6 +82,41 @@ void train_step(const cpu_backend& be, sae<T, F>& m, adam<T, F>& opt, dead_laten
   st.lr = opt.last_lr();
 }
 
+/// The loss and raw gradients of the batch `x [B, d_model]` under `schedule`, for
+/// trainers that compose their own step: encode (top-K, K = k_max), the schedule loss
+/// with its decoder backward, and the encoder backward, into `ws.grads` (zeroed first).
+/// No AuxK, no dead-latent update, no optimizer: `opt.step(be, m, ws.grads)` after it is
+/// train_step with `use_auxk = false`, bit for bit (tests/test_determinism.cpp). `ws.code`
+/// holds the batch's code for a caller's own dead-latent tracking. Checked once, as
+/// train_step; with `ws` and `st` reused it allocates nothing once the shapes settle.
+/// \throws hsae::shape_error on a batch of the wrong width, hsae::config_error if K is
+///         not in [1, d_sae], hsae::numeric_error if `check_finite` and the batch holds
+///         NaN/Inf (nothing is written then).
+template <cpu_scalar T, int F, k_schedule_like S>
+void loss_and_gradients(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const S& schedule,
+                        train_workspace<T, F>& ws, loss_stats& st, bool check_finite = true) {
+  static_assert(schedule_fits_width<S, F>,
+                "hsae::loss_and_gradients: the schedule's k_max exceeds the dictionary width F");
+  cpu::detail::check_batch(m, x);
+  const int K = schedule.k_max();
+  detail::expects<config_error>(K >= 1 && K <= m.d_sae(), "k_max=", K, " must be in [1, d_sae=", m.d_sae(), "]");
+  if (check_finite) detail::expect_finite("training batch", x);
+  cpu::detail::encode_unchecked(be, m, x, K, ws.code, ws.pre);
+  zero_gradients(be, ws.grads, m);
+  cpu::detail::schedule_loss_unchecked<true>(be, m, x, ws.code, schedule, &ws.grads, ws.loss, st);
+  cpu::detail::encoder_backward_unchecked(be, m, x, ws.code, ws.loss.grad_values, ws.grads, ws.loss.pairs,
+                                          ws.loss.gsum, ws.loss.touched);
+}
+
+/// `loss_and_gradients` returning its statistics (a new `loss_stats` each call).
+template <cpu_scalar T, int F, k_schedule_like S>
+loss_stats loss_and_gradients(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const S& schedule,
+                              train_workspace<T, F>& ws, bool check_finite = true) {
+  loss_stats st;
+  loss_and_gradients(be, m, x, schedule, ws, st, check_finite);
+  return st;
+}
+
 /// `train_step` returning its statistics: the same step; a new `step_stats` holds
 /// them, so each call allocates its two per-level vectors (`levels.level_k`,
 /// `levels.level_sse`). Loops that must not allocate pass a `step_stats` to reuse.
