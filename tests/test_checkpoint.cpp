@@ -3,7 +3,8 @@
 // after a checkpoint and resumed from it ends bitwise identical to an uninterrupted run
 // (synthetic, .npy with a shuffle buffer, and an in-memory source restored by replay);
 // a process killed while saving leaves the previous checkpoint loadable; foreign,
-// truncated and mismatched checkpoints raise hsae errors.
+// truncated and mismatched checkpoints raise hsae errors; a stop request
+// (trainer_options::stop_requested) ends fit with a checkpoint that resumes bitwise.
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
@@ -11,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -122,6 +124,68 @@ TEST_CASE("checkpoint: a resumed run is bitwise identical to an uninterrupted on
     synthetic_source<T> gen(data_options(6));
     const row_matrix<T> rows = gen.next(3000);
     check_resume_is_bitwise([&] { return matrix_source<T>(rows, 4); });
+  }
+}
+
+TEST_CASE("checkpoint: a stop request ends fit with a checkpoint that resumes bitwise", "[checkpoint][stop]") {
+  hsae_test::temp_dir tmp;
+  const fs::path ckpt = tmp / "stop.ckpt";
+  const synthetic_options d = data_options();
+  synthetic_source<T> src_full(d);
+  const auto full = run(src_full, run_options());
+
+  std::atomic<bool> stop{false};
+  trainer_options o = run_options(ckpt);
+  o.stop_requested = &stop;
+  o.metrics_path = (tmp / "metrics.jsonl").string();
+  cpu_backend be;
+  synthetic_source<T> src_stop(d);
+  {
+    trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, o);
+    tr.on_step = [&](const step_record& r) {
+      if (r.step == 20) stop = true;  // seen before step 21, which runs and ends the fit
+    };
+    const train_summary s = tr.fit(src_stop);
+    CHECK(s.interrupted);
+    CHECK(s.steps == 21);
+    CHECK(s.tokens == 21 * 200);
+    CHECK(s.eval.levels.empty());  // no final evaluation
+    CHECK(tr.steps_done() == 21);
+  }
+  REQUIRE(fs::exists(ckpt));
+  stop = false;
+  trainer<T, dynamic, schedule> resumed(be, sae<T>(24, 96), schedule{}, o);
+  synthetic_source<T> src_resume(d);
+  resumed.resume(ckpt, src_resume);
+  CHECK(resumed.steps_done() == 21);
+  const train_summary s = resumed.fit(src_resume);
+  CHECK_FALSE(s.interrupted);
+  CHECK(s.steps == 45);
+  CHECK(hsae_test::bitwise_equal(resumed.model().W_enc, full.model().W_enc));
+  CHECK(hsae_test::bitwise_equal(resumed.model().W_dec, full.model().W_dec));
+  CHECK(hsae_test::bitwise_equal(resumed.model().b_enc, full.model().b_enc));
+  CHECK(hsae_test::bitwise_equal(resumed.model().b_dec, full.model().b_dec));
+  CHECK(resumed.optimizer().steps() == full.optimizer().steps());
+
+  SECTION("a request set before the first step stops after it; one during the last step changes nothing") {
+    std::atomic<bool> early{true};
+    trainer_options o2 = run_options();
+    o2.stop_requested = &early;
+    synthetic_source<T> s2(d);
+    trainer<T, dynamic, schedule> t2(be, sae<T>(24, 96), schedule{}, o2);
+    CHECK(t2.fit(s2).steps == 1);
+    std::atomic<bool> late{false};
+    trainer_options o3 = run_options();
+    o3.stop_requested = &late;
+    synthetic_source<T> s3(d);
+    trainer<T, dynamic, schedule> t3(be, sae<T>(24, 96), schedule{}, o3);
+    t3.on_step = [&](const step_record& r) {
+      if (r.step == 44) late = true;  // step 45 is the last
+    };
+    const train_summary s3sum = t3.fit(s3);
+    CHECK_FALSE(s3sum.interrupted);
+    CHECK(s3sum.steps == 45);
+    CHECK_FALSE(s3sum.eval.levels.empty());
   }
 }
 

@@ -23,6 +23,7 @@
 
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <concepts>
@@ -144,6 +145,12 @@ struct trainer_options {
   /// `checkpoint_every_steps` steps (0: only at the end of fit); empty: none.
   std::string checkpoint_path;
   std::int64_t checkpoint_every_steps = 0;
+  /// A stop request (e.g. set by a SIGINT handler), read once per step, after its batch
+  /// is read; null: none. Once it reads true, `fit` takes that step (reading no batch
+  /// ahead), writes the checkpoint (when `checkpoint_path` is set) and returns with
+  /// `train_summary::interrupted` set and no final evaluation; `resume` from that
+  /// checkpoint continues the run exactly. A request during the last step changes nothing.
+  const std::atomic<bool>* stop_requested = nullptr;
 
   /// \throws hsae::config_error naming the first invalid field.
   void validate() const {
@@ -240,6 +247,7 @@ class trainer {
     const auto train_start = clock::now();
     const std::int64_t tokens_at_start = tokens_;
     double final_loss = 0;
+    bool interrupted = false;
     // The next batch, read on another thread while a step runs (trainer_options::prefetch).
     // `fetch` is declared after `x_next` so that unwinding joins the reader first.
     const bool prefetching = opt_.prefetch == prefetch_mode::always ||
@@ -260,9 +268,11 @@ class trainer {
       }
       rows_pulled_ += rows;
       const bool last = s + 1 == steps;
+      // A stop request seen now ends the run after this step, which reads nothing ahead.
+      const bool stop = !last && opt_.stop_requested != nullptr && opt_.stop_requested->load();
       const bool checkpoint_after =
           !opt_.checkpoint_path.empty() &&
-          (last || (opt_.checkpoint_every_steps > 0 && (step_ + 1) % opt_.checkpoint_every_steps == 0));
+          (last || stop || (opt_.checkpoint_every_steps > 0 && (step_ + 1) % opt_.checkpoint_every_steps == 0));
       if (prefetching && !last && !checkpoint_after) {
         const std::int64_t next_rows = std::min(opt_.batch_size, opt_.total_tokens - tokens_ - rows);
         fetch = std::async(std::launch::async, read_batch, next_rows, std::ref(x_next));
@@ -278,6 +288,10 @@ class trainer {
       if (opt_.eval_rows > 0 && opt_.eval_every_steps > 0 && step_ % opt_.eval_every_steps == 0 && !last)
         run_eval(log);
       if (checkpoint_after) save_checkpoint(opt_.checkpoint_path, source);
+      if (stop) {
+        interrupted = true;
+        break;
+      }
     }
 
     train_summary sum;
@@ -287,6 +301,11 @@ class trainer {
     sum.input_scale = scale_;
     const double train_secs = seconds_since(train_start);
     sum.tokens_per_second = train_secs > 0 ? double(tokens_) / train_secs : 0;
+    sum.interrupted = interrupted;
+    if (interrupted) {
+      sum.seconds = seconds_since(t0);
+      return sum;  // the metrics file is closed when `log` goes; no summary record
+    }
     if (opt_.eval_rows > 0) sum.eval = run_eval(log);
     sum.seconds = seconds_since(t0);
     log.summary(sum);

@@ -52,8 +52,11 @@ struct train_summary {
   double tokens_per_second = 0;
   double final_loss = 0;
   double input_scale = 1;
-  /// Final evaluation on the held-out rows (levels empty when eval_rows = 0).
+  /// Final evaluation on the held-out rows (levels empty when eval_rows = 0, or when
+  /// the run was interrupted).
   evaluation eval;
+  /// The run stopped early on trainer_options::stop_requested (steps < the run's steps).
+  bool interrupted = false;
 };
 
 namespace detail {
