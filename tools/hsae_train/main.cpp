@@ -1,0 +1,55 @@
+// SPDX-License-Identifier: Apache-2.0
+// hsae-train: trains a HierarchicalTopK SAE on activation files (or the built-in synthetic
+// data) and writes it in the SAELens or sparsify layout with a report. Options: --help and
+// tools/hsae_train/README.md. Exit status: 0 done, 1 an error during the run, 2 a bad
+// command line or config, 130 interrupted (Ctrl-C; resume with --resume).
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <hsae/error.hpp>
+#include <hsae/version.hpp>
+
+#include "config.hpp"
+#include "run.hpp"
+
+namespace {
+
+std::atomic<bool> stop_requested{false};
+
+extern "C" void on_signal(int sig) {
+  stop_requested.store(true);
+  std::signal(sig, SIG_DFL);  // a second Ctrl-C ends the process at once
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace hsae_train;
+  const std::vector<std::string> args(argv, argv + argc);
+  try {
+    const train_config c = parse_command_line(argc, argv);
+    if (c.help) {
+      std::printf("%s", help_text().c_str());
+      return 0;
+    }
+    if (c.version) {
+      std::printf("hsae-train %s (%s)\n", hsae::version_string, built_with_cuda() ? "CPU and CUDA" : "CPU only");
+      return 0;
+    }
+    std::signal(SIGINT, on_signal);
+    std::signal(SIGTERM, on_signal);
+    return run(c, &stop_requested, args);
+  } catch (const usage_error& e) {
+    std::fprintf(stderr, "hsae-train: %s\n", e.what());
+    return 2;
+  } catch (const hsae::error& e) {
+    std::fprintf(stderr, "hsae-train: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "hsae-train: %s\n", e.what());
+    return 1;
+  }
+}
