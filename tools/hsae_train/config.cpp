@@ -59,14 +59,14 @@ const std::vector<option_entry>& table() {
       {{"synthetic", "", "train on the built-in synthetic data of hsae_demo (no files)", "inputs"},
        flag_field{&c::synthetic}},
       {{"held-out-rows", "H", "rows kept aside for evaluation without --test (default 16384, at most a quarter "
-                              "of the data)",
+                              "of the data; ignored with --test)",
         "inputs"}, int_field{&c::held_out_rows, 1, int_max}},
       {{"init-rows", "N", "rows for the initialisation (geometric median of b_dec, input scale); default 16384 "
                           "(8192 with --synthetic)",
         "inputs"}, int_field{&c::init_rows, 0, int_max}},
       // Model.
-      {{"d-sae", "F", "dictionary width (default: 16 x d_model)", "model"}, int_field{&c::d_sae, 0, 1 << 30}},
-      {{"expansion", "X", "dictionary width as a multiple of d_model (instead of --d-sae)", "model"},
+      {{"d-sae", "F", "dictionary width (0, default: 16 x d_model)", "model"}, int_field{&c::d_sae, 0, 1 << 30}},
+      {{"expansion", "X", "dictionary width as a multiple of d_model (0: --d-sae, or 16)", "model"},
        real_field{&c::expansion, 0, 1 << 20}},
       {{"k-max", "K", "largest k: the SAE's TopK at inference (default 32)", "model"},
        int_field{&c::k_max, 1, std::numeric_limits<int>::max()}},
@@ -76,27 +76,27 @@ const std::vector<option_entry>& table() {
       // Optimisation.
       {{"lr", "LR", "peak learning rate (default: 2e-4 / sqrt(d_sae / 16384))", "training"},
        real_field{&c::lr, 0, 1e3}},
-      {{"warmup-steps", "N", "linear warm-up steps (default min(1000, steps / 10))", "training"},
-       int_field{&c::warmup_steps, 0, int_max}},
-      {{"decay-steps", "N", "last steps with a linear decay of the lr (default steps / 5)", "training"},
-       int_field{&c::decay_steps, 0, int_max}},
+      {{"warmup-steps", "N", "linear warm-up steps (-1, default: min(1000, steps / 10))", "training"},
+       int_field{&c::warmup_steps, -1, int_max}},
+      {{"decay-steps", "N", "last steps with a linear decay of the lr (-1, default: steps / 5)", "training"},
+       int_field{&c::decay_steps, -1, int_max}},
       {{"final-lr-fraction", "F", "lr at the end of the decay, as a fraction of the peak (default 0)", "training"},
        real_field{&c::final_lr_fraction, 0, 1}},
       {{"max-grad-norm", "G", "clip the gradient norm (default 0: no clipping)", "training"},
        real_field{&c::max_grad_norm, 0, 1e30}},
-      {{"batch", "B", "rows per step (default 4096; 2048 with --synthetic)", "training"},
-       int_field{&c::batch, 1, std::numeric_limits<int>::max()}},
-      {{"tokens", "N", "training tokens (default: one epoch; 4000000 with --synthetic)", "training"},
-       int_field{&c::tokens, 1, int_max}},
-      {{"epochs", "E", "training tokens as epochs of the training rows (instead of --tokens)", "training"},
-       real_field{&c::epochs, 0, 1e9, true}},
-      {{"auxk-k", "N", "dead latents each row may use in AuxK (default min(512, d_model / 2))", "training"},
-       int_field{&c::auxk_k, 1, std::numeric_limits<int>::max()}},
+      {{"batch", "B", "rows per step (0, default: 4096; 2048 with --synthetic)", "training"},
+       int_field{&c::batch, 0, std::numeric_limits<int>::max()}},
+      {{"tokens", "N", "training tokens (0, default: one epoch; 4000000 with --synthetic)", "training"},
+       int_field{&c::tokens, 0, int_max}},
+      {{"epochs", "E", "training tokens as epochs of the training rows (instead of --tokens; 0: default)", "training"},
+       real_field{&c::epochs, 0, 1e9}},
+      {{"auxk-k", "N", "dead latents each row may use in AuxK (0, default: min(512, d_model / 2))", "training"},
+       int_field{&c::auxk_k, 0, std::numeric_limits<int>::max()}},
       {{"auxk-coef", "A", "weight of the AuxK loss (default 1/32)", "training"}, real_field{&c::auxk_coef, 0, 1e6}},
       {{"auxk", "", "the AuxK loss that revives dead latents (default on; --no-auxk)", "training"},
        flag_field{&c::auxk}},
-      {{"dead-tokens", "N", "a latent is dead after N tokens without firing (default min(10M, tokens / 8))",
-        "training"}, int_field{&c::dead_tokens, 1, int_max}},
+      {{"dead-tokens", "N", "a latent is dead after N tokens without firing (0, default: min(10M, tokens / 8))",
+        "training"}, int_field{&c::dead_tokens, 0, int_max}},
       {{"seed", "S", "seed of the data order, the initialisation and the synthetic data (default 1)", "training"},
        int_field{&c::seed, 0, int_max}},
       {{"threads", "T", "CPU threads (default: all; results do not depend on it)", "training"},
@@ -255,6 +255,8 @@ void apply_json(train_config& c, const nlohmann::json& j, const std::string& fil
     const option_entry* e = nullptr;
     for (const auto& t : table())
       if (key_of(t.info.name) == key) e = &t;
+    // What hsae_train_config.json adds for the reader: ignored, so that file can be a --config.
+    if (key == "d_model" || key == "steps" || key == "epochs_trained" || key == "hsae_version") continue;
     if (e == nullptr || !e->file_key) {
       std::string hint;
       if (key.find('-') != std::string::npos) hint = " (config keys use '_' for '-')";
@@ -399,19 +401,14 @@ void validate(const train_config& c) {
   if (c.synthetic && !c.test.empty()) fail("--test: not with --synthetic (its held-out rows are its own)");
   if (c.synthetic && !c.tensor.empty()) fail("--tensor: not with --synthetic");
   if (!c.synthetic && c.data.empty()) fail("--data: no input files (give .npy files, a directory, or --synthetic)");
-  if (c.was_given("d_sae") && c.was_given("expansion")) fail("--expansion: give --d-sae or --expansion, not both");
-  if (c.was_given("d_sae") && c.d_sae < 1) fail("--d-sae: ", c.d_sae, " is not an integer in [1, 1073741824]");
-  if (c.was_given("expansion") && !(c.expansion > 0)) fail("--expansion: must be > 0");
-  if (c.was_given("tokens") && c.was_given("epochs")) fail("--epochs: give --tokens or --epochs, not both");
-  if (c.synthetic && c.was_given("epochs")) fail("--epochs: the synthetic stream is endless; use --tokens");
-  if (c.was_given("held_out_rows") && !c.test.empty())
-    fail("--held-out-rows: not with --test (the test files are the held-out rows)");
+  if (c.tokens > 0 && c.epochs > 0) fail("--epochs: give --tokens or --epochs, not both");
+  if (c.synthetic && c.epochs > 0) fail("--epochs: the synthetic stream is endless; use --tokens");
   if (c.device != "cuda" && c.was_given("storage") && c.storage != "f32")
     fail("--storage: ", c.storage, " is a GPU storage precision (needs --device cuda)");
   if (!c.print_config && c.out.empty()) fail("--out: required (the output directory)");
   if (c.resume && c.checkpoint.empty()) fail("--resume: needs --checkpoint PATH (the run's checkpoint)");
   if (c.checkpoint_every > 0 && c.checkpoint.empty()) fail("--checkpoint-every: needs --checkpoint PATH");
-  if (c.was_given("auxk_k") && !c.auxk) fail("--auxk-k: AuxK is off (--no-auxk)");
+  if (c.auxk_k > 0 && !c.auxk && c.was_given("auxk_k")) fail("--auxk-k: AuxK is off (--no-auxk)");
 }
 
 nlohmann::json to_json(const train_config& c) {

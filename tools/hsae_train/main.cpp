@@ -3,6 +3,9 @@
 // data) and writes it in the SAELens or sparsify layout with a report. Options: --help and
 // tools/hsae_train/README.md. Exit status: 0 done, 1 an error during the run, 2 a bad
 // command line or config, 130 interrupted (Ctrl-C; resume with --resume).
+#include <time.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <csignal>
 #include <cstdio>
@@ -18,10 +21,25 @@
 namespace {
 
 std::atomic<bool> stop_requested{false};
+std::atomic<long long> first_signal_ns{0};
 
-extern "C" void on_signal(int sig) {
-  stop_requested.store(true);
-  std::signal(sig, SIG_DFL);  // a second Ctrl-C ends the process at once
+long long now_ns() {
+  timespec t{};
+  ::clock_gettime(CLOCK_MONOTONIC, &t);  // async-signal-safe
+  return (long long)t.tv_sec * 1'000'000'000 + t.tv_nsec;
+}
+
+/// The first SIGINT/SIGTERM asks the trainer to stop (checkpoint, exit 130); another one
+/// half a second later or more ends the process at once. (Copies of one signal, as
+/// `timeout` sends to the process and its group, arrive together and count once.)
+extern "C" void on_signal(int) {
+  const long long t = now_ns();
+  long long first = 0;
+  if (first_signal_ns.compare_exchange_strong(first, t)) {
+    stop_requested.store(true);
+    return;
+  }
+  if (t - first > 500'000'000) ::_exit(130);
 }
 
 }  // namespace

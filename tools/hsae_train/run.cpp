@@ -224,7 +224,7 @@ run_plan resolve(const train_config& in) {
       c.held_out_rows = std::max<std::int64_t>(1, std::min(c.held_out_rows, cap));
       p.eval_rows = c.held_out_rows;
       p.held_out_text = std::to_string(p.eval_rows) +
-                        " held-out rows: the first rows of the shuffled stream, drawn before training (seen again "
+                        " rows held out: the first rows of the shuffled stream, drawn before training (seen again "
                         "in training from the second epoch on; use --test for files never trained on)";
     } else {
       p.eval_rows = 0;
@@ -234,11 +234,15 @@ run_plan resolve(const train_config& in) {
   }
 
   // Model.
-  if (!c.was_given("d_sae")) {
-    const double x = c.was_given("expansion") ? c.expansion : 16.0;
-    c.d_sae = std::max<std::int64_t>(1, std::llround(x * double(p.d_model)));
-    if (c.d_sae > (1 << 30)) fail("--expansion: ", x, " x d_model ", p.d_model, " is too wide");
+  if (c.expansion > 0) {
+    const std::int64_t w = std::max<std::int64_t>(1, std::llround(c.expansion * double(p.d_model)));
+    if (w > (1 << 30)) fail("--expansion: ", c.expansion, " x d_model ", p.d_model, " is too wide");
+    if (c.d_sae > 0 && c.d_sae != w)
+      fail("--expansion: ", c.expansion, " x d_model ", p.d_model, " = ", w, " disagrees with --d-sae ", c.d_sae,
+           " (give one of them)");
+    c.d_sae = w;
   }
+  if (c.d_sae == 0) c.d_sae = 16 * std::int64_t(p.d_model);
   c.expansion = double(c.d_sae) / double(p.d_model);
   if (c.k_max > c.d_sae) fail("--k-max: ", c.k_max, " is not an integer in [1, ", c.d_sae, "] (d_sae)");
   p.schedule = parse_schedule(c.schedule, c.k_max, c.was_given("k_max"));
@@ -246,24 +250,24 @@ run_plan resolve(const train_config& in) {
   if (c.k_max > c.d_sae) fail("--schedule: its k_max ", c.k_max, " exceeds d_sae ", c.d_sae);
 
   // Training length.
-  if (!c.was_given("batch")) c.batch = c.synthetic ? 2048 : 4096;
-  if (!c.was_given("tokens")) {
+  if (c.batch == 0) c.batch = c.synthetic ? 2048 : 4096;
+  if (c.tokens == 0) {
     if (c.synthetic) c.tokens = 4'000'000;
     else {
-      const double e = c.was_given("epochs") ? c.epochs : 1.0;
+      const double e = c.epochs > 0 ? c.epochs : 1.0;
       c.tokens = std::max<std::int64_t>(1, std::llround(e * double(p.train_rows)));
     }
   }
   c.epochs = c.synthetic ? 0.0 : double(c.tokens) / double(p.train_rows);
   const std::int64_t steps = c.tokens / c.batch + (c.tokens % c.batch != 0);
-  if (!c.was_given("warmup_steps")) c.warmup_steps = std::min<std::int64_t>(1000, steps / 10);
-  if (!c.was_given("decay_steps")) c.decay_steps = steps / 5;
+  if (c.warmup_steps < 0) c.warmup_steps = std::min<std::int64_t>(1000, steps / 10);
+  if (c.decay_steps < 0) c.decay_steps = steps / 5;
   if (c.decay_steps > steps) fail("--decay-steps: ", c.decay_steps, " is more than the run's ", steps, " steps");
-  if (!c.was_given("dead_tokens")) c.dead_tokens = std::min<std::int64_t>(10'000'000, std::max<std::int64_t>(1, c.tokens / 8));
-  if (!c.was_given("init_rows") || c.init_rows == 0)
+  if (c.dead_tokens == 0) c.dead_tokens = std::min<std::int64_t>(10'000'000, std::max<std::int64_t>(1, c.tokens / 8));
+  if (c.init_rows == 0)
     c.init_rows = c.synthetic ? 8192 : std::max<std::int64_t>(1, std::min<std::int64_t>(16384, p.train_rows / 4));
   if (!c.was_given("normalize")) c.normalize = !c.synthetic;
-  if (!c.was_given("auxk_k")) c.auxk_k = std::max(1, std::min(512, p.d_model / 2));
+  if (c.auxk_k == 0) c.auxk_k = std::max(1, std::min(512, p.d_model / 2));
   if (c.max_steps > steps) fail("--max-steps: ", c.max_steps, " is more than the run's ", steps, " steps");
 
   hsae::trainer_options& o = p.topt;
@@ -331,12 +335,14 @@ run_plan resolve(const train_config& in) {
   p.resolved["test"] = tests;
   p.resolved["d_model"] = p.d_model;
   p.resolved["steps"] = steps;
+  p.resolved["epochs"] = 0.0;  // --tokens holds the length; the epochs it makes:
+  p.resolved["epochs_trained"] = c.epochs;
   p.resolved["hsae_version"] = hsae::version_string;
   // What a resumed run must share with the checkpoint's run.
   p.run_identity = p.resolved;
   for (const char* k : {"out", "format", "dtype", "model_name", "hook_name", "checkpoint", "checkpoint_every",
                         "resume", "max_steps", "threads", "log_every", "eval_every", "device", "storage",
-                        "deterministic", "hsae_version", "epochs"})
+                        "deterministic", "hsae_version", "epochs", "epochs_trained"})
     p.run_identity.erase(k);
   return p;
 }

@@ -1,0 +1,76 @@
+# SPDX-License-Identifier: Apache-2.0
+# The hsae-train tests that need more than a regular expression on the output (ctest -P):
+#   -D TOOL=<hsae-train> -D WORK=<scratch dir> -D MODE=<mode> [-D ARGS=a|b|c]
+# MODE run:       runs TOOL ARGS --out WORK/out; exit 0; the output files exist.
+# MODE usage:     runs TOOL ARGS (CONFIG_TEXT written to WORK/config.json first); exit 2 and
+#                 exactly one line on stderr matching STDERR_REGEX.
+# MODE resume:    a full run; the same stopped with --max-steps and a checkpoint, then
+#                 --resume: the two weights files are equal byte for byte.
+# MODE interrupt: SIGINT after 2 s (timeout): exit 130, a checkpoint, the resume command.
+cmake_minimum_required(VERSION 3.25)
+string(REPLACE "|" ";" args "${ARGS}")
+file(REMOVE_RECURSE "${WORK}")
+file(MAKE_DIRECTORY "${WORK}")
+
+function(run_tool out_rc out_stdout out_stderr)
+  execute_process(COMMAND "${TOOL}" ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE o ERROR_VARIABLE e)
+  set(${out_rc} "${rc}" PARENT_SCOPE)
+  set(${out_stdout} "${o}" PARENT_SCOPE)
+  set(${out_stderr} "${e}" PARENT_SCOPE)
+endfunction()
+
+if(MODE STREQUAL "run")
+  run_tool(rc o e ${args} --out "${WORK}/out")
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "hsae-train exited with ${rc}:\n${o}\n${e}")
+  endif()
+  foreach(f cfg.json sae_weights.safetensors report.md metrics.jsonl hsae_train_config.json fvu_vs_k.csv)
+    if(NOT EXISTS "${WORK}/out/${f}")
+      message(FATAL_ERROR "hsae-train wrote no ${f} into ${WORK}/out")
+    endif()
+  endforeach()
+  if(DEFINED STDOUT_REGEX AND NOT o MATCHES "${STDOUT_REGEX}")
+    message(FATAL_ERROR "the output does not match '${STDOUT_REGEX}':\n${o}")
+  endif()
+elseif(MODE STREQUAL "usage")
+  if(DEFINED CONFIG_TEXT)
+    file(WRITE "${WORK}/config.json" "${CONFIG_TEXT}")
+    list(APPEND args --config "${WORK}/config.json")
+  endif()
+  run_tool(rc o e ${args})
+  string(REGEX MATCHALL "\n" lines "${e}")
+  list(LENGTH lines n)
+  if(NOT rc EQUAL 2 OR NOT n EQUAL 1 OR NOT e MATCHES "${STDERR_REGEX}")
+    message(FATAL_ERROR "expected exit 2 and one line matching '${STDERR_REGEX}', got exit ${rc} and:\n${e}")
+  endif()
+elseif(MODE STREQUAL "resume")
+  run_tool(rc o e ${args} --out "${WORK}/full")
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "the full run exited with ${rc}:\n${e}")
+  endif()
+  run_tool(rc o e ${args} --out "${WORK}/part" --checkpoint "${WORK}/part.ckpt" --max-steps 7)
+  if(NOT rc EQUAL 0 OR NOT o MATCHES "stopped \\(--max-steps\\) at step 7 of [0-9]+; checkpoint .*resume with:")
+    message(FATAL_ERROR "the stopped run exited with ${rc}:\n${o}\n${e}")
+  endif()
+  run_tool(rc o e ${args} --out "${WORK}/part" --checkpoint "${WORK}/part.ckpt" --resume)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "the resumed run exited with ${rc}:\n${e}")
+  endif()
+  file(SHA256 "${WORK}/full/sae_weights.safetensors" a)
+  file(SHA256 "${WORK}/part/sae_weights.safetensors" b)
+  if(NOT a STREQUAL b)
+    message(FATAL_ERROR "the resumed run's weights differ from the uninterrupted run's")
+  endif()
+  message(STATUS "resumed run: the same weights file (sha256 ${a})")
+elseif(MODE STREQUAL "interrupt")
+  find_program(TIMEOUT timeout REQUIRED)
+  execute_process(COMMAND "${TIMEOUT}" --preserve-status -s INT 2 "${TOOL}" ${args} --out "${WORK}/out"
+                          --checkpoint "${WORK}/run.ckpt"
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE o ERROR_VARIABLE e)
+  if(NOT rc EQUAL 130 OR NOT o MATCHES "interrupted at step [0-9]+ of [0-9]+; checkpoint .*resume with:\n  hsae-train .*--resume"
+     OR NOT EXISTS "${WORK}/run.ckpt")
+    message(FATAL_ERROR "expected exit 130, a checkpoint and the resume command, got exit ${rc}:\n${o}\n${e}")
+  endif()
+else()
+  message(FATAL_ERROR "check_run.cmake: unknown MODE '${MODE}'")
+endif()
