@@ -32,8 +32,8 @@ the manifest (model_name, hook_name, d_model, dtype, tokens, shards, ...).
 
 Which activation (one of):
   --layer L        hidden_states[L] of the model (output_hidden_states=True).
-                   hidden_states[0] is the token embeddings; hidden_states[L] for
-                   0 < L < number of layers is the residual stream entering block L,
+                   hidden_states[0] is the embeddings, and hidden_states[L] for
+                   L < number of layers is the residual stream entering block L,
                    which TransformerLens and SAELens call blocks.L.hook_resid_pre (the
                    manifest's hook_name); L = number of layers is the model's final
                    output (after the final norm for GPT-2, Pythia, Llama and most
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "instead of FILEs")
     source.add_argument("--dataset-config", metavar="NAME", help="the dataset's configuration")
     source.add_argument("--split", default="train", help="the dataset's split (default: train)")
-    source.add_argument("--text-column", default="text",
+    source.add_argument("--text-column", default="text", metavar="COLUMN",
                         help="the dataset's text column (default: text)")
 
     model = parser.add_argument_group("model")
@@ -339,6 +339,9 @@ class Capture:
             out = self.runner(input_ids=input_ids, attention_mask=attention_mask,
                               output_hidden_states=True, return_dict=True)
             hidden = out.hidden_states
+            if hidden is None:
+                raise CacheError(f"{type(self.runner).__name__} returns no hidden_states; "
+                                 "use --hook")
             if self.layer >= len(hidden):
                 raise CacheError(f"--layer {self.layer} is out of range: the model has "
                                  f"{len(hidden) - 1} layers (hidden_states 0..{len(hidden) - 1})")
@@ -510,7 +513,7 @@ def documents_of(args: argparse.Namespace) -> Iterator[str]:
         return dataset_documents(args.dataset, args.dataset_config, args.split, args.text_column)
     for path in args.files:
         if not path.is_file():
-            raise CacheError(f"no such file: {path}")
+            raise CacheError(f"{'not a file' if path.exists() else 'no such file'}: {path}")
     return text_file_documents(args.files, args.whole_file)
 
 

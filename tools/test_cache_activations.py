@@ -350,6 +350,6 @@ def test_help_names_both_activations(capsys):
         cache_activations.parse_args(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for needle in ("hidden_states[0] is the token embeddings", "blocks.L.hook_resid_pre",
+    for needle in ("hidden_states[0] is the embeddings", "blocks.L.hook_resid_pre",
                    "first element of a tuple", "--shard-tokens", "--keep-bos"):
         assert needle in text
