@@ -23,6 +23,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers  
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().with_name("cache_activations.py")
+HSAE_TOOL = os.environ.get("HSAE_INTEROP_TOOL")  # tests/interop/hsae_interop_tool (ctest sets it)
 N_LAYER, D_MODEL = 2, 32
 
 TEXTS = [
@@ -343,6 +344,38 @@ def test_error_as_a_subprocess(model_dirs, tmp_path):
     assert r.returncode == 2
     assert r.stderr == f"cache_activations.py: error: no such file: {missing}\n"
     assert not (tmp_path / "acts").exists()
+
+
+@pytest.mark.skipif(not HSAE_TOOL, reason="HSAE_INTEROP_TOOL is not set (ctest -L python sets it)")
+@pytest.mark.parametrize("fmt", ["npy", "safetensors"])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_hsae_reads_the_shards(model_dirs, text_file, tmp_path, fmt, dtype):
+    """hsae's own readers (npy_file, safetensors_file, through hsae_interop_tool) read every
+    shard as the same numbers as numpy and safetensors do."""
+    out = tmp_path / "acts"
+    cache("--model", model_dirs["dirs"]["bos"], "--layer", 1, "--format", fmt, "--dtype", dtype,
+          "--shard-tokens", 20, "--out", out, "--no-progress", text_file)
+    shards = read_manifest(out)["shards"]
+    assert len(shards) > 1
+    for i, shard in enumerate(shards):
+        path = out / shard["file"]
+        if fmt == "npy":  # hsae reads the .npy, writes it as the safetensors tensor "x"
+            expected = np.load(path)
+            converted = tmp_path / f"hsae{i}.safetensors"
+            run_hsae("st-write", converted, path, "F32")
+            got = load_file(converted)["x"]
+        else:  # hsae reads the tensor "activations", writes it as float32 .npy
+            expected = load_file(path)["activations"]
+            converted = tmp_path / f"hsae{i}.npy"
+            run_hsae("st-read", path, "activations", converted)
+            got = np.load(converted)
+        assert expected.dtype == np.dtype(dtype)
+        assert got.dtype == np.float32 and np.array_equal(got, expected.astype(np.float32))
+
+
+def run_hsae(*args):
+    r = subprocess.run([HSAE_TOOL, *map(str, args)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"hsae_interop_tool {args} exited {r.returncode}: {r.stderr}"
 
 
 def test_help_names_both_activations(capsys):
