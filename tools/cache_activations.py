@@ -521,43 +521,69 @@ def input_description(args: argparse.Namespace) -> str:
     return args.dataset if args.dataset else ", ".join(str(p) for p in args.files)
 
 
+def choose_activation(model: Any, args: argparse.Namespace) -> tuple[Capture, str]:
+    """The capture of --layer or --hook, and its hook_name for the manifest."""
+    if args.hook is not None:
+        module, runner = find_module(model, args.hook)
+        return Capture(runner, None, module), args.hook
+    layers = layer_count(model)
+    if layers is not None and args.layer > layers:
+        raise CacheError(f"--layer {args.layer} is out of range: the model has {layers} "
+                         f"layers (hidden_states 0..{layers})")
+    hook_name = layer_hook_name(args.layer, layers if layers is not None else -1)
+    return Capture(model.base_model, args.layer, None), hook_name
+
+
+def choose_context_size(model: Any, requested: int | None) -> int:
+    positions = max_positions(model)
+    size = requested or min(DEFAULT_CONTEXT_SIZE, positions or DEFAULT_CONTEXT_SIZE)
+    if positions is not None and size > positions:
+        raise CacheError(f"--context-size {size} exceeds the model's {positions} positions")
+    return size
+
+
+def choose_bos(tokenizer: Any, args: argparse.Namespace) -> tuple[bool, bool]:
+    """(prepend_bos, bos_dropped)."""
+    prepend = tokenizer_prepends_bos(tokenizer) if args.prepend_bos is None else args.prepend_bos
+    if prepend and tokenizer.bos_token_id is None:
+        raise CacheError(f"--prepend-bos: the tokenizer of {args.model} has no BOS token")
+    return prepend, prepend and not args.keep_bos
+
+
+def kept_rows(acts: Any, keep: Any, dtype: Any, hook_name: str) -> Any:
+    """The rows of acts [batch, tokens, d] where keep [batch, tokens] is true, in dtype."""
+    import torch
+
+    if not isinstance(acts, torch.Tensor) or acts.dim() != 3 or acts.shape[:2] != keep.shape:
+        shape = list(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
+        raise CacheError(f"{hook_name} gives {shape} for a batch of {list(keep.shape)} tokens, "
+                         "not [batch, tokens, features]")
+    rows = acts[keep].to(dtype)
+    if not torch.isfinite(rows).all():
+        raise CacheError("activations overflow float16 (or are not finite); use --dtype float32"
+                         if dtype == torch.float16 else "the activations hold NaN or Inf")
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Caches the activations and writes the manifest; returns it."""
     import torch
 
     documents = documents_of(args)
     model, tokenizer = load_model(args.model, args.device, args.model_dtype)
-
-    layers = layer_count(model)
-    if args.layer is not None:
-        if layers is not None and args.layer > layers:
-            raise CacheError(f"--layer {args.layer} is out of range: the model has {layers} "
-                             f"layers (hidden_states 0..{layers})")
-        capture = Capture(model.base_model, args.layer, None)
-        hook_name = layer_hook_name(args.layer, layers if layers is not None else -1)
-    else:
-        module, runner = find_module(model, args.hook)
-        capture = Capture(runner, None, module)
-        hook_name = args.hook
-
-    positions = max_positions(model)
-    context_size = args.context_size or min(DEFAULT_CONTEXT_SIZE, positions or DEFAULT_CONTEXT_SIZE)
-    if positions is not None and context_size > positions:
-        raise CacheError(f"--context-size {context_size} exceeds the model's {positions} positions")
-    prepend_bos = tokenizer_prepends_bos(tokenizer) if args.prepend_bos is None \
-        else args.prepend_bos
-    if prepend_bos and tokenizer.bos_token_id is None:
-        raise CacheError(f"--prepend-bos: the tokenizer of {args.model} has no BOS token")
-    bos_dropped = prepend_bos and not args.keep_bos
+    capture, hook_name = choose_activation(model, args)
+    context_size = choose_context_size(model, args.context_size)
+    prepend_bos, bos_dropped = choose_bos(tokenizer, args)
     pad_id = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-    out_dtype = {"float16": torch.float16, "float32": torch.float32}[args.dtype]
+    out_dtype = getattr(torch, args.dtype)
 
     prepare_out_dir(args.out, args.overwrite)
     writer = ShardWriter(args.out, args.format, args.shard_tokens,
                          {"model_name": args.model, "hook_name": hook_name})
     chunks = token_chunks(documents, tokenizer, context_size,
                           tokenizer.bos_token_id if prepend_bos else None, args.truncate)
-    progress = make_progress(args.tokens, not args.no_progress)
+    budget = args.tokens
+    progress = make_progress(budget, not args.no_progress)
     written = 0
     d_model: int | None = None
     try:
@@ -567,23 +593,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if bos_dropped:
                 keep[:, 0] = False
             with torch.inference_mode():
-                acts = capture(ids, mask)
-                if not isinstance(acts, torch.Tensor) or acts.shape[:2] != ids.shape \
-                        or acts.dim() != 3:
-                    shape = list(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
-                    raise CacheError(f"{hook_name} gives {shape} for a batch of "
-                                     f"{list(ids.shape)} tokens, not [batch, tokens, features]")
-                rows = acts[keep].to(out_dtype)
-            if args.tokens is not None:
-                rows = rows[:args.tokens - written]
-            if args.dtype == "float16" and not torch.isfinite(rows).all():
-                raise CacheError("activations overflow float16 (or are not finite); "
-                                 "use --dtype float32")
+                rows = kept_rows(capture(ids, mask), keep, out_dtype, hook_name)
+            if budget is not None:
+                rows = rows[:budget - written]
             d_model = rows.shape[-1]
             writer.add(rows.cpu().numpy())
             written += len(rows)
             progress.update(len(rows))
-            if args.tokens is not None and written >= args.tokens:
+            if budget is not None and written >= budget:
                 break
     finally:
         progress.close()

@@ -4,6 +4,7 @@ tokenizer built here (nothing is downloaded): the shards' shapes, dtype and valu
 direct forward pass of the same model, the manifest, BOS handling, the token budget, the
 inputs, and the errors. Most runs call the script's main() in this process (torch and
 transformers are imported once); two run it as a subprocess, as a user does."""
+import copy
 import importlib.util
 import json
 import os
@@ -72,6 +73,12 @@ def model_dirs(tmp_path_factory):
     for name, path in dirs.items():
         model.save_pretrained(path)
         build_tokenizer(prepend_bos=name == "bos").save_pretrained(path)
+    huge = copy.deepcopy(model)  # embeddings beyond float16's range (65504)
+    with torch.no_grad():
+        huge.transformer.wte.weight.mul_(1e7)
+    dirs["huge"] = root / "huge"
+    huge.save_pretrained(dirs["huge"])
+    tokenizer.save_pretrained(dirs["huge"])
     return {"dirs": dirs, "model": model, "tokenizer": tokenizer}
 
 
@@ -312,9 +319,10 @@ def test_overwrite(model_dirs, text_file, tmp_path, capsys):
     assert len(read_shards(out, "safetensors", np.float16)) == sum(len(t.split()) for t in TEXTS)
 
 
-@pytest.mark.parametrize("case", ["layer", "hook", "unknown hook", "empty", "column", "context"])
+@pytest.mark.parametrize("case", ["layer", "hook", "unknown hook", "empty", "column", "context",
+                                  "overflow"])
 def test_errors(model_dirs, text_file, tmp_path, capsys, case):
-    model = ["--model", model_dirs["dirs"]["bos"]]
+    model = ["--model", model_dirs["dirs"]["huge" if case == "overflow" else "bos"]]
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     data = tmp_path / "corpus"
@@ -328,6 +336,8 @@ def test_errors(model_dirs, text_file, tmp_path, capsys, case):
         "empty": (["--layer", 1, empty], f"the input ({empty}) has no text"),
         "column": (["--layer", 1, "--dataset", data], "has no column 'text'; its columns: body"),
         "context": (["--layer", 1, "--context-size", 65, text_file], "exceeds the model's 64 positions"),
+        "overflow": (["--layer", 0, text_file], "activations overflow float16 (or are not finite); "
+                                                "use --dtype float32"),
     }[case]
     assert cache(*model, *args, "--out", tmp_path / "acts", "--no-progress", check=False) == 2
     err = capsys.readouterr().err
