@@ -176,7 +176,8 @@ def text_file_documents(paths: list[Path], whole_file: bool) -> Iterator[str]:
 
 
 def dataset_documents(name: str, config: str | None, split: str, column: str) -> Iterator[str]:
-    """The text column of a Hugging Face dataset, streamed."""
+    """The text column of a Hugging Face dataset, streamed. The dataset is opened and its
+    columns checked here, before the first document is asked for."""
     try:
         import datasets
     except ImportError:
@@ -189,13 +190,17 @@ def dataset_documents(name: str, config: str | None, split: str, column: str) ->
     if columns is not None and column not in columns:
         raise CacheError(f"dataset {name} has no column {column!r}; its columns: "
                          f"{', '.join(columns)} (--text-column)")
-    for record in stream:
-        if column not in record:
-            raise CacheError(f"dataset {name} has no column {column!r}; its columns: "
-                             f"{', '.join(record)} (--text-column)")
-        text = record[column]
-        if isinstance(text, str) and text.strip():
-            yield text
+
+    def texts() -> Iterator[str]:
+        for record in stream:
+            if column not in record:
+                raise CacheError(f"dataset {name} has no column {column!r}; its columns: "
+                                 f"{', '.join(record)} (--text-column)")
+            text = record[column]
+            if isinstance(text, str) and text.strip():
+                yield text
+
+    return texts()
 
 
 def one_line(error: BaseException) -> str:
@@ -270,16 +275,16 @@ def load_model(name: str, device: str, dtype_name: str) -> tuple[Any, Any]:
         raise CacheError(f"--device {device}: torch sees no CUDA device")
     dtype = getattr(torch, dtype_name)
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # OSError (not found), ValueError (no tokenizer), ...
-        raise CacheError(f"cannot load the tokenizer of {name}: {one_line(e)}") from None
-    try:
         try:
             model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         except ValueError:  # not a causal LM's configuration (an encoder, say)
             model = transformers.AutoModel.from_pretrained(name, dtype=dtype)
-    except Exception as e:
+    except Exception as e:  # OSError (not found), ValueError, ...
         raise CacheError(f"cannot load model {name}: {one_line(e)}") from None
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise CacheError(f"cannot load the tokenizer of {name}: {one_line(e)}") from None
     model.config.use_cache = False  # no key/value cache: nothing is generated
     return model.to(device).eval(), tokenizer
 
@@ -645,9 +650,10 @@ def main(argv: list[str] | None = None) -> int:
     except CacheError as e:
         print(f"cache_activations.py: error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    shards = len(manifest["shards"])
     print(f"cache_activations.py: {manifest['tokens']} rows of {manifest['hook_name']} "
-          f"(d_model {manifest['d_model']}, {manifest['dtype']}) in "
-          f"{len(manifest['shards'])} shards under {args.out}", file=sys.stderr)
+          f"(d_model {manifest['d_model']}, {manifest['dtype']}) in {shards} "
+          f"shard{'s' if shards != 1 else ''} under {args.out}", file=sys.stderr)
     return 0
 
 
