@@ -129,9 +129,9 @@ int main(int argc, char** argv) {
       // Cached activations. The held-out rows are the first eval_rows of the (shuffled)
       // stream, read before training starts: unseen during the first epoch, seen again
       // in later ones. Inputs are scaled so that E||x||^2 = d_model (folded on export).
-      npy_source_options no;
+      file_source_options no;
       no.seed = std::uint64_t(seed);
-      npy_source<T> files(npy_files, no);
+      file_source<T> files(npy_files, no);
       opt.eval_rows = std::min<std::int64_t>(opt.eval_rows, files.rows_total() / 4);
       opt.init_rows = std::max<std::int64_t>(1, std::min<std::int64_t>(opt.init_rows, files.rows_total() / 4));
       opt.normalize_inputs = true;

@@ -157,10 +157,10 @@ int main(int argc, char** argv) {
     if (npy_files.empty()) {
       res = pareto_study<T>(be, [&] { return synthetic_source<T>(data, be); }, o, report);
     } else {
-      npy_source_options no;
+      file_source_options no;
       no.seed = std::uint64_t(seed);
       o.train.normalize_inputs = true;
-      res = pareto_study<T>(be, [&] { return npy_source<T>(npy_files, no); }, o, report);
+      res = pareto_study<T>(be, [&] { return file_source<T>(npy_files, no); }, o, report);
     }
 
     std::filesystem::create_directories(out);

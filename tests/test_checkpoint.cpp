@@ -113,12 +113,12 @@ TEST_CASE("checkpoint: a resumed run is bitwise identical to an uninterrupted on
     const row_matrix<T> a = gen.next(2300), b = gen.next(1700);
     write_npy(data_dir / "a.npy", a, npy_dtype::f32);
     write_npy(data_dir / "b.npy", b, npy_dtype::f16);
-    npy_source_options no;
+    file_source_options no;
     no.shuffle_buffer_rows = 999;
     no.read_chunk_rows = 333;
     no.seed = 9;
     const std::vector<fs::path> files{data_dir / "a.npy", data_dir / "b.npy"};
-    check_resume_is_bitwise([&] { return npy_source<T>(files, no); });
+    check_resume_is_bitwise([&] { return file_source<T>(files, no); });
   }
   SECTION("in-memory source (no state of its own: the pulled rows are replayed)") {
     synthetic_source<T> gen(data_options(6));
@@ -310,7 +310,7 @@ using hsae_test::message_of;
 struct hostile_fixture {
   hsae_test::temp_dir tmp;
   std::vector<fs::path> files;
-  npy_source_options no;
+  file_source_options no;
   fs::path good = tmp / "good.ckpt";
   fs::path bad = tmp / "bad.ckpt";
 
@@ -322,7 +322,7 @@ struct hostile_fixture {
     no.shuffle_buffer_rows = 999;
     no.read_chunk_rows = 333;
     no.seed = 9;
-    auto src = npy_source<T>(files, no);
+    auto src = file_source<T>(files, no);
     CHECK_THROWS_AS(run(src, run_options(good), 17), interrupted);  // the checkpoint of step 15
   }
   /// The good checkpoint with `edit` applied, written to `bad`.
@@ -336,7 +336,7 @@ struct hostile_fixture {
   void resume_bad() {
     cpu_backend be;
     trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, run_options(bad));
-    auto src = npy_source<T>(files, no);
+    auto src = file_source<T>(files, no);
     tr.resume(bad, src);
   }
 };
@@ -352,9 +352,13 @@ TEST_CASE("checkpoint: the good checkpoint of the hostile cases resumes", "[chec
   const checkpoint_state<T> st = read_checkpoint<T>(fx.good);
   CHECK(st.get_int("source.chunk_pos") < st.get_int("source.chunk_rows"));
   CHECK(st.get_int("source.fill") > 0);
+  // Checkpoints written before npy_source became file_source name the kind "npy".
+  CHECK(st.text("source.kind") == "files");
+  fx.write_edited([](checkpoint_state<T>& s) { s.set("source.kind", std::string("npy")); });
+  REQUIRE_NOTHROW(fx.resume_bad());
 }
 
-TEST_CASE("checkpoint: npy_source state from a hostile checkpoint is refused", "[checkpoint][hostile]") {
+TEST_CASE("checkpoint: file_source state from a hostile checkpoint is refused", "[checkpoint][hostile]") {
   hostile_fixture fx;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   struct edit_case {
@@ -478,18 +482,18 @@ TEST_CASE("checkpoint: a refused checkpoint leaves the trainer and the source as
   fx.write_edited([](auto& st) { st.arrays["dead.tokens_since_fired"][0] = -1; });
   cpu_backend be;
   trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, run_options());
-  auto src = npy_source<T>(fx.files, fx.no);
+  auto src = file_source<T>(fx.files, fx.no);
   CHECK_THROWS_AS(tr.resume(fx.bad, src), io_error);
   CHECK(src.rows_served() == 0);
   CHECK(tr.steps_done() == 0);
   // The untouched pair trains like fresh ones.
-  auto src2 = npy_source<T>(fx.files, fx.no);
+  auto src2 = file_source<T>(fx.files, fx.no);
   const auto fresh = run(src2, run_options());
   tr.fit(src);
   CHECK(hsae_test::bitwise_equal(tr.model().W_dec, fresh.model().W_dec));
 }
 
-TEST_CASE("checkpoint: an npy_source saved after any step resumes (buffer sizes, file and epoch boundaries)",
+TEST_CASE("checkpoint: a file_source saved after any step resumes (buffer sizes, file and epoch boundaries)",
           "[checkpoint][hostile]") {
   // The resume checks hold the source to exact invariants (stream position, rows in the
   // buffer, rows served): every state a run passes through must satisfy them.
@@ -504,7 +508,7 @@ TEST_CASE("checkpoint: an npy_source saved after any step resumes (buffer sizes,
   for (const config c : {config{0, true, true}, config{1, true, false}, config{150, true, true},
                          config{5000, true, true}, config{150, false, false}, config{0, false, false}}) {
     INFO("shuffle buffer " << c.buffer << ", files " << (c.two_files ? 2 : 1) << ", shuffled " << c.shuffle_files);
-    npy_source_options no;
+    file_source_options no;
     no.shuffle_buffer_rows = c.buffer;
     no.read_chunk_rows = 97;  // chunks that straddle batches and end mid-file
     no.shuffle_files = c.shuffle_files;
@@ -519,7 +523,7 @@ TEST_CASE("checkpoint: an npy_source saved after any step resumes (buffer sizes,
     o.prefetch = prefetch_mode::never;  // the source is saved from on_step
     cpu_backend be;
     trainer<T, dynamic, schedule> full(be, sae<T>(24, 96), schedule{}, o);
-    auto src = npy_source<T>(files, no);
+    auto src = file_source<T>(files, no);
     full.on_step = [&](const step_record& r) {
       full.save_checkpoint(tmp / hsae_test::numbered("s", long(r.step), ".ckpt"), src);
     };
@@ -527,7 +531,7 @@ TEST_CASE("checkpoint: an npy_source saved after any step resumes (buffer sizes,
     for (int s = 1; s <= 30; ++s) {
       INFO("checkpoint after step " << s);
       trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, o);
-      auto src2 = npy_source<T>(files, no);
+      auto src2 = file_source<T>(files, no);
       REQUIRE_NOTHROW(tr.resume(tmp / hsae_test::numbered("s", s, ".ckpt"), src2));
       if (s % 7 == 0) {  // and continues exactly
         tr.fit(src2);

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // .npy reading and writing (data/npy.hpp): float16 conversions, round trips, header
 // parsing, hostile files; the batch sources (data/sources.hpp): matrix_source and
-// npy_source epochs, shuffling, determinism, width and NaN checks.
+// file_source epochs, shuffling, determinism, width and NaN checks.
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
@@ -783,8 +783,8 @@ TEST_CASE("npy files agree with numpy (when numpy is installed)", "[npy][numpy]"
 TEST_CASE("batch_source concept", "[sources]") {
   STATIC_REQUIRE(hsae::batch_source<hsae::matrix_source<float>, float>);
   STATIC_REQUIRE(hsae::batch_source<hsae::matrix_source<double>, double>);
-  STATIC_REQUIRE(hsae::batch_source<hsae::npy_source<float>, float>);
-  STATIC_REQUIRE(hsae::batch_source<hsae::npy_source<double>, double>);
+  STATIC_REQUIRE(hsae::batch_source<hsae::file_source<float>, float>);
+  STATIC_REQUIRE(hsae::batch_source<hsae::file_source<double>, double>);
   STATIC_REQUIRE(hsae::batch_source<hsae::synthetic_source<float>, float>);
   STATIC_REQUIRE_FALSE(hsae::batch_source<hsae::matrix_source<float>, double>);
   STATIC_REQUIRE_FALSE(hsae::batch_source<int, float>);
@@ -836,7 +836,7 @@ TEST_CASE("matrix_source: epochs, shuffling, determinism", "[sources]") {
   }
 }
 
-TEST_CASE("npy_source: epochs over several files", "[sources][npy]") {
+TEST_CASE("file_source: epochs over several files", "[sources][npy]") {
   temp_dir tmp;
   const Eigen::Index d = 3;
   // Three files, 37 + 50 + 13 = 100 rows; ids 0..99 in stream order.
@@ -850,11 +850,11 @@ TEST_CASE("npy_source: epochs over several files", "[sources][npy]") {
     for (const std::size_t buf : {std::size_t(0), std::size_t(1)}) {
       for (const std::size_t chunk : {std::size_t(1), std::size_t(6), std::size_t(4096)}) {
         INFO("buffer " << buf << ", chunk " << chunk);
-        hsae::npy_source_options o;
+        hsae::file_source_options o;
         o.shuffle_buffer_rows = buf;
         o.shuffle_files = false;
         o.read_chunk_rows = chunk;
-        hsae::npy_source<float> src(files, o);
+        hsae::file_source<float> src(files, o);
         CHECK(src.rows_total() == n);
         CHECK(src.d_model() == d);
         const auto ids = draw_ids(src, 2 * n + 1, 3);  // 3 does not divide 100
@@ -870,12 +870,12 @@ TEST_CASE("npy_source: epochs over several files", "[sources][npy]") {
       for (const std::size_t chunk : {std::size_t(1), std::size_t(7), std::size_t(4096)}) {
         for (const bool shuffle_files : {false, true}) {
           INFO("buffer " << buf << ", chunk " << chunk << ", shuffle_files " << shuffle_files);
-          hsae::npy_source_options o;
+          hsae::file_source_options o;
           o.shuffle_buffer_rows = buf;
           o.read_chunk_rows = chunk;
           o.shuffle_files = shuffle_files;
           o.seed = 42;
-          hsae::npy_source<float> src(files, o);
+          hsae::file_source<float> src(files, o);
           const auto ids = draw_ids(src, 3 * n, 8);
           for (int e = 0; e < 3; ++e)
             REQUIRE(is_permutation_of_range(std::vector<long>(ids.begin() + e * n, ids.begin() + (e + 1) * n), n));
@@ -886,11 +886,11 @@ TEST_CASE("npy_source: epochs over several files", "[sources][npy]") {
     }
   }
   SECTION("shuffle_files alone permutes whole files") {
-    hsae::npy_source_options o;
+    hsae::file_source_options o;
     o.shuffle_buffer_rows = 0;
     o.shuffle_files = true;
     o.seed = 3;
-    hsae::npy_source<float> src(files, o);
+    hsae::file_source<float> src(files, o);
     bool saw_other_order = false;
     for (int e = 0; e < 8; ++e) {
       const auto ids = draw_ids(src, n, 10);
@@ -906,25 +906,25 @@ TEST_CASE("npy_source: epochs over several files", "[sources][npy]") {
     CHECK(saw_other_order);
   }
   SECTION("deterministic for a seed; different seeds differ") {
-    hsae::npy_source_options o;
+    hsae::file_source_options o;
     o.shuffle_buffer_rows = 32;
     o.read_chunk_rows = 5;
     o.seed = 11;
-    hsae::npy_source<float> a(files, o), b(files, o);
+    hsae::file_source<float> a(files, o), b(files, o);
     o.seed = 12;
-    hsae::npy_source<float> c(files, o);
+    hsae::file_source<float> c(files, o);
     const auto ia = draw_ids(a, 3 * n, 9), ib = draw_ids(b, 3 * n, 9), ic = draw_ids(c, 3 * n, 9);
     CHECK(ia == ib);
     CHECK(ia != ic);
     // Batch size does not change the stream.
-    hsae::npy_source<float> d1(files, o), d2(files, o);
+    hsae::file_source<float> d1(files, o), d2(files, o);
     CHECK(draw_ids(d1, 2 * n, 1) == draw_ids(d2, 2 * n, 20));
   }
   SECTION("double output from float16 and float32 files mixed") {
     hsae::write_npy(tmp / "h.npy", id_rows(100, 20, d), hsae::npy_dtype::f16);  // ids < 2048: exact in half
-    hsae::npy_source_options o;
+    hsae::file_source_options o;
     o.shuffle_buffer_rows = 8;
-    hsae::npy_source<double> src({tmp / "a.npy", tmp / "h.npy"}, o);
+    hsae::file_source<double> src({tmp / "a.npy", tmp / "h.npy"}, o);
     CHECK(src.rows_total() == 57);
     auto ids = draw_ids(src, 57, 4);
     std::sort(ids.begin(), ids.end());
@@ -936,29 +936,29 @@ TEST_CASE("npy_source: epochs over several files", "[sources][npy]") {
   }
 }
 
-TEST_CASE("npy_source: errors", "[sources][npy][errors]") {
+TEST_CASE("file_source: errors", "[sources][npy][errors]") {
   temp_dir tmp;
   hsae::write_npy(tmp / "w3.npy", id_rows(0, 10, 3));
   hsae::write_npy(tmp / "w4.npy", id_rows(0, 10, 4));
 
   SECTION("no files") {
-    CHECK_THROWS_AS(hsae::npy_source<float>(std::vector<fs::path>{}), hsae::config_error);
-    CHECK_THROWS_WITH(hsae::npy_source<float>(std::vector<fs::path>{}), Catch::Contains("no input files"));
+    CHECK_THROWS_AS(hsae::file_source<float>(std::vector<fs::path>{}), hsae::config_error);
+    CHECK_THROWS_WITH(hsae::file_source<float>(std::vector<fs::path>{}), Catch::Contains("no input files"));
   }
   SECTION("bad options") {
-    hsae::npy_source_options o;
+    hsae::file_source_options o;
     o.read_chunk_rows = 0;
-    CHECK_THROWS_AS(hsae::npy_source<float>({tmp / "w3.npy"}, o), hsae::config_error);
+    CHECK_THROWS_AS(hsae::file_source<float>({tmp / "w3.npy"}, o), hsae::config_error);
   }
   SECTION("mismatched widths name both files and widths") {
-    const auto msg = message_of<hsae::io_error>([&] { hsae::npy_source<float> s({tmp / "w3.npy", tmp / "w4.npy"}); });
+    const auto msg = message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "w3.npy", tmp / "w4.npy"}); });
     CHECK_THAT(msg, Catch::Contains("w3.npy") && Catch::Contains("w4.npy") && Catch::Contains("3 columns") &&
                         Catch::Contains("has 4") && Catch::Contains("width mismatch"));
   }
   SECTION("a bad file among good ones") {
     write_bytes(tmp / "junk.npy", "not an npy file at all");
     const auto msg =
-        message_of<hsae::io_error>([&] { hsae::npy_source<float> s({tmp / "w3.npy", tmp / "junk.npy"}); });
+        message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "w3.npy", tmp / "junk.npy"}); });
     CHECK_THAT(msg, Catch::Contains("junk.npy") && Catch::Contains("bad magic"));
   }
   SECTION("NaN and Inf are caught with file and row; check_finite = false lets them through") {
@@ -970,11 +970,11 @@ TEST_CASE("npy_source: errors", "[sources][npy][errors]") {
     hsae::write_npy(tmp / "inf16.npy", inf, hsae::npy_dtype::f16);
     for (const std::size_t buf : {std::size_t(0), std::size_t(64)}) {
       INFO("buffer " << buf);
-      hsae::npy_source_options o;
+      hsae::file_source_options o;
       o.shuffle_buffer_rows = buf;
       o.read_chunk_rows = 4;
       {
-        hsae::npy_source<float> src({tmp / "w3.npy", tmp / "nan.npy"}, o);
+        hsae::file_source<float> src({tmp / "w3.npy", tmp / "nan.npy"}, o);
         const auto msg = message_of<hsae::numeric_error>([&] {
           for (int i = 0; i < 10; ++i) src.next(5);
         });
@@ -982,19 +982,19 @@ TEST_CASE("npy_source: errors", "[sources][npy][errors]") {
                             Catch::Contains("non-finite"));
       }
       {
-        hsae::npy_source<double> src({tmp / "inf16.npy"}, o);
+        hsae::file_source<double> src({tmp / "inf16.npy"}, o);
         const auto msg = message_of<hsae::numeric_error>([&] { src.next(12); });
         CHECK_THAT(msg, Catch::Contains("inf16.npy") && Catch::Contains("row 9") && Catch::Contains("inf"));
       }
       o.check_finite = false;
-      hsae::npy_source<float> src({tmp / "nan.npy"}, o);
+      hsae::file_source<float> src({tmp / "nan.npy"}, o);
       const auto x = src.next(12);
       CHECK_FALSE(x.allFinite());
       CHECK(x.array().isNaN().count() == 1);
     }
   }
   SECTION("negative batch rows") {
-    hsae::npy_source<float> src({tmp / "w3.npy"});
+    hsae::file_source<float> src({tmp / "w3.npy"});
     hsae::row_matrix<float> x;
     CHECK_THROWS_AS(src.next(-2, x), hsae::config_error);
     src.next(0, x);

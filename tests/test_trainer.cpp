@@ -158,7 +158,7 @@ TEST_CASE("trainer: training from .npy files equals training from the same rows 
   write_npy(tmp / "b.npy", second, npy_dtype::f32);
   write_npy(tmp / "h.npy", rows, npy_dtype::f16);
 
-  npy_source_options in_order;
+  file_source_options in_order;
   in_order.shuffle_buffer_rows = 0;
   in_order.shuffle_files = false;
   in_order.read_chunk_rows = 777;  // chunks that straddle batches and files
@@ -169,7 +169,7 @@ TEST_CASE("trainer: training from .npy files equals training from the same rows 
     return std::pair{tr.model(), s};
   };
   matrix_source<float> mem(rows, 1, /*shuffle=*/false);
-  npy_source<float> files({tmp / "a.npy", tmp / "b.npy"}, in_order);
+  file_source<float> files({tmp / "a.npy", tmp / "b.npy"}, in_order);
   const auto [m_mem, s_mem] = train(mem);
   const auto [m_npy, s_npy] = train(files);
   CHECK(files.epoch() >= 3);
@@ -181,16 +181,16 @@ TEST_CASE("trainer: training from .npy files equals training from the same rows 
 
   row_matrix<float> rounded = rows.unaryExpr([](float v) { return half_to_float(float_to_half(v)); });
   matrix_source<float> mem_half(rounded, 1, false);
-  npy_source<float> half_file({tmp / "h.npy"}, in_order);
+  file_source<float> half_file({tmp / "h.npy"}, in_order);
   const auto [m_half_mem, s_half_mem] = train(mem_half);
   const auto [m_half, s_half] = train(half_file);
   CHECK(hsae_test::bitwise_equal(m_half_mem.W_dec, m_half.W_dec));
   CHECK(s_half.eval.last().fvu == s_half_mem.eval.last().fvu);
 
   // Shuffled (buffer + file order) still trains to the same quality.
-  npy_source_options shuffled;
+  file_source_options shuffled;
   shuffled.shuffle_buffer_rows = 1024;
-  npy_source<float> mixed({tmp / "a.npy", tmp / "b.npy"}, shuffled);
+  file_source<float> mixed({tmp / "a.npy", tmp / "b.npy"}, shuffled);
   const auto [m_mixed, s_mixed] = train(mixed);
   CHECK(!hsae_test::bitwise_equal(m_mixed.W_dec, m_npy.W_dec));
   CHECK(s_mixed.eval.last().fvu < 0.5);

@@ -16,7 +16,7 @@
 /// Sources take part through two optional members (the trainer falls back to replaying
 /// the rows it pulled, which is exact for any deterministic source):
 ///   void save_state(checkpoint_state<T>&) const;   void load_state(const checkpoint_state<T>&);
-/// synthetic_source and npy_source implement them (O(1) and O(buffer) to restore).
+/// synthetic_source and file_source implement them (O(1) and O(buffer) to restore).
 #pragma once
 
 #include <charconv>

@@ -13,7 +13,7 @@
 ///   hsae::trainer                   trainer.hpp (engine contract: training_engine.hpp; the
 ///                                   CPU engine in cpu/, the GPU's in hsae/cuda.cuh)
 ///   hsae::npy_file, write_npy       data/npy.hpp (memory-mapped .npy reading, atomic writing)
-///   hsae::npy_source, matrix_source data/sources.hpp (batch sources, batch_source concept)
+///   hsae::file_source, matrix_source data/sources.hpp (batch sources, batch_source concept)
 ///   hsae::safetensors_file, ...     io/safetensors.hpp (memory-mapped reading, atomic writing)
 ///   hsae::save_saelens, load_sparsify, convert_sae_dir, ...
 ///                                   io/sae_files.hpp (SAELens and sparsify SAE directories:

@@ -14,7 +14,7 @@
 ///
 /// A source is anything with `int d_model()` and `void next(Eigen::Index rows,
 /// row_matrix<T>& x)` filling the next `rows` rows (synthetic_source, matrix_source,
-/// npy_source, or your own).
+/// file_source, or your own).
 ///
 /// The backend is the last template parameter (training_engine.hpp): `cpu_backend` by
 /// default; `trainer<float, F, S, cuda_backend>` (with <hsae/cuda.cuh>) runs the same loop
@@ -330,7 +330,7 @@ class trainer {
   /// Restores a run from a checkpoint written by `save_checkpoint` (or by `fit` with
   /// `checkpoint_path`); the next `fit(source)` continues it. `source` must be a fresh
   /// source built like the original one: it restores its own state when it can
-  /// (synthetic_source, npy_source), otherwise the rows the run had pulled are read
+  /// (synthetic_source, file_source), otherwise the rows the run had pulled are read
   /// again and dropped. On the CPU the continued run is bitwise identical to an
   /// uninterrupted one. The trainer's options must describe the same run (the same
   /// total_tokens and batch_size: the lr schedule depends on them).

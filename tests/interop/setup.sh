@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: Apache-2.0
-# Creates the Python environment of the interop tests (tests/interop/requirements.txt:
-# torch, safetensors, SAELens, sparsify, pytest) in a virtual environment, by default
+# Creates the Python environment of the interop tests and of tools/cache_activations.py
+# (tests/interop/requirements.txt: torch, safetensors, SAELens, sparsify, transformers,
+# datasets, pytest) in a virtual environment, by default
 # ${XDG_CACHE_HOME:-$HOME/.cache}/hsae/interop-venv, or the directory given as $1 or in
 # HSAE_INTEROP_VENV. Idempotent: does nothing when that environment was made from the
 # same requirements file and its packages are importable. From scratch: about 5 minutes
@@ -23,7 +24,8 @@ ready() {
     "$venv/bin/python" - <<'PY' 2>/dev/null
 import importlib.util, sys
 sys.exit(0 if all(importlib.util.find_spec(m) for m in
-                  ("torch", "safetensors", "sae_lens", "sparsify", "pytest", "numpy")) else 1)
+                  ("torch", "safetensors", "sae_lens", "sparsify", "pytest", "numpy",
+                  "transformers", "tokenizers", "datasets", "tqdm")) else 1)
 PY
 }
 

@@ -6,7 +6,7 @@
 /// (data/synthetic.hpp) is one too.
 ///
 /// - matrix_source<T>: an in-memory matrix, a fresh random permutation per epoch.
-/// - npy_source<T>: one or more .npy files (memory-mapped) as one stream, through a
+/// - file_source<T>: one or more .npy files (memory-mapped) as one stream, through a
 ///   shuffle buffer. The files must not be truncated or rewritten in place while the
 ///   source lives (a read past the new end is a fatal SIGBUS); replacing them by rename is
 ///   safe (see npy_file).
@@ -106,7 +106,7 @@ class matrix_source {
   std::int64_t served_ = 0;
 };
 
-struct npy_source_options {
+struct file_source_options {
   /// Rows held by the shuffle buffer (memory: shuffle_buffer_rows * d_model * sizeof(T));
   /// 0 or 1: rows are served in stream order. Capped at the total row count.
   std::size_t shuffle_buffer_rows = std::size_t(1) << 16;
@@ -126,25 +126,25 @@ struct npy_source_options {
 /// which is refilled with the next streamed row. At the end of an epoch's stream the
 /// buffer drains, so every row is served exactly once per epoch and epochs never mix.
 template <cpu_scalar T>
-class npy_source {
+class file_source {
  public:
-  explicit npy_source(const std::vector<std::filesystem::path>& files, const npy_source_options& opt = {})
+  explicit file_source(const std::vector<std::filesystem::path>& files, const file_source_options& opt = {})
       : opt_(opt), gen_(opt.seed) {
-    detail::expects<config_error>(!files.empty(), "npy_source: no input files");
-    detail::expects<config_error>(opt_.read_chunk_rows >= 1, "npy_source: read_chunk_rows=", opt_.read_chunk_rows,
+    detail::expects<config_error>(!files.empty(), "file_source: no input files");
+    detail::expects<config_error>(opt_.read_chunk_rows >= 1, "file_source: read_chunk_rows=", opt_.read_chunk_rows,
                                   " must be >= 1");
     files_.reserve(files.size());
     for (const auto& p : files) {
       files_.emplace_back(p);
       const npy_file& f = files_.back();
       if (f.cols() != files_.front().cols())
-        detail::throw_error<io_error>("npy_source: width mismatch: '", files_.front().path().string(), "' has ",
+        detail::throw_error<io_error>("file_source: width mismatch: '", files_.front().path().string(), "' has ",
                                       files_.front().cols(), " columns but '", f.path().string(), "' has ",
                                       f.cols());
       total_ += f.rows();
     }
     detail::expects<config_error>(files_.front().cols() <= std::int64_t(std::numeric_limits<int>::max()),
-                                  "npy_source: width ", files_.front().cols(), " too large");
+                                  "file_source: width ", files_.front().cols(), " too large");
     d_ = Eigen::Index(files_.front().cols());
     const auto want = std::int64_t(std::min<std::size_t>(opt_.shuffle_buffer_rows, std::size_t(total_)));
     cap_ = opt_.shuffle_buffer_rows <= 1 ? 0 : std::size_t(want);
@@ -160,7 +160,7 @@ class npy_source {
   /// Rows served since construction (the stream position).
   std::int64_t rows_served() const { return served_; }
   const std::vector<npy_file>& files() const { return files_; }
-  const npy_source_options& options() const { return opt_; }
+  const file_source_options& options() const { return opt_; }
 
   /// Checkpoint support (checkpoint.hpp): the stream position (file order, file, row,
   /// read chunk), the shuffle buffer's rows and the RNG. Restoring re-reads one chunk.
@@ -168,7 +168,7 @@ class npy_source {
   ///         size differ from those the checkpoint was written with.
   template <class State>
   void save_state(State& st) const {
-    st.set("source.kind", std::string("npy"));
+    st.set("source.kind", std::string("files"));
     st.set("source.files", std::int64_t(files_.size()));
     for (std::size_t i = 0; i < files_.size(); ++i) {
       st.set("source.file" + std::to_string(i), files_[i].path().string());
@@ -192,14 +192,15 @@ class npy_source {
   /// agree with the rows served, the buffer must hold `fill` finite rows of this width.
   template <class State>
   void load_state(const State& st) {
-    st.expects(st.text("source.kind") == "npy", "the data source was '", st.text("source.kind"),
-               "', not an npy_source");
+    // "npy": written by this source before it was renamed from npy_source.
+    st.expects(st.text("source.kind") == "files" || st.text("source.kind") == "npy", "the data source was '",
+               st.text("source.kind"), "', not a file_source");
     bool same = st.get_int("source.files") == std::int64_t(files_.size()) &&
                 st.get_int("source.capacity") == std::int64_t(cap_);
     for (std::size_t i = 0; same && i < files_.size(); ++i)
       same = st.text("source.file" + std::to_string(i)) == files_[i].path().string() &&
              st.get_int("source.file" + std::to_string(i) + ".rows") == files_[i].rows();
-    st.expects(same, "the npy_source was written for other files (or another shuffle buffer size) than the ones given");
+    st.expects(same, "the file_source was written for other files (or another shuffle buffer size) than the ones given");
 
     // The file order: a permutation of the file indices.
     const auto n_files = std::int64_t(files_.size());
@@ -267,7 +268,7 @@ class npy_source {
   }
 
   void next(Eigen::Index rows, row_matrix<T>& x) {
-    detail::expect_batch_rows("npy_source", rows);
+    detail::expect_batch_rows("file_source", rows);
     x.resize(rows, d_);
     for (Eigen::Index r = 0; r < rows; ++r) next_row(x.row(r).data());
   }
@@ -314,7 +315,7 @@ class npy_source {
     for (Eigen::Index i = 0; i < chunk_.rows(); ++i)
       for (Eigen::Index j = 0; j < chunk_.cols(); ++j)
         if (!std::isfinite(chunk_(i, j)))
-          detail::throw_error<numeric_error>("npy_source: non-finite value (", double(chunk_(i, j)), ") in '",
+          detail::throw_error<numeric_error>("file_source: non-finite value (", double(chunk_(i, j)), ") in '",
                                              f.path().string(), "' at row ", first + i, ", column ", j);
   }
 
@@ -343,7 +344,7 @@ class npy_source {
     }
   }
 
-  npy_source_options opt_;
+  file_source_options opt_;
   rng gen_;
   std::vector<npy_file> files_;
   std::int64_t total_ = 0;
