@@ -85,10 +85,10 @@ class tagged_source {
 
 /// Reads every row of `files` in order (the test set).
 inline hsae::row_matrix<float> read_all_rows(const file_set& fs) {
-  hsae::npy_source_options o;
+  hsae::file_source_options o;
   o.shuffle_buffer_rows = 0;
   o.shuffle_files = false;
-  hsae::npy_source<float> src(fs.files, o);
+  hsae::file_source<float> src(fs.files, o);
   return src.next(Eigen::Index(src.rows_total()));
 }
 
@@ -128,10 +128,10 @@ run_result train_with(const Handle& be, const run_plan& p, const std::atomic<boo
     hsae::synthetic_source<float> s(demo_synthetic(std::uint64_t(p.cfg.seed)), host);
     sum = train(s);
   } else {
-    hsae::npy_source_options no;
+    hsae::file_source_options no;
     no.seed = std::uint64_t(p.cfg.seed);
     no.shuffle_buffer_rows = std::size_t(p.cfg.shuffle_buffer);
-    hsae::npy_source<float> s(p.train.files, no);
+    hsae::file_source<float> s(p.train.files, no);
     sum = train(s);
   }
 
