@@ -440,7 +440,23 @@ std::string help_text() {
     s << lhs;
     if (lhs.size() < 28) s << std::string(28 - lhs.size(), ' ');
     else s << "\n" << std::string(28, ' ');
-    s << e.info.help << "\n";
+    // The help wrapped at 100 columns.
+    std::istringstream words(e.info.help);
+    std::string w;
+    std::size_t col = 28;
+    bool first = true;
+    while (words >> w) {
+      if (!first && col + 1 + w.size() > 100) {
+        s << "\n" << std::string(28, ' ');
+        col = 28;
+        first = true;
+      }
+      if (!first) s << ' ', ++col;
+      s << w;
+      col += w.size();
+      first = false;
+    }
+    s << "\n";
   }
   s << "\nexit status: 0 done, 1 error during the run, 2 bad command line or config, 130 interrupted\n";
   return s.str();
