@@ -309,7 +309,18 @@ TEST_CASE("hsae-train: a run on .npy files writes the SAE and its report; resume
   SECTION("--test files are the held-out rows; sparsify layout in bf16") {
     const fs::path o = tmp / "with_test";
     REQUIRE(run_main(with({"--out", o.string(), "--test", (tmp / "test.npy").string(), "--format", "sparsify",
-                           "--dtype", "bf16"})) == 0);
+                           "--dtype", "bf16", "--eval-every", "10"})) == 0);
+    // Every evaluation (steps 10, 20 and the end) on the 400 test rows.
+    std::ifstream m(o / "metrics.jsonl");
+    int evals = 0;
+    for (std::string line; std::getline(m, line);) {
+      const auto j = nlohmann::json::parse(line);
+      if (j["type"] == "eval") {
+        ++evals;
+        CHECK(j["rows"] == 400);
+      }
+    }
+    CHECK(evals == 3);
     const auto s = hsae::load_sparsify<float>(o);
     CHECK(s.storage_dtype == hsae::safetensors_dtype::bf16);
     CHECK_THAT(read_bytes(o / "report.md"), Catch::Contains("400 rows of the --test files (never trained on)"));

@@ -51,8 +51,8 @@ const std::vector<option_entry>& table() {
       {{"data", "FILE...", "activation files: .npy, globs ('acts/*.npy', quoted), directories holding "
                            "activations.json or .npy files, .safetensors; also as positional arguments",
         "inputs"}, list_field{&c::data}},
-      {{"test", "FILE...", "held-out files (same forms), evaluated at the end; the training rows are then all "
-                           "of --data",
+      {{"test", "FILE...", "held-out files (same forms), read whole and evaluated at every evaluation; the "
+                           "training rows are then all of --data",
         "inputs"}, list_field{&c::test}},
       {{"tensor", "NAME", "the tensor of .safetensors inputs (default: the only one)", "inputs"},
        text_field{&c::tensor, {}}},

@@ -83,14 +83,36 @@ class tagged_source {
   const nlohmann::json& run_;
 };
 
-/// Reads every row of `files` in order (the test set).
-inline hsae::row_matrix<float> read_all_rows(const file_set& fs) {
-  hsae::file_source_options o;
-  o.shuffle_buffer_rows = 0;
-  o.shuffle_files = false;
-  hsae::file_source<float> src(fs.files, o);
-  return src.next(Eigen::Index(src.rows_total()));
-}
+/// The trainer's stream with the held-out rows first: the trainer draws its eval_rows
+/// held-out rows first (one read of `held_rows` rows), and they come from `held` (the
+/// --test files, read in order); every later row comes from `train`. A checkpoint holds
+/// the held-out rows themselves, so the state saved and restored is `train`'s only.
+template <class Held, class Train>
+class held_out_first {
+ public:
+  held_out_first(Held& held, Train& train, std::int64_t held_rows) : held_(held), train_(train), left_(held_rows) {}
+  int d_model() const { return train_.d_model(); }
+  void next(Eigen::Index rows, hsae::row_matrix<float>& x) {
+    if (left_ == 0) return train_.next(rows, x);
+    hsae::detail::expects<hsae::config_error>(rows == left_, "hsae-train: the held-out rows were not read first");
+    held_.next(rows, x);
+    left_ = 0;
+  }
+  template <class State>
+  void save_state(State& st) const {
+    train_.save_state(st);
+  }
+  template <class State>
+  void load_state(const State& st) {
+    train_.load_state(st);
+    left_ = 0;  // the checkpoint holds them
+  }
+
+ private:
+  Held& held_;
+  Train& train_;
+  std::int64_t left_;
+};
 
 /// Trains on backend handle `be` (trainer's Backend parameter `Backend`).
 template <class Backend, class Handle>
@@ -132,7 +154,16 @@ run_result train_with(const Handle& be, const run_plan& p, const std::atomic<boo
     no.seed = std::uint64_t(p.cfg.seed);
     no.shuffle_buffer_rows = std::size_t(p.cfg.shuffle_buffer);
     hsae::file_source<float> s(p.train.files, no);
-    sum = train(s);
+    if (p.test.files.empty()) {
+      sum = train(s);
+    } else {  // the --test files are the held-out rows, evaluated at every evaluation
+      hsae::file_source_options to;
+      to.shuffle_buffer_rows = 0;
+      to.shuffle_files = false;
+      hsae::file_source<float> t(p.test.files, to);
+      held_out_first<hsae::file_source<float>, hsae::file_source<float>> both(t, s, p.eval_rows);
+      sum = train(both);
+    }
   }
 
   run_result r;
@@ -145,14 +176,7 @@ run_result train_with(const Handle& be, const run_plan& p, const std::atomic<boo
   r.input_scale = tr.input_scale();
   r.dead_fraction = tr.dead_latents().dead_fraction();
   if (sum.interrupted) return r;
-  if (!p.test.files.empty()) {
-    hsae::row_matrix<float> x = read_all_rows(p.test);
-    if (tr.input_scale() != 1.0) x *= float(tr.input_scale());
-    r.eval = tr.engine().evaluate(hsae::cref<float>(x), tr.schedule());
-    r.eval.dead_fraction = r.dead_fraction;
-  } else {
-    r.eval = sum.eval;
-  }
+  r.eval = sum.eval;
   r.model = tr.export_model();
   return r;
 }

@@ -227,7 +227,7 @@ run_plan resolve(const train_config& in) {
                         " rows held out: the first rows of the shuffled stream, drawn before training (seen again "
                         "in training from the second epoch on; use --test for files never trained on)";
     } else {
-      p.eval_rows = 0;
+      p.eval_rows = p.test.rows;
       p.held_out_text = std::to_string(p.test.rows) + " rows of the --test files (never trained on)";
     }
     p.train_rows = p.train.rows;

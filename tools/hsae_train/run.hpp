@@ -51,7 +51,7 @@ struct run_plan {
   int d_model = 0;
   /// Rows of the data the training stream may use (files: all rows but the held-out ones).
   std::int64_t train_rows = 0;
-  /// Held-out rows: the trainer's eval_rows (0 with --test: the test files are evaluated).
+  /// Held-out rows: the trainer's eval_rows (with --test: all rows of the test files).
   std::int64_t eval_rows = 0;
   hsae::dynamic_k_schedule schedule{{1, 1.0}};
   hsae::trainer_options topt;  ///< without metrics path, stop flag or progress stream
