@@ -1002,3 +1002,152 @@ TEST_CASE("file_source: errors", "[sources][npy][errors]") {
     CHECK(x.cols() == 3);
   }
 }
+
+// --- safetensors inputs ---------------------------------------------------------------------
+
+namespace {
+
+/// Writes `m` as the one tensor `name` of a safetensors file (plus `extra` tensors of one row).
+void write_st(const fs::path& p, const hsae::row_matrix<float>& m, hsae::safetensors_dtype dt,
+              const std::vector<std::string>& extra = {}, const std::string& name = "acts") {
+  hsae::safetensors_writer w;
+  w.add(name, m, dt);
+  const hsae::row_matrix<float> one = m.topRows(1);
+  for (const auto& e : extra) w.add(e, one, dt);
+  w.write(p);
+}
+
+/// `n` rows of the source, as one matrix.
+template <class Src>
+hsae::row_matrix<float> draw(Src& src, long n) {
+  hsae::row_matrix<float> all(n, src.d_model()), x;
+  for (long i = 0; i < n; i += 7) {
+    src.next(std::min(7L, n - i), x);
+    all.middleRows(i, x.rows()) = x;
+  }
+  return all;
+}
+
+}  // namespace
+
+TEST_CASE("file_source: safetensors files stream as the .npy files with the same rows", "[sources][safetensors]") {
+  temp_dir tmp;
+  const Eigen::Index d = 5;
+  const auto a = id_rows(0, 37, d), b = id_rows(37, 50, d);
+  hsae::write_npy(tmp / "a.npy", a, hsae::npy_dtype::f32);
+  hsae::write_npy(tmp / "b.npy", b, hsae::npy_dtype::f16);
+  write_st(tmp / "a.safetensors", a, hsae::safetensors_dtype::f32);
+  write_st(tmp / "b.safetensors", b, hsae::safetensors_dtype::f16);
+  hsae::file_source_options o;
+  o.shuffle_buffer_rows = 16;
+  o.read_chunk_rows = 6;
+  o.seed = 4;
+
+  SECTION("F32 and F16, alone and mixed with .npy: the same stream bitwise") {
+    hsae::file_source<float> npy({tmp / "a.npy", tmp / "b.npy"}, o);
+    const auto want = draw(npy, 3 * 87 + 5);
+    hsae::file_source<float> st({tmp / "a.safetensors", tmp / "b.safetensors"}, o);
+    CHECK(st.rows_total() == 87);
+    CHECK(st.d_model() == d);
+    CHECK(draw(st, 3 * 87 + 5) == want);
+    hsae::file_source<float> mixed({tmp / "a.npy", tmp / "b.safetensors"}, o);
+    CHECK(draw(mixed, 3 * 87 + 5) == want);
+    CHECK(st.files()[0].format() == hsae::row_file_format::safetensors);
+    CHECK(st.files()[0].tensor() == "acts");
+    CHECK(mixed.files()[0].format() == hsae::row_file_format::npy);
+  }
+  SECTION("BF16 reads as its rounded values") {
+    write_st(tmp / "a16.safetensors", a, hsae::safetensors_dtype::bf16);
+    const auto rounded = hsae::safetensors_file(tmp / "a16.safetensors").read_matrix<float>("acts");
+    CHECK(rounded != a);  // 36.125 and the like do not fit bfloat16's 8 bits
+    hsae::write_npy(tmp / "a16.npy", rounded, hsae::npy_dtype::f32);
+    hsae::file_source<float> npy({tmp / "a16.npy"}, o), st({tmp / "a16.safetensors"}, o);
+    CHECK(draw(st, 100) == draw(npy, 100));
+  }
+  SECTION("leading dimensions are flattened; the format is found by content without an extension") {
+    hsae::safetensors_writer w;
+    w.add("x", a.data(), {1, 37, d}, hsae::safetensors_dtype::f64);
+    w.write(tmp / "a3.bin");
+    fs::copy_file(tmp / "a.npy", tmp / "a_npy.dat");
+    hsae::file_source<float> npy({tmp / "a.npy"}, o), st({tmp / "a3.bin"}, o), by_content({tmp / "a_npy.dat"}, o);
+    CHECK(st.files()[0].format() == hsae::row_file_format::safetensors);
+    CHECK(by_content.files()[0].format() == hsae::row_file_format::npy);
+    CHECK(st.rows_total() == 37);
+    const auto want = draw(npy, 80);
+    CHECK(draw(st, 80) == want);
+    CHECK(draw(by_content, 80) == want);
+  }
+  SECTION("a named tensor among several") {
+    write_st(tmp / "many.safetensors", a, hsae::safetensors_dtype::f32, {"other", "third"}, "resid");
+    hsae::file_source_options named = o;
+    named.tensor = "resid";
+    hsae::file_source<float> npy({tmp / "a.npy"}, o), st({tmp / "many.safetensors"}, named);
+    CHECK(draw(st, 80) == draw(npy, 80));
+  }
+}
+
+TEST_CASE("file_source: safetensors errors name the file and the tensor", "[sources][safetensors][errors]") {
+  temp_dir tmp;
+  const auto a = id_rows(0, 10, 3);
+  write_st(tmp / "many.safetensors", a, hsae::safetensors_dtype::f32, {"other", "third"}, "resid");
+  hsae::write_npy(tmp / "a.npy", a);
+
+  SECTION("several tensors and no name: the names are listed") {
+    const auto msg = message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "many.safetensors"}); });
+    CHECK_THAT(msg, Catch::Contains("many.safetensors") && Catch::Contains("3 tensors") && Catch::Contains("'resid'") &&
+                        Catch::Contains("'other'") && Catch::Contains("'third'") &&
+                        Catch::Contains("file_source_options::tensor"));
+  }
+  SECTION("a missing tensor") {
+    hsae::file_source_options o;
+    o.tensor = "nope";
+    const auto msg =
+        message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "many.safetensors"}, o); });
+    CHECK_THAT(msg, Catch::Contains("many.safetensors") && Catch::Contains("no tensor named 'nope'") &&
+                        Catch::Contains("'resid'"));
+  }
+  SECTION("a tensor name for an .npy file") {
+    hsae::file_source_options o;
+    o.tensor = "resid";
+    const auto msg = message_of<hsae::config_error>([&] { hsae::file_source<float> s({tmp / "a.npy"}, o); });
+    CHECK_THAT(msg, Catch::Contains("a.npy") && Catch::Contains("'resid'"));
+  }
+  SECTION("an integer dtype, a scalar") {
+    // Hand-built files: the writer only writes float dtypes.
+    const auto st_bytes = [](const std::string& json, std::size_t data_bytes) {
+      std::string h = json;
+      while (h.size() % 8 != 0) h += ' ';
+      std::string out(8, '\0');
+      for (int i = 0; i < 8; ++i) out[std::size_t(i)] = char((h.size() >> (8 * i)) & 0xff);
+      out.append(h).append(data_bytes, '\0');
+      return out;
+    };
+    write_bytes(tmp / "int.safetensors", st_bytes(R"({"ids":{"dtype":"I32","shape":[2,3],"data_offsets":[0,24]}})", 24));
+    auto msg = message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "int.safetensors"}); });
+    CHECK_THAT(msg, Catch::Contains("int.safetensors") && Catch::Contains("'ids'") && Catch::Contains("I32"));
+    write_bytes(tmp / "scalar.safetensors", st_bytes(R"({"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]}})", 4));
+    msg = message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "scalar.safetensors"}); });
+    CHECK_THAT(msg, Catch::Contains("scalar.safetensors") && Catch::Contains("'s'") && Catch::Contains("0-d"));
+    write_bytes(tmp / "empty.safetensors", st_bytes(R"({"e":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]}})", 0));
+    msg = message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "empty.safetensors"}); });
+    CHECK_THAT(msg, Catch::Contains("empty.safetensors") && Catch::Contains("no elements"));
+    write_bytes(tmp / "garbage.bin", "neither format");
+    msg = message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "garbage.bin"}); });
+    CHECK_THAT(msg, Catch::Contains("garbage.bin") && Catch::Contains("safetensors"));
+  }
+  SECTION("NaN: the file, the tensor and the row") {
+    auto bad = a;
+    bad(7, 1) = std::numeric_limits<float>::quiet_NaN();
+    write_st(tmp / "nan.safetensors", bad, hsae::safetensors_dtype::bf16);
+    hsae::file_source<float> src({tmp / "nan.safetensors"});
+    const auto msg = message_of<hsae::numeric_error>([&] { src.next(10); });
+    CHECK_THAT(msg, Catch::Contains("nan.safetensors") && Catch::Contains("tensor 'acts'") &&
+                        Catch::Contains("row 7") && Catch::Contains("column 1"));
+  }
+  SECTION("width mismatch between an .npy and a safetensors file") {
+    write_st(tmp / "w4.safetensors", id_rows(0, 4, 4), hsae::safetensors_dtype::f32);
+    const auto msg =
+        message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "a.npy", tmp / "w4.safetensors"}); });
+    CHECK_THAT(msg, Catch::Contains("width mismatch") && Catch::Contains("w4.safetensors") && Catch::Contains("'acts'"));
+  }
+}

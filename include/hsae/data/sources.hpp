@@ -6,10 +6,10 @@
 /// (data/synthetic.hpp) is one too.
 ///
 /// - matrix_source<T>: an in-memory matrix, a fresh random permutation per epoch.
-/// - file_source<T>: one or more .npy files (memory-mapped) as one stream, through a
-///   shuffle buffer. The files must not be truncated or rewritten in place while the
-///   source lives (a read past the new end is a fatal SIGBUS); replacing them by rename is
-///   safe (see npy_file).
+/// - file_source<T>: one or more .npy or safetensors files (memory-mapped, data/row_file.hpp)
+///   as one stream, through a shuffle buffer. The files must not be truncated or rewritten
+///   in place while the source lives (a read past the new end is a fatal SIGBUS); replacing
+///   them by rename is safe (see npy_file).
 ///
 /// Both wrap around at the end of their data and count epochs; within an epoch every
 /// row is served exactly once. Both are deterministic for a given seed.
@@ -30,7 +30,7 @@
 #include "../error.hpp"
 #include "../matrix.hpp"
 #include "../rng.hpp"
-#include "npy.hpp"
+#include "row_file.hpp"
 
 HSAE_NAMESPACE_BEGIN
 
@@ -117,9 +117,13 @@ struct file_source_options {
   std::size_t read_chunk_rows = 4096;
   /// Reject NaN/Inf with hsae::numeric_error naming the file and row.
   bool check_finite = true;
+  /// The tensor read from each safetensors file; empty: the file's only tensor (a file
+  /// with several raises hsae::io_error listing their names). Must be empty for .npy files.
+  std::string tensor;
 };
 
-/// Several .npy files (same last dimension) as one endless stream of rows.
+/// Several activation files (.npy, or one tensor of each safetensors file; same last
+/// dimension) as one endless stream of rows.
 ///
 /// Each epoch streams the files (in order, or shuffled per epoch) in contiguous chunks
 /// into a shuffle buffer; each served row is taken from a random slot of the buffer,
@@ -135,12 +139,11 @@ class file_source {
                                   " must be >= 1");
     files_.reserve(files.size());
     for (const auto& p : files) {
-      files_.emplace_back(p);
-      const npy_file& f = files_.back();
+      files_.emplace_back(p, opt_.tensor);
+      const row_file& f = files_.back();
       if (f.cols() != files_.front().cols())
-        detail::throw_error<io_error>("file_source: width mismatch: '", files_.front().path().string(), "' has ",
-                                      files_.front().cols(), " columns but '", f.path().string(), "' has ",
-                                      f.cols());
+        detail::throw_error<io_error>("file_source: width mismatch: ", files_.front().describe(), " has ",
+                                      files_.front().cols(), " columns but ", f.describe(), " has ", f.cols());
       total_ += f.rows();
     }
     detail::expects<config_error>(files_.front().cols() <= std::int64_t(std::numeric_limits<int>::max()),
@@ -159,7 +162,7 @@ class file_source {
   std::int64_t epoch() const { return epoch_; }
   /// Rows served since construction (the stream position).
   std::int64_t rows_served() const { return served_; }
-  const std::vector<npy_file>& files() const { return files_; }
+  const std::vector<row_file>& files() const { return files_; }
   const file_source_options& options() const { return opt_; }
 
   /// Checkpoint support (checkpoint.hpp): the stream position (file order, file, row,
@@ -260,7 +263,7 @@ class file_source {
       buf_.topRows(Eigen::Index(fill_)) = buffer;
     }
     if (chunk_pos_ < chunk_rows_) {  // a chunk partly served: rows [row_in_file - chunk_rows, row_in_file) of this file
-      const npy_file& f = files_[order_[file_pos_]];
+      const row_file& f = files_[order_[file_pos_]];
       chunk_.resize(chunk_rows_, d_);
       f.read_rows(row_in_file_ - chunk_rows_, chunk_rows_, chunk_.data());
       if (opt_.check_finite) check_chunk(f, row_in_file_ - chunk_rows_);
@@ -296,7 +299,7 @@ class file_source {
         row_in_file_ = 0;
       }
       if (file_pos_ == order_.size()) return false;
-      const npy_file& f = files_[order_[file_pos_]];
+      const row_file& f = files_[order_[file_pos_]];
       const std::int64_t n = std::min<std::int64_t>(std::int64_t(opt_.read_chunk_rows), f.rows() - row_in_file_);
       chunk_.resize(n, d_);
       f.read_rows(row_in_file_, n, chunk_.data());
@@ -310,13 +313,13 @@ class file_source {
     return true;
   }
 
-  void check_chunk(const npy_file& f, std::int64_t first) const {
+  void check_chunk(const row_file& f, std::int64_t first) const {
     if (detail::all_finite(chunk_)) [[likely]] return;
     for (Eigen::Index i = 0; i < chunk_.rows(); ++i)
       for (Eigen::Index j = 0; j < chunk_.cols(); ++j)
         if (!std::isfinite(chunk_(i, j)))
-          detail::throw_error<numeric_error>("file_source: non-finite value (", double(chunk_(i, j)), ") in '",
-                                             f.path().string(), "' at row ", first + i, ", column ", j);
+          detail::throw_error<numeric_error>("file_source: non-finite value (", double(chunk_(i, j)), ") in ",
+                                             f.describe(), " at row ", first + i, ", column ", j);
   }
 
   void next_row(T* dst) {
@@ -346,7 +349,7 @@ class file_source {
 
   file_source_options opt_;
   rng gen_;
-  std::vector<npy_file> files_;
+  std::vector<row_file> files_;
   std::int64_t total_ = 0;
   Eigen::Index d_ = 0;
   std::size_t cap_ = 0;
