@@ -118,6 +118,21 @@ TEST_CASE("checkpoint: a resumed run is bitwise identical to an uninterrupted on
     const std::vector<fs::path> files{data_dir / "a.npy", data_dir / "b.npy"};
     check_resume_is_bitwise([&] { return file_source<T>(files, no); });
   }
+  SECTION("npy source over a row range with chunk shuffling (restores the chunk order and position)") {
+    hsae_test::temp_dir data_dir;
+    synthetic_source<T> gen(data_options(5));
+    write_npy(data_dir / "a.npy", gen.next(2300), npy_dtype::f32);
+    write_npy(data_dir / "b.npy", gen.next(1700), npy_dtype::f16);
+    file_source_options no;
+    no.shuffle_buffer_rows = 400;
+    no.read_chunk_rows = 77;
+    no.shuffle_chunk_rows = 250;
+    no.row_begin = 130;
+    no.row_end = 3610;
+    no.seed = 9;
+    const std::vector<fs::path> files{data_dir / "a.npy", data_dir / "b.npy"};
+    check_resume_is_bitwise([&] { return file_source<T>(files, no); });
+  }
   SECTION("in-memory source (no state of its own: the pulled rows are replayed)") {
     synthetic_source<T> gen(data_options(6));
     const row_matrix<T> rows = gen.next(3000);
@@ -257,6 +272,7 @@ struct hostile_fixture {
     files = {tmp / "a.npy", tmp / "b.npy"};
     no.shuffle_buffer_rows = 999;
     no.read_chunk_rows = 333;
+    no.shuffle_chunk_rows = 1000;  // chunks of a.npy: 1000, 1000, 300 rows; of b.npy: 1000, 700
     no.seed = 9;
     auto src = file_source<T>(files, no);
     CHECK_THROWS_AS(run(src, run_options(good), 17), interrupted);  // the checkpoint of step 15
@@ -288,10 +304,37 @@ TEST_CASE("checkpoint: the good checkpoint of the hostile cases resumes", "[chec
   const checkpoint_state<T> st = read_checkpoint<T>(fx.good);
   CHECK(st.get_int("source.chunk_pos") < st.get_int("source.chunk_rows"));
   CHECK(st.get_int("source.fill") > 0);
-  // Checkpoints written before npy_source became file_source name the kind "npy".
   CHECK(st.text("source.kind") == "files");
-  fx.write_edited([](checkpoint_state<T>& s) { s.set("source.kind", std::string("npy")); });
-  REQUIRE_NOTHROW(fx.resume_bad());
+}
+
+TEST_CASE("checkpoint: a checkpoint of an npy_source (before the rename) resumes on whole-file chunks",
+          "[checkpoint]") {
+  // Such checkpoints name the kind "npy" and lack the entries of the row range and chunks;
+  // their file order and position read as chunk order and position when chunks are files.
+  hsae_test::temp_dir tmp;
+  synthetic_source<T> gen(data_options(5));
+  write_npy(tmp / "a.npy", gen.next(2300), npy_dtype::f32);
+  write_npy(tmp / "b.npy", gen.next(1700), npy_dtype::f32);
+  const std::vector<fs::path> files{tmp / "a.npy", tmp / "b.npy"};
+  file_source_options no;
+  no.shuffle_buffer_rows = 999;
+  no.read_chunk_rows = 333;
+  no.shuffle_chunk_rows = 0;
+  auto src = file_source<T>(files, no);
+  CHECK_THROWS_AS(run(src, run_options(tmp / "good.ckpt"), 17), interrupted);
+  checkpoint_state<T> st = read_checkpoint<T>(tmp / "good.ckpt");
+  st.set("source.kind", std::string("npy"));
+  for (const char* k : {"source.tensor", "source.row_begin", "source.row_end", "source.shuffle_chunk_rows", "source.chunks"})
+    st.meta.erase(k);
+  write_checkpoint(tmp / "old.ckpt", st);
+  cpu_backend be;
+  trainer<T, dynamic, schedule> resumed(be, sae<T>(24, 96), schedule{}, run_options());
+  auto src2 = file_source<T>(files, no);
+  resumed.resume(tmp / "old.ckpt", src2);
+  resumed.fit(src2);
+  auto src3 = file_source<T>(files, no);
+  const auto fresh = run(src3, run_options());
+  CHECK(hsae_test::bitwise_equal(resumed.model().W_dec, fresh.model().W_dec));
 }
 
 TEST_CASE("checkpoint: file_source state from a hostile checkpoint is refused", "[checkpoint][hostile]") {
@@ -303,23 +346,35 @@ TEST_CASE("checkpoint: file_source state from a hostile checkpoint is refused", 
     const char* message;
   };
   const std::vector<edit_case> cases = {
-      {"order names a file that does not exist", [](auto& st) { st.arrays["source.order"] = {0, 5}; },
-       "tensor 'source.order' holds 5 at index 1, not a whole number in [0, 1]"},
-      {"order repeats a file", [](auto& st) { st.arrays["source.order"] = {1, 1}; },
-       "tensor 'source.order' names file 1 twice"},
-      {"order holds NaN", [&](auto& st) { st.arrays["source.order"] = {nan, 0}; }, "tensor 'source.order' holds nan"},
-      {"order holds a negative index", [](auto& st) { st.arrays["source.order"] = {-1, 0}; },
+      {"order names a chunk that does not exist", [](auto& st) { st.arrays["source.order"] = {0, 1, 2, 3, 5}; },
+       "tensor 'source.order' holds 5 at index 4, not a whole number in [0, 4]"},
+      {"order repeats a chunk", [](auto& st) { st.arrays["source.order"] = {1, 0, 2, 1, 4}; },
+       "tensor 'source.order' names chunk 1 twice"},
+      {"order holds NaN", [&](auto& st) { st.arrays["source.order"] = {nan, 0, 1, 2, 3}; },
+       "tensor 'source.order' holds nan"},
+      {"order holds a negative index", [](auto& st) { st.arrays["source.order"] = {-1, 0, 1, 2, 3}; },
        "tensor 'source.order' holds -1"},
-      {"order holds a fraction", [](auto& st) { st.arrays["source.order"] = {0.5, 1}; },
+      {"order holds a fraction", [](auto& st) { st.arrays["source.order"] = {0.5, 1, 2, 3, 4}; },
        "tensor 'source.order' holds 0.5"},
-      {"order of the wrong length", [](auto& st) { st.arrays["source.order"] = {0}; },
-       "tensor 'source.order' has 1 entries, expected 2"},
+      {"order of the wrong length", [](auto& st) { st.arrays["source.order"] = {0, 1}; },
+       "tensor 'source.order' has 2 entries, expected 5"},
+      {"another row range", [](auto& st) { st.set("source.row_begin", std::int64_t(10)); },
+       "the file_source was written for rows [10, 4000), not [0, 4000)"},
+      {"another chunk size", [](auto& st) { st.set("source.shuffle_chunk_rows", std::int64_t(4096)); },
+       "written with shuffle_chunk_rows = 4096 (5 chunks), not 1000 (5 chunks)"},
+      {"another chunk count", [](auto& st) { st.set("source.chunks", std::int64_t(-3)); },
+       "(-3 chunks), not 1000 (5 chunks)"},
+      {"another tensor", [](auto& st) { st.set("source.tensor", std::string("resid")); },
+       "written for tensor 'resid', not ''"},
+      {"an npy_source checkpoint for chunks smaller than the files",
+       [](auto& st) { st.set("source.kind", std::string("npy")); },
+       "written by an npy_source, which shuffled whole files"},
       {"huge epoch_served", [](auto& st) { st.meta["source.epoch_served"] = "4611686018427387904"; },
        "entry 'source.epoch_served' = 4611686018427387904 is out of range [0, 3999]"},
       {"epoch_served off the stream position", [](auto& st) { st.meta["source.epoch_served"] = "5"; },
        "entry 'source.epoch_served' = 5 disagrees with the stream position"},
       {"huge file_pos", [](auto& st) { st.meta["source.file_pos"] = "9223372036854775807"; },
-       "entry 'source.file_pos' = 9223372036854775807 is out of range [0, 2]"},
+       "entry 'source.file_pos' = 9223372036854775807 is out of range [0, 5]"},
       {"negative chunk_rows", [](auto& st) { st.meta["source.chunk_rows"] = "-7"; },
        "entry 'source.chunk_rows' = -7 is out of range"},
       {"chunk beyond the rows read", [](auto& st) { st.meta["source.chunk_rows"] = "100000"; },
@@ -440,14 +495,22 @@ TEST_CASE("checkpoint: a file_source saved after any step resumes (buffer sizes,
   struct config {
     std::size_t buffer;
     bool two_files, shuffle_files;
+    std::int64_t chunk = 0, row_begin = 0, row_end = -1;
   };
   for (const config c : {config{0, true, true}, config{1, true, false}, config{150, true, true},
-                         config{5000, true, true}, config{150, false, false}, config{0, false, false}}) {
-    INFO("shuffle buffer " << c.buffer << ", files " << (c.two_files ? 2 : 1) << ", shuffled " << c.shuffle_files);
+                         config{5000, true, true}, config{150, false, false}, config{0, false, false},
+                         config{150, true, true, 64}, config{0, true, true, 50}, config{1, true, false, 64, 100, 1150},
+                         config{150, true, true, 64, 100, 1000}, config{0, true, true, 45, 650, 1200},
+                         config{5000, false, true, 33, 10, 690}}) {
+    INFO("shuffle buffer " << c.buffer << ", files " << (c.two_files ? 2 : 1) << ", shuffled " << c.shuffle_files
+                           << ", chunks of " << c.chunk << ", rows [" << c.row_begin << ", " << c.row_end << ")");
     file_source_options no;
     no.shuffle_buffer_rows = c.buffer;
-    no.read_chunk_rows = 97;  // chunks that straddle batches and end mid-file
+    no.read_chunk_rows = 97;  // read chunks that straddle batches and end mid-file (and mid-chunk)
     no.shuffle_files = c.shuffle_files;
+    no.shuffle_chunk_rows = c.chunk;
+    no.row_begin = c.row_begin;
+    no.row_end = c.row_end;
     no.seed = 3;
     const std::vector<fs::path> files =
         c.two_files ? std::vector<fs::path>{tmp / "a.npy", tmp / "b.npy"} : std::vector<fs::path>{tmp / "a.npy"};

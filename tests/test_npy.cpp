@@ -1151,3 +1151,170 @@ TEST_CASE("file_source: safetensors errors name the file and the tensor", "[sour
     CHECK_THAT(msg, Catch::Contains("width mismatch") && Catch::Contains("w4.safetensors") && Catch::Contains("'acts'"));
   }
 }
+
+// --- row ranges and chunk shuffling ---------------------------------------------------------
+
+TEST_CASE("file_source: a row range serves only its rows, each once per epoch", "[sources][npy][range]") {
+  temp_dir tmp;
+  const Eigen::Index d = 3;
+  // 37 + 50 + 13 = 100 rows; column 0 holds the global row index.
+  hsae::write_npy(tmp / "a.npy", id_rows(0, 37, d), hsae::npy_dtype::f32);
+  hsae::write_npy(tmp / "b.npy", id_rows(37, 50, d), hsae::npy_dtype::f32);
+  hsae::write_npy(tmp / "c.npy", id_rows(87, 13, d), hsae::npy_dtype::f16);
+  const std::vector<fs::path> files{tmp / "a.npy", tmp / "b.npy", tmp / "c.npy"};
+  const long n = 100;
+
+  SECTION("training [0, N - H) with shuffling never serves a held-out row") {
+    for (const long h : {13L, 20L, 63L}) {
+      for (const std::int64_t chunk : {std::int64_t(0), std::int64_t(1), std::int64_t(6), std::int64_t(4096)}) {
+        for (const std::size_t buf : {std::size_t(0), std::size_t(9), std::size_t(1) << 16}) {
+          INFO("held out " << h << ", chunks of " << chunk << ", buffer " << buf);
+          hsae::file_source_options o;
+          o.row_end = n - h;
+          o.shuffle_chunk_rows = chunk;
+          o.shuffle_buffer_rows = buf;
+          o.read_chunk_rows = 5;
+          o.seed = 17;
+          hsae::file_source<float> train(files, o);
+          CHECK(train.rows_total() == n - h);
+          CHECK(train.row_begin() == 0);
+          CHECK(train.row_end() == n - h);
+          const auto ids = draw_ids(train, 4 * (n - h), 7);
+          for (int e = 0; e < 4; ++e)  // each epoch: every row of [0, N - H) exactly once
+            REQUIRE(is_permutation_of_range(
+                std::vector<long>(ids.begin() + e * (n - h), ids.begin() + (e + 1) * (n - h)), n - h));
+          CHECK(train.epoch() == 4);
+          if (buf >= 9) CHECK_FALSE(std::is_sorted(ids.begin(), ids.begin() + (n - h)));
+        }
+      }
+    }
+  }
+  SECTION("held-out [N - H, N) without a buffer: the last H rows by position, in order") {
+    hsae::file_source_options o;
+    o.row_begin = 70;
+    o.shuffle_buffer_rows = 0;
+    hsae::file_source<float> held(files, o);
+    CHECK(held.rows_total() == 30);
+    CHECK(held.row_end() == 100);
+    const auto ids = draw_ids(held, 65, 4);
+    for (long i = 0; i < 65; ++i) REQUIRE(ids[std::size_t(i)] == 70 + i % 30);
+  }
+  SECTION("a range inside one file, and one across files, any chunk size") {
+    for (const auto& [lo, hi] : {std::pair<long, long>{40, 60}, std::pair<long, long>{30, 90}, std::pair<long, long>{99, 100}}) {
+      for (const std::int64_t chunk : {std::int64_t(0), std::int64_t(7)}) {
+        INFO("rows [" << lo << ", " << hi << "), chunks of " << chunk);
+        hsae::file_source_options o;
+        o.row_begin = lo;
+        o.row_end = hi;
+        o.shuffle_chunk_rows = chunk;
+        o.shuffle_buffer_rows = 8;
+        hsae::file_source<float> src(files, o);
+        auto ids = draw_ids(src, 2 * (hi - lo), 3);
+        for (int e = 0; e < 2; ++e) {
+          std::vector<long> ep(ids.begin() + e * (hi - lo), ids.begin() + (e + 1) * (hi - lo));
+          for (long& v : ep) v -= lo;
+          REQUIRE(is_permutation_of_range(ep, hi - lo));
+        }
+      }
+    }
+  }
+  SECTION("bad ranges: config_error naming the field") {
+    const auto msg = [&](std::int64_t lo, std::int64_t hi) {
+      hsae::file_source_options o;
+      o.row_begin = lo;
+      o.row_end = hi;
+      return message_of<hsae::config_error>([&] { hsae::file_source<float> s(files, o); });
+    };
+    CHECK_THAT(msg(-1, -1), Catch::Contains("row_begin=-1") && Catch::Contains("100 rows"));
+    CHECK_THAT(msg(100, -1), Catch::Contains("row_begin=100"));
+    CHECK_THAT(msg(10, 10), Catch::Contains("row_end=10"));
+    CHECK_THAT(msg(10, 5), Catch::Contains("row_end=5"));
+    CHECK_THAT(msg(0, 101), Catch::Contains("row_end=101") && Catch::Contains("100 rows"));
+    CHECK_THAT(msg(0, -2), Catch::Contains("row_end=-2"));
+    hsae::file_source_options o;
+    o.shuffle_chunk_rows = -1;
+    CHECK_THAT(message_of<hsae::config_error>([&] { hsae::file_source<float> s(files, o); }),
+               Catch::Contains("shuffle_chunk_rows=-1"));
+  }
+}
+
+TEST_CASE("file_source: chunk shuffling visits every chunk of every file in a fresh order", "[sources][npy][chunks]") {
+  temp_dir tmp;
+  const Eigen::Index d = 2;
+  hsae::write_npy(tmp / "a.npy", id_rows(0, 37, d), hsae::npy_dtype::f32);
+  hsae::write_npy(tmp / "b.npy", id_rows(37, 50, d), hsae::npy_dtype::f32);
+  hsae::write_npy(tmp / "c.npy", id_rows(87, 13, d), hsae::npy_dtype::f32);
+  const std::vector<fs::path> files{tmp / "a.npy", tmp / "b.npy", tmp / "c.npy"};
+  const long n = 100;
+  // Chunks of 10 rows start at the files' rows 0, 10, 20, ...: in global rows,
+  // a: 0 10 20 30 | b: 37 47 57 67 77 | c: 87 97 (the last of each file shorter).
+  const std::vector<long> starts{0, 10, 20, 30, 37, 47, 57, 67, 77, 87, 97};
+  const auto file_of = [](long id) { return id < 37 ? 0 : id < 87 ? 1 : 2; };
+
+  SECTION("the chunks, clipped to files and to the range") {
+    hsae::file_source_options o;
+    o.shuffle_chunk_rows = 10;
+    CHECK(hsae::file_source<float>(files, o).chunks() == 11);
+    o.row_begin = 5;
+    o.row_end = 95;  // a: [5,10) [10,20) [20,30) [30,37); b: 5 chunks; c: [87, 95)
+    CHECK(hsae::file_source<float>(files, o).chunks() == 10);
+    o.shuffle_chunk_rows = 0;
+    CHECK(hsae::file_source<float>(files, o).chunks() == 3);
+    o.shuffle_chunk_rows = 1;
+    CHECK(hsae::file_source<float>(files, o).chunks() == 90);
+  }
+  SECTION("without a buffer the stream is the chunks in a random order, interleaving the files") {
+    hsae::file_source_options o;
+    o.shuffle_buffer_rows = 0;
+    o.shuffle_chunk_rows = 10;
+    o.read_chunk_rows = 3;
+    o.seed = 5;
+    hsae::file_source<float> src(files, o);
+    std::vector<std::vector<long>> orders;
+    int most_file_changes = 0;
+    const auto all = draw_ids(src, 6 * n, 9);
+    for (int e = 0; e < 6; ++e) {
+      const std::vector<long> ids(all.begin() + e * n, all.begin() + (e + 1) * n);
+      REQUIRE(is_permutation_of_range(ids, n));
+      // Cut at every chunk start: each piece is one whole chunk, in row order.
+      std::vector<long> order;
+      for (long i = 0; i < n; ++i)
+        if (std::find(starts.begin(), starts.end(), ids[std::size_t(i)]) != starts.end()) {
+          order.push_back(ids[std::size_t(i)]);
+        } else {
+          REQUIRE(i > 0);
+          REQUIRE(ids[std::size_t(i)] == ids[std::size_t(i - 1)] + 1);
+        }
+      REQUIRE(order.size() == starts.size());
+      int changes = 0;
+      for (std::size_t i = 1; i < order.size(); ++i) changes += file_of(order[i]) != file_of(order[i - 1]);
+      most_file_changes = std::max(most_file_changes, changes);
+      orders.push_back(order);
+    }
+    CHECK(most_file_changes > 2);  // chunks of the files interleave (whole-file shuffling changes file twice at most)
+    std::sort(orders.begin(), orders.end());
+    CHECK(std::unique(orders.begin(), orders.end()) - orders.begin() >= 5);  // a fresh order (nearly) every epoch
+  }
+  SECTION("shuffle_files = false: stream order whatever the chunk size") {
+    for (const std::int64_t chunk : {std::int64_t(0), std::int64_t(1), std::int64_t(10)}) {
+      hsae::file_source_options o;
+      o.shuffle_buffer_rows = 0;
+      o.shuffle_files = false;
+      o.shuffle_chunk_rows = chunk;
+      hsae::file_source<float> src(files, o);
+      const auto ids = draw_ids(src, 2 * n, 7);
+      for (long i = 0; i < 2 * n; ++i) REQUIRE(ids[std::size_t(i)] == i % n);
+    }
+  }
+  SECTION("with a buffer: every row once per epoch, deterministic for a seed") {
+    hsae::file_source_options o;
+    o.shuffle_buffer_rows = 16;
+    o.shuffle_chunk_rows = 4;
+    o.seed = 8;
+    hsae::file_source<float> a(files, o), b(files, o);
+    const auto ia = draw_ids(a, 3 * n, 7), ib = draw_ids(b, 3 * n, 11);
+    CHECK(ia == ib);
+    for (int e = 0; e < 3; ++e)
+      REQUIRE(is_permutation_of_range(std::vector<long>(ia.begin() + e * n, ia.begin() + (e + 1) * n), n));
+  }
+}
