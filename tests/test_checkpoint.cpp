@@ -539,3 +539,153 @@ TEST_CASE("checkpoint: a file_source saved after any step resumes (buffer sizes,
     }
   }
 }
+
+// --- a separate held-out source: trainer::fit(source, held_out) ------------------------------
+
+namespace {
+
+/// A cache of 6000 rows in one file: training reads rows [0, 5000), evaluation the last
+/// 1000 by position.
+struct held_out_fixture {
+  hsae_test::temp_dir tmp;
+  std::vector<fs::path> files;
+  row_matrix<T> all;
+  file_source_options train_opt, held_opt;
+
+  held_out_fixture() {
+    synthetic_source<T> gen(data_options(8));
+    all = gen.next(6000);
+    write_npy(tmp / "cache.npy", all, npy_dtype::f32);
+    files = {tmp / "cache.npy"};
+    train_opt.shuffle_buffer_rows = 700;
+    train_opt.shuffle_chunk_rows = 100;
+    train_opt.row_end = 5000;
+    train_opt.seed = 4;
+    held_opt.row_begin = 5000;
+    held_opt.shuffle_buffer_rows = 0;
+  }
+  file_source<T> train() const { return file_source<T>(files, train_opt); }
+  file_source<T> held() const { return file_source<T>(files, held_opt); }
+};
+
+/// fit(train, held) to the end, or throws `interrupted` at step `crash_at`.
+trainer<T, dynamic, schedule> run_held(file_source<T>& train, file_source<T>& held, const trainer_options& o,
+                                       std::int64_t crash_at = -1) {
+  cpu_backend be;
+  trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, o);
+  tr.on_step = [&](const step_record& r) {
+    if (r.step == crash_at) throw interrupted();
+  };
+  tr.fit(train, held);
+  return tr;
+}
+
+/// run_options with an init sample smaller than the held-out set, so that the rows pulled
+/// tell whether the held-out rows came from the training source.
+trainer_options held_options(const fs::path& ckpt = {}) {
+  trainer_options o = run_options(ckpt);
+  o.init_rows = 300;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("trainer: fit(source, held_out) evaluates the held-out source's first eval_rows rows",
+          "[checkpoint][held_out]") {
+  held_out_fixture fx;
+  auto train = fx.train();
+  auto held = fx.held();
+  const trainer_options o = held_options();  // eval_rows 500, init_rows 300, 45 steps of 200
+  cpu_backend be;
+  trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, o);
+  const train_summary s = tr.fit(train, held);
+  // The held-out rows: global rows [5000, 5500) of the cache, bitwise.
+  const row_matrix<T> want = fx.all.middleRows(5000, 500);
+  CHECK(hsae_test::bitwise_equal(tr.held_out(), want));
+  CHECK(held.rows_served() == 500);
+  // The training source served the init sample and the training rows only.
+  CHECK(train.rows_served() == 300 + 200 * 45);
+  const evaluation e = evaluate(be, tr.model(), cref<T>(want), schedule{});
+  REQUIRE(s.eval.levels.size() == e.levels.size());
+  for (std::size_t l = 0; l < e.levels.size(); ++l) {
+    CHECK(s.eval.levels[l].fvu == e.levels[l].fvu);
+    CHECK(s.eval.levels[l].mse == e.levels[l].mse);
+  }
+  // fit(source) on the same data would have evaluated on training-stream rows instead.
+  auto train2 = fx.train();
+  const auto plain = run(train2, o);
+  CHECK_FALSE(hsae_test::bitwise_equal(plain.held_out(), want));
+}
+
+TEST_CASE("checkpoint: a run with a separate held-out source resumes bitwise", "[checkpoint][held_out]") {
+  held_out_fixture fx;
+  const fs::path ckpt = fx.tmp / "run.ckpt";
+  auto train_full = fx.train();
+  auto held_full = fx.held();
+  const auto full = run_held(train_full, held_full, held_options());
+
+  auto train_crash = fx.train();
+  auto held_crash = fx.held();
+  CHECK_THROWS_AS(run_held(train_crash, held_crash, held_options(ckpt), 37), interrupted);  // checkpoints at 15, 30
+  const checkpoint_state<T> st = read_checkpoint<T>(ckpt);
+  CHECK(st.get_int("held_out_pulled") == 0);
+  CHECK(st.get_int("rows_pulled") == 300 + 200 * 30);
+
+  SECTION("continued with fit(source): the held-out rows come from the checkpoint") {
+    cpu_backend be;
+    trainer<T, dynamic, schedule> resumed(be, sae<T>(24, 96), schedule{}, held_options(ckpt));
+    auto train = fx.train();
+    resumed.resume(ckpt, train);
+    CHECK(resumed.steps_done() == 30);
+    resumed.fit(train);
+    CHECK(hsae_test::bitwise_equal(resumed.model().W_enc, full.model().W_enc));
+    CHECK(hsae_test::bitwise_equal(resumed.model().W_dec, full.model().W_dec));
+    CHECK(hsae_test::bitwise_equal(resumed.model().b_dec, full.model().b_dec));
+    CHECK(hsae_test::bitwise_equal(resumed.held_out(), full.held_out()));
+    CHECK(resumed.evaluate_held_out().last().fvu == full.evaluate_held_out().last().fvu);
+  }
+  SECTION("a source without state of its own replays only the training source's rows") {
+    // The same data through matrix_source (no save_state: resume re-reads rows_pulled rows).
+    const row_matrix<T> train_rows = fx.all.topRows(5000);
+    matrix_source<T> m_full(train_rows, 6);
+    file_source<T> held_a = fx.held();
+    cpu_backend be;
+    trainer<T, dynamic, schedule> a(be, sae<T>(24, 96), schedule{}, held_options());
+    a.fit(m_full, held_a);
+    matrix_source<T> m_crash(train_rows, 6);
+    file_source<T> held_b = fx.held();
+    trainer<T, dynamic, schedule> b(be, sae<T>(24, 96), schedule{}, held_options(fx.tmp / "m.ckpt"));
+    b.on_step = [](const step_record& r) {
+      if (r.step == 20) throw interrupted();
+    };
+    CHECK_THROWS_AS(b.fit(m_crash, held_b), interrupted);
+    trainer<T, dynamic, schedule> c(be, sae<T>(24, 96), schedule{}, held_options(fx.tmp / "m.ckpt"));
+    matrix_source<T> m_resume(train_rows, 6);
+    c.resume(fx.tmp / "m.ckpt", m_resume);
+    c.fit(m_resume);
+    CHECK(hsae_test::bitwise_equal(c.model().W_dec, a.model().W_dec));
+  }
+  SECTION("a hostile held_out_pulled is refused") {
+    const auto refused = [&](const std::function<void(checkpoint_state<T>&)>& edit) {
+      checkpoint_state<T> bad = read_checkpoint<T>(ckpt);
+      edit(bad);
+      write_checkpoint(fx.tmp / "bad.ckpt", bad);
+      cpu_backend be;
+      trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, held_options());
+      auto train = fx.train();
+      return hsae_test::message_of<io_error>([&] { tr.resume(fx.tmp / "bad.ckpt", train); });
+    };
+    CHECK_THAT(refused([](auto& s) { s.set("held_out_pulled", std::int64_t(3)); }),
+               Catch::Contains("entry 'held_out_pulled' = 3 must be 0"));
+    CHECK_THAT(refused([](auto& s) { s.set("held_out_pulled", std::int64_t(-1)); }),
+               Catch::Contains("entry 'held_out_pulled' = -1 is out of range [0, 500]"));
+    CHECK_THAT(refused([](auto& s) { s.set("held_out_pulled", std::int64_t(1) << 62); }),
+               Catch::Contains("entry 'held_out_pulled' = 4611686018427387904 is out of range"));
+    // All 500 from the training source: then rows_pulled is 500 short.
+    CHECK_THAT(refused([](auto& s) { s.set("held_out_pulled", std::int64_t(500)); }),
+               Catch::Contains("entry 'rows_pulled' = 6300 disagrees"));
+    // A checkpoint without the entry (written before it existed) took them from the training source.
+    CHECK_THAT(refused([](auto& s) { s.meta.erase("held_out_pulled"); }),
+               Catch::Contains("entry 'rows_pulled' = 6300 disagrees"));
+  }
+}
