@@ -120,6 +120,21 @@ TEST_CASE("checkpoint: a resumed run is bitwise identical to an uninterrupted on
     const std::vector<fs::path> files{data_dir / "a.npy", data_dir / "b.npy"};
     check_resume_is_bitwise([&] { return file_source<T>(files, no); });
   }
+  SECTION("npy source over a row range with chunk shuffling (restores the chunk order and position)") {
+    hsae_test::temp_dir data_dir;
+    synthetic_source<T> gen(data_options(5));
+    write_npy(data_dir / "a.npy", gen.next(2300), npy_dtype::f32);
+    write_npy(data_dir / "b.npy", gen.next(1700), npy_dtype::f16);
+    file_source_options no;
+    no.shuffle_buffer_rows = 400;
+    no.read_chunk_rows = 77;
+    no.shuffle_chunk_rows = 250;
+    no.row_begin = 130;
+    no.row_end = 3610;
+    no.seed = 9;
+    const std::vector<fs::path> files{data_dir / "a.npy", data_dir / "b.npy"};
+    check_resume_is_bitwise([&] { return file_source<T>(files, no); });
+  }
   SECTION("in-memory source (no state of its own: the pulled rows are replayed)") {
     synthetic_source<T> gen(data_options(6));
     const row_matrix<T> rows = gen.next(3000);
@@ -321,6 +336,7 @@ struct hostile_fixture {
     files = {tmp / "a.npy", tmp / "b.npy"};
     no.shuffle_buffer_rows = 999;
     no.read_chunk_rows = 333;
+    no.shuffle_chunk_rows = 1000;  // chunks of a.npy: 1000, 1000, 300 rows; of b.npy: 1000, 700
     no.seed = 9;
     auto src = file_source<T>(files, no);
     CHECK_THROWS_AS(run(src, run_options(good), 17), interrupted);  // the checkpoint of step 15
@@ -352,10 +368,37 @@ TEST_CASE("checkpoint: the good checkpoint of the hostile cases resumes", "[chec
   const checkpoint_state<T> st = read_checkpoint<T>(fx.good);
   CHECK(st.get_int("source.chunk_pos") < st.get_int("source.chunk_rows"));
   CHECK(st.get_int("source.fill") > 0);
-  // Checkpoints written before npy_source became file_source name the kind "npy".
   CHECK(st.text("source.kind") == "files");
-  fx.write_edited([](checkpoint_state<T>& s) { s.set("source.kind", std::string("npy")); });
-  REQUIRE_NOTHROW(fx.resume_bad());
+}
+
+TEST_CASE("checkpoint: a checkpoint of an npy_source (before the rename) resumes on whole-file chunks",
+          "[checkpoint]") {
+  // Such checkpoints name the kind "npy" and lack the entries of the row range and chunks;
+  // their file order and position read as chunk order and position when chunks are files.
+  hsae_test::temp_dir tmp;
+  synthetic_source<T> gen(data_options(5));
+  write_npy(tmp / "a.npy", gen.next(2300), npy_dtype::f32);
+  write_npy(tmp / "b.npy", gen.next(1700), npy_dtype::f32);
+  const std::vector<fs::path> files{tmp / "a.npy", tmp / "b.npy"};
+  file_source_options no;
+  no.shuffle_buffer_rows = 999;
+  no.read_chunk_rows = 333;
+  no.shuffle_chunk_rows = 0;
+  auto src = file_source<T>(files, no);
+  CHECK_THROWS_AS(run(src, run_options(tmp / "good.ckpt"), 17), interrupted);
+  checkpoint_state<T> st = read_checkpoint<T>(tmp / "good.ckpt");
+  st.set("source.kind", std::string("npy"));
+  for (const char* k : {"source.tensor", "source.row_begin", "source.row_end", "source.shuffle_chunk_rows", "source.chunks"})
+    st.meta.erase(k);
+  write_checkpoint(tmp / "old.ckpt", st);
+  cpu_backend be;
+  trainer<T, dynamic, schedule> resumed(be, sae<T>(24, 96), schedule{}, run_options());
+  auto src2 = file_source<T>(files, no);
+  resumed.resume(tmp / "old.ckpt", src2);
+  resumed.fit(src2);
+  auto src3 = file_source<T>(files, no);
+  const auto fresh = run(src3, run_options());
+  CHECK(hsae_test::bitwise_equal(resumed.model().W_dec, fresh.model().W_dec));
 }
 
 TEST_CASE("checkpoint: file_source state from a hostile checkpoint is refused", "[checkpoint][hostile]") {
@@ -367,23 +410,35 @@ TEST_CASE("checkpoint: file_source state from a hostile checkpoint is refused", 
     const char* message;
   };
   const std::vector<edit_case> cases = {
-      {"order names a file that does not exist", [](auto& st) { st.arrays["source.order"] = {0, 5}; },
-       "tensor 'source.order' holds 5 at index 1, not a whole number in [0, 1]"},
-      {"order repeats a file", [](auto& st) { st.arrays["source.order"] = {1, 1}; },
-       "tensor 'source.order' names file 1 twice"},
-      {"order holds NaN", [&](auto& st) { st.arrays["source.order"] = {nan, 0}; }, "tensor 'source.order' holds nan"},
-      {"order holds a negative index", [](auto& st) { st.arrays["source.order"] = {-1, 0}; },
+      {"order names a chunk that does not exist", [](auto& st) { st.arrays["source.order"] = {0, 1, 2, 3, 5}; },
+       "tensor 'source.order' holds 5 at index 4, not a whole number in [0, 4]"},
+      {"order repeats a chunk", [](auto& st) { st.arrays["source.order"] = {1, 0, 2, 1, 4}; },
+       "tensor 'source.order' names chunk 1 twice"},
+      {"order holds NaN", [&](auto& st) { st.arrays["source.order"] = {nan, 0, 1, 2, 3}; },
+       "tensor 'source.order' holds nan"},
+      {"order holds a negative index", [](auto& st) { st.arrays["source.order"] = {-1, 0, 1, 2, 3}; },
        "tensor 'source.order' holds -1"},
-      {"order holds a fraction", [](auto& st) { st.arrays["source.order"] = {0.5, 1}; },
+      {"order holds a fraction", [](auto& st) { st.arrays["source.order"] = {0.5, 1, 2, 3, 4}; },
        "tensor 'source.order' holds 0.5"},
-      {"order of the wrong length", [](auto& st) { st.arrays["source.order"] = {0}; },
-       "tensor 'source.order' has 1 entries, expected 2"},
+      {"order of the wrong length", [](auto& st) { st.arrays["source.order"] = {0, 1}; },
+       "tensor 'source.order' has 2 entries, expected 5"},
+      {"another row range", [](auto& st) { st.set("source.row_begin", std::int64_t(10)); },
+       "the file_source was written for rows [10, 4000), not [0, 4000)"},
+      {"another chunk size", [](auto& st) { st.set("source.shuffle_chunk_rows", std::int64_t(4096)); },
+       "written with shuffle_chunk_rows = 4096 (5 chunks), not 1000 (5 chunks)"},
+      {"another chunk count", [](auto& st) { st.set("source.chunks", std::int64_t(-3)); },
+       "(-3 chunks), not 1000 (5 chunks)"},
+      {"another tensor", [](auto& st) { st.set("source.tensor", std::string("resid")); },
+       "written for tensor 'resid', not ''"},
+      {"an npy_source checkpoint for chunks smaller than the files",
+       [](auto& st) { st.set("source.kind", std::string("npy")); },
+       "written by an npy_source, which shuffled whole files"},
       {"huge epoch_served", [](auto& st) { st.meta["source.epoch_served"] = "4611686018427387904"; },
        "entry 'source.epoch_served' = 4611686018427387904 is out of range [0, 3999]"},
       {"epoch_served off the stream position", [](auto& st) { st.meta["source.epoch_served"] = "5"; },
        "entry 'source.epoch_served' = 5 disagrees with the stream position"},
       {"huge file_pos", [](auto& st) { st.meta["source.file_pos"] = "9223372036854775807"; },
-       "entry 'source.file_pos' = 9223372036854775807 is out of range [0, 2]"},
+       "entry 'source.file_pos' = 9223372036854775807 is out of range [0, 5]"},
       {"negative chunk_rows", [](auto& st) { st.meta["source.chunk_rows"] = "-7"; },
        "entry 'source.chunk_rows' = -7 is out of range"},
       {"chunk beyond the rows read", [](auto& st) { st.meta["source.chunk_rows"] = "100000"; },
@@ -504,14 +559,22 @@ TEST_CASE("checkpoint: a file_source saved after any step resumes (buffer sizes,
   struct config {
     std::size_t buffer;
     bool two_files, shuffle_files;
+    std::int64_t chunk = 0, row_begin = 0, row_end = -1;
   };
   for (const config c : {config{0, true, true}, config{1, true, false}, config{150, true, true},
-                         config{5000, true, true}, config{150, false, false}, config{0, false, false}}) {
-    INFO("shuffle buffer " << c.buffer << ", files " << (c.two_files ? 2 : 1) << ", shuffled " << c.shuffle_files);
+                         config{5000, true, true}, config{150, false, false}, config{0, false, false},
+                         config{150, true, true, 64}, config{0, true, true, 50}, config{1, true, false, 64, 100, 1150},
+                         config{150, true, true, 64, 100, 1000}, config{0, true, true, 45, 650, 1200},
+                         config{5000, false, true, 33, 10, 690}}) {
+    INFO("shuffle buffer " << c.buffer << ", files " << (c.two_files ? 2 : 1) << ", shuffled " << c.shuffle_files
+                           << ", chunks of " << c.chunk << ", rows [" << c.row_begin << ", " << c.row_end << ")");
     file_source_options no;
     no.shuffle_buffer_rows = c.buffer;
-    no.read_chunk_rows = 97;  // chunks that straddle batches and end mid-file
+    no.read_chunk_rows = 97;  // read chunks that straddle batches and end mid-file (and mid-chunk)
     no.shuffle_files = c.shuffle_files;
+    no.shuffle_chunk_rows = c.chunk;
+    no.row_begin = c.row_begin;
+    no.row_end = c.row_end;
     no.seed = 3;
     const std::vector<fs::path> files =
         c.two_files ? std::vector<fs::path>{tmp / "a.npy", tmp / "b.npy"} : std::vector<fs::path>{tmp / "a.npy"};
@@ -538,5 +601,155 @@ TEST_CASE("checkpoint: a file_source saved after any step resumes (buffer sizes,
         CHECK(hsae_test::bitwise_equal(tr.model().W_dec, full.model().W_dec));
       }
     }
+  }
+}
+
+// --- a separate held-out source: trainer::fit(source, held_out) ------------------------------
+
+namespace {
+
+/// A cache of 6000 rows in one file: training reads rows [0, 5000), evaluation the last
+/// 1000 by position.
+struct held_out_fixture {
+  hsae_test::temp_dir tmp;
+  std::vector<fs::path> files;
+  row_matrix<T> all;
+  file_source_options train_opt, held_opt;
+
+  held_out_fixture() {
+    synthetic_source<T> gen(data_options(8));
+    all = gen.next(6000);
+    write_npy(tmp / "cache.npy", all, npy_dtype::f32);
+    files = {tmp / "cache.npy"};
+    train_opt.shuffle_buffer_rows = 700;
+    train_opt.shuffle_chunk_rows = 100;
+    train_opt.row_end = 5000;
+    train_opt.seed = 4;
+    held_opt.row_begin = 5000;
+    held_opt.shuffle_buffer_rows = 0;
+  }
+  file_source<T> train() const { return file_source<T>(files, train_opt); }
+  file_source<T> held() const { return file_source<T>(files, held_opt); }
+};
+
+/// fit(train, held) to the end, or throws `interrupted` at step `crash_at`.
+trainer<T, dynamic, schedule> run_held(file_source<T>& train, file_source<T>& held, const trainer_options& o,
+                                       std::int64_t crash_at = -1) {
+  cpu_backend be;
+  trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, o);
+  tr.on_step = [&](const step_record& r) {
+    if (r.step == crash_at) throw interrupted();
+  };
+  tr.fit(train, held);
+  return tr;
+}
+
+/// run_options with an init sample smaller than the held-out set, so that the rows pulled
+/// tell whether the held-out rows came from the training source.
+trainer_options held_options(const fs::path& ckpt = {}) {
+  trainer_options o = run_options(ckpt);
+  o.init_rows = 300;
+  return o;
+}
+
+}  // namespace
+
+TEST_CASE("trainer: fit(source, held_out) evaluates the held-out source's first eval_rows rows",
+          "[checkpoint][held_out]") {
+  held_out_fixture fx;
+  auto train = fx.train();
+  auto held = fx.held();
+  const trainer_options o = held_options();  // eval_rows 500, init_rows 300, 45 steps of 200
+  cpu_backend be;
+  trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, o);
+  const train_summary s = tr.fit(train, held);
+  // The held-out rows: global rows [5000, 5500) of the cache, bitwise.
+  const row_matrix<T> want = fx.all.middleRows(5000, 500);
+  CHECK(hsae_test::bitwise_equal(tr.held_out(), want));
+  CHECK(held.rows_served() == 500);
+  // The training source served the init sample and the training rows only.
+  CHECK(train.rows_served() == 300 + 200 * 45);
+  const evaluation e = evaluate(be, tr.model(), cref<T>(want), schedule{});
+  REQUIRE(s.eval.levels.size() == e.levels.size());
+  for (std::size_t l = 0; l < e.levels.size(); ++l) {
+    CHECK(s.eval.levels[l].fvu == e.levels[l].fvu);
+    CHECK(s.eval.levels[l].mse == e.levels[l].mse);
+  }
+  // fit(source) on the same data would have evaluated on training-stream rows instead.
+  auto train2 = fx.train();
+  const auto plain = run(train2, o);
+  CHECK_FALSE(hsae_test::bitwise_equal(plain.held_out(), want));
+}
+
+TEST_CASE("checkpoint: a run with a separate held-out source resumes bitwise", "[checkpoint][held_out]") {
+  held_out_fixture fx;
+  const fs::path ckpt = fx.tmp / "run.ckpt";
+  auto train_full = fx.train();
+  auto held_full = fx.held();
+  const auto full = run_held(train_full, held_full, held_options());
+
+  auto train_crash = fx.train();
+  auto held_crash = fx.held();
+  CHECK_THROWS_AS(run_held(train_crash, held_crash, held_options(ckpt), 37), interrupted);  // checkpoints at 15, 30
+  const checkpoint_state<T> st = read_checkpoint<T>(ckpt);
+  CHECK(st.get_int("held_out_pulled") == 0);
+  CHECK(st.get_int("rows_pulled") == 300 + 200 * 30);
+
+  SECTION("continued with fit(source): the held-out rows come from the checkpoint") {
+    cpu_backend be;
+    trainer<T, dynamic, schedule> resumed(be, sae<T>(24, 96), schedule{}, held_options(ckpt));
+    auto train = fx.train();
+    resumed.resume(ckpt, train);
+    CHECK(resumed.steps_done() == 30);
+    resumed.fit(train);
+    CHECK(hsae_test::bitwise_equal(resumed.model().W_enc, full.model().W_enc));
+    CHECK(hsae_test::bitwise_equal(resumed.model().W_dec, full.model().W_dec));
+    CHECK(hsae_test::bitwise_equal(resumed.model().b_dec, full.model().b_dec));
+    CHECK(hsae_test::bitwise_equal(resumed.held_out(), full.held_out()));
+    CHECK(resumed.evaluate_held_out().last().fvu == full.evaluate_held_out().last().fvu);
+  }
+  SECTION("a source without state of its own replays only the training source's rows") {
+    // The same data through matrix_source (no save_state: resume re-reads rows_pulled rows).
+    const row_matrix<T> train_rows = fx.all.topRows(5000);
+    matrix_source<T> m_full(train_rows, 6);
+    file_source<T> held_a = fx.held();
+    cpu_backend be;
+    trainer<T, dynamic, schedule> a(be, sae<T>(24, 96), schedule{}, held_options());
+    a.fit(m_full, held_a);
+    matrix_source<T> m_crash(train_rows, 6);
+    file_source<T> held_b = fx.held();
+    trainer<T, dynamic, schedule> b(be, sae<T>(24, 96), schedule{}, held_options(fx.tmp / "m.ckpt"));
+    b.on_step = [](const step_record& r) {
+      if (r.step == 20) throw interrupted();
+    };
+    CHECK_THROWS_AS(b.fit(m_crash, held_b), interrupted);
+    trainer<T, dynamic, schedule> c(be, sae<T>(24, 96), schedule{}, held_options(fx.tmp / "m.ckpt"));
+    matrix_source<T> m_resume(train_rows, 6);
+    c.resume(fx.tmp / "m.ckpt", m_resume);
+    c.fit(m_resume);
+    CHECK(hsae_test::bitwise_equal(c.model().W_dec, a.model().W_dec));
+  }
+  SECTION("a hostile held_out_pulled is refused") {
+    const auto refused = [&](const std::function<void(checkpoint_state<T>&)>& edit) {
+      checkpoint_state<T> bad = read_checkpoint<T>(ckpt);
+      edit(bad);
+      write_checkpoint(fx.tmp / "bad.ckpt", bad);
+      cpu_backend be;
+      trainer<T, dynamic, schedule> tr(be, sae<T>(24, 96), schedule{}, held_options());
+      auto train = fx.train();
+      return hsae_test::message_of<io_error>([&] { tr.resume(fx.tmp / "bad.ckpt", train); });
+    };
+    CHECK_THAT(refused([](auto& s) { s.set("held_out_pulled", std::int64_t(3)); }),
+               Catch::Contains("entry 'held_out_pulled' = 3 must be 0"));
+    CHECK_THAT(refused([](auto& s) { s.set("held_out_pulled", std::int64_t(-1)); }),
+               Catch::Contains("entry 'held_out_pulled' = -1 is out of range [0, 500]"));
+    CHECK_THAT(refused([](auto& s) { s.set("held_out_pulled", std::int64_t(1) << 62); }),
+               Catch::Contains("entry 'held_out_pulled' = 4611686018427387904 is out of range"));
+    // All 500 from the training source: then rows_pulled is 500 short.
+    CHECK_THAT(refused([](auto& s) { s.set("held_out_pulled", std::int64_t(500)); }),
+               Catch::Contains("entry 'rows_pulled' = 6300 disagrees"));
+    // A checkpoint without the entry (written before it existed) took them from the training source.
+    CHECK_THAT(refused([](auto& s) { s.meta.erase("held_out_pulled"); }),
+               Catch::Contains("entry 'rows_pulled' = 6300 disagrees"));
   }
 }

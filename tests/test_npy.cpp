@@ -1002,3 +1002,319 @@ TEST_CASE("file_source: errors", "[sources][npy][errors]") {
     CHECK(x.cols() == 3);
   }
 }
+
+// --- safetensors inputs ---------------------------------------------------------------------
+
+namespace {
+
+/// Writes `m` as the one tensor `name` of a safetensors file (plus `extra` tensors of one row).
+void write_st(const fs::path& p, const hsae::row_matrix<float>& m, hsae::safetensors_dtype dt,
+              const std::vector<std::string>& extra = {}, const std::string& name = "acts") {
+  hsae::safetensors_writer w;
+  w.add(name, m, dt);
+  const hsae::row_matrix<float> one = m.topRows(1);
+  for (const auto& e : extra) w.add(e, one, dt);
+  w.write(p);
+}
+
+/// `n` rows of the source, as one matrix.
+template <class Src>
+hsae::row_matrix<float> draw(Src& src, long n) {
+  hsae::row_matrix<float> all(n, src.d_model()), x;
+  for (long i = 0; i < n; i += 7) {
+    src.next(std::min(7L, n - i), x);
+    all.middleRows(i, x.rows()) = x;
+  }
+  return all;
+}
+
+}  // namespace
+
+TEST_CASE("file_source: safetensors files stream as the .npy files with the same rows", "[sources][safetensors]") {
+  temp_dir tmp;
+  const Eigen::Index d = 5;
+  const auto a = id_rows(0, 37, d), b = id_rows(37, 50, d);
+  hsae::write_npy(tmp / "a.npy", a, hsae::npy_dtype::f32);
+  hsae::write_npy(tmp / "b.npy", b, hsae::npy_dtype::f16);
+  write_st(tmp / "a.safetensors", a, hsae::safetensors_dtype::f32);
+  write_st(tmp / "b.safetensors", b, hsae::safetensors_dtype::f16);
+  hsae::file_source_options o;
+  o.shuffle_buffer_rows = 16;
+  o.read_chunk_rows = 6;
+  o.seed = 4;
+
+  SECTION("F32 and F16, alone and mixed with .npy: the same stream bitwise") {
+    hsae::file_source<float> npy({tmp / "a.npy", tmp / "b.npy"}, o);
+    const auto want = draw(npy, 3 * 87 + 5);
+    hsae::file_source<float> st({tmp / "a.safetensors", tmp / "b.safetensors"}, o);
+    CHECK(st.rows_total() == 87);
+    CHECK(st.d_model() == d);
+    CHECK(draw(st, 3 * 87 + 5) == want);
+    hsae::file_source<float> mixed({tmp / "a.npy", tmp / "b.safetensors"}, o);
+    CHECK(draw(mixed, 3 * 87 + 5) == want);
+    CHECK(st.files()[0].format() == hsae::row_file_format::safetensors);
+    CHECK(st.files()[0].tensor() == "acts");
+    CHECK(mixed.files()[0].format() == hsae::row_file_format::npy);
+  }
+  SECTION("BF16 reads as its rounded values") {
+    write_st(tmp / "a16.safetensors", a, hsae::safetensors_dtype::bf16);
+    const auto rounded = hsae::safetensors_file(tmp / "a16.safetensors").read_matrix<float>("acts");
+    CHECK(rounded != a);  // 36.125 and the like do not fit bfloat16's 8 bits
+    hsae::write_npy(tmp / "a16.npy", rounded, hsae::npy_dtype::f32);
+    hsae::file_source<float> npy({tmp / "a16.npy"}, o), st({tmp / "a16.safetensors"}, o);
+    CHECK(draw(st, 100) == draw(npy, 100));
+  }
+  SECTION("leading dimensions are flattened; the format is found by content without an extension") {
+    hsae::safetensors_writer w;
+    w.add("x", a.data(), {1, 37, d}, hsae::safetensors_dtype::f64);
+    w.write(tmp / "a3.bin");
+    fs::copy_file(tmp / "a.npy", tmp / "a_npy.dat");
+    hsae::file_source<float> npy({tmp / "a.npy"}, o), st({tmp / "a3.bin"}, o), by_content({tmp / "a_npy.dat"}, o);
+    CHECK(st.files()[0].format() == hsae::row_file_format::safetensors);
+    CHECK(by_content.files()[0].format() == hsae::row_file_format::npy);
+    CHECK(st.rows_total() == 37);
+    const auto want = draw(npy, 80);
+    CHECK(draw(st, 80) == want);
+    CHECK(draw(by_content, 80) == want);
+  }
+  SECTION("a named tensor among several") {
+    write_st(tmp / "many.safetensors", a, hsae::safetensors_dtype::f32, {"other", "third"}, "resid");
+    hsae::file_source_options named = o;
+    named.tensor = "resid";
+    hsae::file_source<float> npy({tmp / "a.npy"}, o), st({tmp / "many.safetensors"}, named);
+    CHECK(draw(st, 80) == draw(npy, 80));
+  }
+}
+
+TEST_CASE("file_source: safetensors errors name the file and the tensor", "[sources][safetensors][errors]") {
+  temp_dir tmp;
+  const auto a = id_rows(0, 10, 3);
+  write_st(tmp / "many.safetensors", a, hsae::safetensors_dtype::f32, {"other", "third"}, "resid");
+  hsae::write_npy(tmp / "a.npy", a);
+
+  SECTION("several tensors and no name: the names are listed") {
+    const auto msg = message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "many.safetensors"}); });
+    CHECK_THAT(msg, Catch::Contains("many.safetensors") && Catch::Contains("3 tensors") && Catch::Contains("'resid'") &&
+                        Catch::Contains("'other'") && Catch::Contains("'third'") &&
+                        Catch::Contains("file_source_options::tensor"));
+  }
+  SECTION("a missing tensor") {
+    hsae::file_source_options o;
+    o.tensor = "nope";
+    const auto msg =
+        message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "many.safetensors"}, o); });
+    CHECK_THAT(msg, Catch::Contains("many.safetensors") && Catch::Contains("no tensor named 'nope'") &&
+                        Catch::Contains("'resid'"));
+  }
+  SECTION("a tensor name for an .npy file") {
+    hsae::file_source_options o;
+    o.tensor = "resid";
+    const auto msg = message_of<hsae::config_error>([&] { hsae::file_source<float> s({tmp / "a.npy"}, o); });
+    CHECK_THAT(msg, Catch::Contains("a.npy") && Catch::Contains("'resid'"));
+  }
+  SECTION("an integer dtype, a scalar") {
+    // Hand-built files: the writer only writes float dtypes.
+    const auto st_bytes = [](const std::string& json, std::size_t data_bytes) {
+      std::string h = json;
+      while (h.size() % 8 != 0) h += ' ';
+      std::string out(8, '\0');
+      for (int i = 0; i < 8; ++i) out[std::size_t(i)] = char((h.size() >> (8 * i)) & 0xff);
+      out.append(h).append(data_bytes, '\0');
+      return out;
+    };
+    write_bytes(tmp / "int.safetensors", st_bytes(R"({"ids":{"dtype":"I32","shape":[2,3],"data_offsets":[0,24]}})", 24));
+    auto msg = message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "int.safetensors"}); });
+    CHECK_THAT(msg, Catch::Contains("int.safetensors") && Catch::Contains("'ids'") && Catch::Contains("I32"));
+    write_bytes(tmp / "scalar.safetensors", st_bytes(R"({"s":{"dtype":"F32","shape":[],"data_offsets":[0,4]}})", 4));
+    msg = message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "scalar.safetensors"}); });
+    CHECK_THAT(msg, Catch::Contains("scalar.safetensors") && Catch::Contains("'s'") && Catch::Contains("0-d"));
+    write_bytes(tmp / "empty.safetensors", st_bytes(R"({"e":{"dtype":"F32","shape":[0,3],"data_offsets":[0,0]}})", 0));
+    msg = message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "empty.safetensors"}); });
+    CHECK_THAT(msg, Catch::Contains("empty.safetensors") && Catch::Contains("no elements"));
+    write_bytes(tmp / "garbage.bin", "neither format");
+    msg = message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "garbage.bin"}); });
+    CHECK_THAT(msg, Catch::Contains("garbage.bin") && Catch::Contains("safetensors"));
+  }
+  SECTION("NaN: the file, the tensor and the row") {
+    auto bad = a;
+    bad(7, 1) = std::numeric_limits<float>::quiet_NaN();
+    write_st(tmp / "nan.safetensors", bad, hsae::safetensors_dtype::bf16);
+    hsae::file_source<float> src({tmp / "nan.safetensors"});
+    const auto msg = message_of<hsae::numeric_error>([&] { src.next(10); });
+    CHECK_THAT(msg, Catch::Contains("nan.safetensors") && Catch::Contains("tensor 'acts'") &&
+                        Catch::Contains("row 7") && Catch::Contains("column 1"));
+  }
+  SECTION("width mismatch between an .npy and a safetensors file") {
+    write_st(tmp / "w4.safetensors", id_rows(0, 4, 4), hsae::safetensors_dtype::f32);
+    const auto msg =
+        message_of<hsae::io_error>([&] { hsae::file_source<float> s({tmp / "a.npy", tmp / "w4.safetensors"}); });
+    CHECK_THAT(msg, Catch::Contains("width mismatch") && Catch::Contains("w4.safetensors") && Catch::Contains("'acts'"));
+  }
+}
+
+// --- row ranges and chunk shuffling ---------------------------------------------------------
+
+TEST_CASE("file_source: a row range serves only its rows, each once per epoch", "[sources][npy][range]") {
+  temp_dir tmp;
+  const Eigen::Index d = 3;
+  // 37 + 50 + 13 = 100 rows; column 0 holds the global row index.
+  hsae::write_npy(tmp / "a.npy", id_rows(0, 37, d), hsae::npy_dtype::f32);
+  hsae::write_npy(tmp / "b.npy", id_rows(37, 50, d), hsae::npy_dtype::f32);
+  hsae::write_npy(tmp / "c.npy", id_rows(87, 13, d), hsae::npy_dtype::f16);
+  const std::vector<fs::path> files{tmp / "a.npy", tmp / "b.npy", tmp / "c.npy"};
+  const long n = 100;
+
+  SECTION("training [0, N - H) with shuffling never serves a held-out row") {
+    for (const long h : {13L, 20L, 63L}) {
+      for (const std::int64_t chunk : {std::int64_t(0), std::int64_t(1), std::int64_t(6), std::int64_t(4096)}) {
+        for (const std::size_t buf : {std::size_t(0), std::size_t(9), std::size_t(1) << 16}) {
+          INFO("held out " << h << ", chunks of " << chunk << ", buffer " << buf);
+          hsae::file_source_options o;
+          o.row_end = n - h;
+          o.shuffle_chunk_rows = chunk;
+          o.shuffle_buffer_rows = buf;
+          o.read_chunk_rows = 5;
+          o.seed = 17;
+          hsae::file_source<float> train(files, o);
+          CHECK(train.rows_total() == n - h);
+          CHECK(train.row_begin() == 0);
+          CHECK(train.row_end() == n - h);
+          const auto ids = draw_ids(train, 4 * (n - h), 7);
+          for (int e = 0; e < 4; ++e)  // each epoch: every row of [0, N - H) exactly once
+            REQUIRE(is_permutation_of_range(
+                std::vector<long>(ids.begin() + e * (n - h), ids.begin() + (e + 1) * (n - h)), n - h));
+          CHECK(train.epoch() == 4);
+          if (buf >= 9) CHECK_FALSE(std::is_sorted(ids.begin(), ids.begin() + (n - h)));
+        }
+      }
+    }
+  }
+  SECTION("held-out [N - H, N) without a buffer: the last H rows by position, in order") {
+    hsae::file_source_options o;
+    o.row_begin = 70;
+    o.shuffle_buffer_rows = 0;
+    hsae::file_source<float> held(files, o);
+    CHECK(held.rows_total() == 30);
+    CHECK(held.row_end() == 100);
+    const auto ids = draw_ids(held, 65, 4);
+    for (long i = 0; i < 65; ++i) REQUIRE(ids[std::size_t(i)] == 70 + i % 30);
+  }
+  SECTION("a range inside one file, and one across files, any chunk size") {
+    for (const auto& [lo, hi] : {std::pair<long, long>{40, 60}, std::pair<long, long>{30, 90}, std::pair<long, long>{99, 100}}) {
+      for (const std::int64_t chunk : {std::int64_t(0), std::int64_t(7)}) {
+        INFO("rows [" << lo << ", " << hi << "), chunks of " << chunk);
+        hsae::file_source_options o;
+        o.row_begin = lo;
+        o.row_end = hi;
+        o.shuffle_chunk_rows = chunk;
+        o.shuffle_buffer_rows = 8;
+        hsae::file_source<float> src(files, o);
+        auto ids = draw_ids(src, 2 * (hi - lo), 3);
+        for (int e = 0; e < 2; ++e) {
+          std::vector<long> ep(ids.begin() + e * (hi - lo), ids.begin() + (e + 1) * (hi - lo));
+          for (long& v : ep) v -= lo;
+          REQUIRE(is_permutation_of_range(ep, hi - lo));
+        }
+      }
+    }
+  }
+  SECTION("bad ranges: config_error naming the field") {
+    const auto msg = [&](std::int64_t lo, std::int64_t hi) {
+      hsae::file_source_options o;
+      o.row_begin = lo;
+      o.row_end = hi;
+      return message_of<hsae::config_error>([&] { hsae::file_source<float> s(files, o); });
+    };
+    CHECK_THAT(msg(-1, -1), Catch::Contains("row_begin=-1") && Catch::Contains("100 rows"));
+    CHECK_THAT(msg(100, -1), Catch::Contains("row_begin=100"));
+    CHECK_THAT(msg(10, 10), Catch::Contains("row_end=10"));
+    CHECK_THAT(msg(10, 5), Catch::Contains("row_end=5"));
+    CHECK_THAT(msg(0, 101), Catch::Contains("row_end=101") && Catch::Contains("100 rows"));
+    CHECK_THAT(msg(0, -2), Catch::Contains("row_end=-2"));
+    hsae::file_source_options o;
+    o.shuffle_chunk_rows = -1;
+    CHECK_THAT(message_of<hsae::config_error>([&] { hsae::file_source<float> s(files, o); }),
+               Catch::Contains("shuffle_chunk_rows=-1"));
+  }
+}
+
+TEST_CASE("file_source: chunk shuffling visits every chunk of every file in a fresh order", "[sources][npy][chunks]") {
+  temp_dir tmp;
+  const Eigen::Index d = 2;
+  hsae::write_npy(tmp / "a.npy", id_rows(0, 37, d), hsae::npy_dtype::f32);
+  hsae::write_npy(tmp / "b.npy", id_rows(37, 50, d), hsae::npy_dtype::f32);
+  hsae::write_npy(tmp / "c.npy", id_rows(87, 13, d), hsae::npy_dtype::f32);
+  const std::vector<fs::path> files{tmp / "a.npy", tmp / "b.npy", tmp / "c.npy"};
+  const long n = 100;
+  // Chunks of 10 rows start at the files' rows 0, 10, 20, ...: in global rows,
+  // a: 0 10 20 30 | b: 37 47 57 67 77 | c: 87 97 (the last of each file shorter).
+  const std::vector<long> starts{0, 10, 20, 30, 37, 47, 57, 67, 77, 87, 97};
+  const auto file_of = [](long id) { return id < 37 ? 0 : id < 87 ? 1 : 2; };
+
+  SECTION("the chunks, clipped to files and to the range") {
+    hsae::file_source_options o;
+    o.shuffle_chunk_rows = 10;
+    CHECK(hsae::file_source<float>(files, o).chunks() == 11);
+    o.row_begin = 5;
+    o.row_end = 95;  // a: [5,10) [10,20) [20,30) [30,37); b: 5 chunks; c: [87, 95)
+    CHECK(hsae::file_source<float>(files, o).chunks() == 10);
+    o.shuffle_chunk_rows = 0;
+    CHECK(hsae::file_source<float>(files, o).chunks() == 3);
+    o.shuffle_chunk_rows = 1;
+    CHECK(hsae::file_source<float>(files, o).chunks() == 90);
+  }
+  SECTION("without a buffer the stream is the chunks in a random order, interleaving the files") {
+    hsae::file_source_options o;
+    o.shuffle_buffer_rows = 0;
+    o.shuffle_chunk_rows = 10;
+    o.read_chunk_rows = 3;
+    o.seed = 5;
+    hsae::file_source<float> src(files, o);
+    std::vector<std::vector<long>> orders;
+    int most_file_changes = 0;
+    const auto all = draw_ids(src, 6 * n, 9);
+    for (int e = 0; e < 6; ++e) {
+      const std::vector<long> ids(all.begin() + e * n, all.begin() + (e + 1) * n);
+      REQUIRE(is_permutation_of_range(ids, n));
+      // Cut at every chunk start: each piece is one whole chunk, in row order.
+      std::vector<long> order;
+      for (long i = 0; i < n; ++i)
+        if (std::find(starts.begin(), starts.end(), ids[std::size_t(i)]) != starts.end()) {
+          order.push_back(ids[std::size_t(i)]);
+        } else {
+          REQUIRE(i > 0);
+          REQUIRE(ids[std::size_t(i)] == ids[std::size_t(i - 1)] + 1);
+        }
+      REQUIRE(order.size() == starts.size());
+      int changes = 0;
+      for (std::size_t i = 1; i < order.size(); ++i) changes += file_of(order[i]) != file_of(order[i - 1]);
+      most_file_changes = std::max(most_file_changes, changes);
+      orders.push_back(order);
+    }
+    CHECK(most_file_changes > 2);  // chunks of the files interleave (whole-file shuffling changes file twice at most)
+    std::sort(orders.begin(), orders.end());
+    CHECK(std::unique(orders.begin(), orders.end()) - orders.begin() >= 5);  // a fresh order (nearly) every epoch
+  }
+  SECTION("shuffle_files = false: stream order whatever the chunk size") {
+    for (const std::int64_t chunk : {std::int64_t(0), std::int64_t(1), std::int64_t(10)}) {
+      hsae::file_source_options o;
+      o.shuffle_buffer_rows = 0;
+      o.shuffle_files = false;
+      o.shuffle_chunk_rows = chunk;
+      hsae::file_source<float> src(files, o);
+      const auto ids = draw_ids(src, 2 * n, 7);
+      for (long i = 0; i < 2 * n; ++i) REQUIRE(ids[std::size_t(i)] == i % n);
+    }
+  }
+  SECTION("with a buffer: every row once per epoch, deterministic for a seed") {
+    hsae::file_source_options o;
+    o.shuffle_buffer_rows = 16;
+    o.shuffle_chunk_rows = 4;
+    o.seed = 8;
+    hsae::file_source<float> a(files, o), b(files, o);
+    const auto ia = draw_ids(a, 3 * n, 7), ib = draw_ids(b, 3 * n, 11);
+    CHECK(ia == ib);
+    for (int e = 0; e < 3; ++e)
+      REQUIRE(is_permutation_of_range(std::vector<long>(ia.begin() + e * n, ia.begin() + (e + 1) * n), n));
+  }
+}

@@ -14,6 +14,7 @@
 ///                                   CPU engine in cpu/, the GPU's in hsae/cuda.cuh)
 ///   hsae::npy_file, write_npy       data/npy.hpp (memory-mapped .npy reading, atomic writing)
 ///   hsae::file_source, matrix_source data/sources.hpp (batch sources, batch_source concept)
+///   hsae::row_file                  data/row_file.hpp (an .npy file or safetensors tensor as rows)
 ///   hsae::safetensors_file, ...     io/safetensors.hpp (memory-mapped reading, atomic writing)
 ///   hsae::save_saelens, load_sparsify, convert_sae_dir, ...
 ///                                   io/sae_files.hpp (SAELens and sparsify SAE directories:

@@ -228,10 +228,29 @@ class trainer {
   /// Called after every evaluation.
   std::function<void(std::int64_t step, const evaluation&)> on_eval;
 
-  /// Runs the whole loop on `source`. \throws hsae::shape_error when the source's width
-  /// is not d_model, hsae::numeric_error on NaN/Inf in a batch.
+  /// Runs the whole loop on `source`; the eval_rows held-out rows are the first rows it
+  /// serves (set aside, never trained on). \throws hsae::shape_error when the source's
+  /// width is not d_model, hsae::numeric_error on NaN/Inf in a batch.
   template <batch_source<T> Source>
   train_summary fit(Source& source) {
+    return fit_from<Source, Source>(source, nullptr);
+  }
+  /// The same with the eval_rows held-out rows read from `held_out` (its first eval_rows
+  /// rows), not from the training stream: e.g. the last rows of a token-ordered cache by
+  /// position (file_source_options::row_begin / row_end; docs/DATA.md). A run resumed
+  /// from a checkpoint takes its held-out rows from the checkpoint and reads nothing from
+  /// `held_out`; `fit(source)` continues it as well.
+  /// \throws as fit(source), and hsae::shape_error when held_out's width is not d_model.
+  template <batch_source<T> Source, batch_source<T> HeldOut>
+  train_summary fit(Source& source, HeldOut& held_out) {
+    detail::expects<shape_error>(held_out.d_model() == model().d_model(), "trainer: the held-out source's d_model=",
+                                 held_out.d_model(), " differs from the model's d_model=", model().d_model());
+    return fit_from<Source, HeldOut>(source, &held_out);
+  }
+
+ private:
+  template <class Source, class HeldOut>
+  train_summary fit_from(Source& source, HeldOut* held_out) {
     detail::expects<shape_error>(source.d_model() == model().d_model(), "trainer: the source's d_model=",
                                  source.d_model(), " differs from the model's d_model=", model().d_model());
     detail::training_log log(log_options());
@@ -239,7 +258,7 @@ class trainer {
 
     row_matrix<T> x;
     if (!resumed_) {
-      start(source, x);
+      start(source, held_out, x);
     }
     resumed_ = false;
 
@@ -312,6 +331,7 @@ class trainer {
     return sum;
   }
 
+ public:
   /// Writes a checkpoint of the run (model, optimizer moments and step, dead-latent
   /// counters, held-out rows, input scale, step and token counts, and the source's
   /// state when it can save it; see trainer_checkpoint.hpp and checkpoint.hpp), atomically.
@@ -321,7 +341,8 @@ class trainer {
   template <class Source>
   void save_checkpoint(const std::filesystem::path& path, const Source& source) const {
     checkpoint_state<T> st;
-    detail::fill_checkpoint(st, {step_, tokens_, rows_pulled_, scale_}, checkpoint_terms(), schedule_, engine_.model(),
+    detail::fill_checkpoint(st, {step_, tokens_, rows_pulled_, held_out_pulled_, scale_}, checkpoint_terms(), schedule_,
+                            engine_.model(),
                             engine_.optimizer(), engine_.dead_latents(), eval_x_);
     if constexpr (requires { source.save_state(st); }) source.save_state(st);
     write_checkpoint(path, st);
@@ -360,6 +381,7 @@ class trainer {
     step_ = r.step;
     tokens_ = r.tokens;
     rows_pulled_ = r.rows_pulled;
+    held_out_pulled_ = r.held_out_pulled;
     resumed_ = true;
   }
 
@@ -459,13 +481,19 @@ class trainer {
     return e;
   }
 
-  /// The fresh start of fit: held-out rows, init sample, init, optimizer, tracker.
-  template <class Source>
-  void start(Source& source, row_matrix<T>& x) {
-    step_ = tokens_ = rows_pulled_ = 0;
+  /// The fresh start of fit: held-out rows (from `held_out`, else from `source`), init
+  /// sample, init, optimizer, tracker.
+  template <class Source, class HeldOut>
+  void start(Source& source, HeldOut* held_out, row_matrix<T>& x) {
+    step_ = tokens_ = rows_pulled_ = held_out_pulled_ = 0;
     if (opt_.eval_rows > 0) {
-      pull(source, opt_.eval_rows, eval_x_, "the held-out rows");
-      rows_pulled_ += opt_.eval_rows;
+      if (held_out != nullptr) {
+        pull(*held_out, opt_.eval_rows, eval_x_, "the held-out rows");
+      } else {
+        pull(source, opt_.eval_rows, eval_x_, "the held-out rows");
+        rows_pulled_ += opt_.eval_rows;
+        held_out_pulled_ = opt_.eval_rows;
+      }
       detail::expect_finite("evaluation rows", cref<T>(eval_x_));
     }
     if (opt_.initialize) {
@@ -525,6 +553,7 @@ class trainer {
   std::int64_t step_ = 0;
   std::int64_t tokens_ = 0;
   std::int64_t rows_pulled_ = 0;  ///< rows read from the source (held-out, init, training)
+  std::int64_t held_out_pulled_ = 0;  ///< of them, held-out rows (0 when read from a held-out source)
   bool resumed_ = false;
 };
 

@@ -7,7 +7,8 @@
 ///   tensors   model.{W_enc,b_enc,W_dec,b_dec}, adam.m.*, adam.v.* (the model's shapes,
 ///             biases as [1, n] rows), held_out (the evaluation rows),
 ///             dead.tokens_since_fired (one count a latent)
-///   metadata  step, tokens, rows_pulled, input_scale, d_model, d_sae, k_max, total_tokens,
+///   metadata  step, tokens, rows_pulled, held_out_pulled (the held-out rows among
+///             rows_pulled: eval_rows, or 0 when they came from a separate source), input_scale, d_model, d_sae, k_max, total_tokens,
 ///             batch_size, adam.steps, adam.last_lr, dead.after_tokens, and schedule: the
 ///             levels as "(k,weight),(k,weight),..." (weights in %.17g)
 ///
@@ -44,12 +45,14 @@ struct checkpoint_run {
   std::int64_t init_rows = 0;
 };
 
-/// Where a run stands: steps and tokens trained, rows read from the source (held-out,
-/// init, training), and the input scale.
+/// Where a run stands: steps and tokens trained, rows read from the training source
+/// (held-out, init, training), how many of them were held-out rows (0 when a separate
+/// source gave those: trainer::fit(source, held_out)), and the input scale.
 struct checkpoint_position {
   std::int64_t step = 0;
   std::int64_t tokens = 0;
   std::int64_t rows_pulled = 0;
+  std::int64_t held_out_pulled = 0;
   double input_scale = 1;
 };
 
@@ -100,6 +103,7 @@ void fill_checkpoint(checkpoint_state<T>& st, const checkpoint_position& at, con
   st.set("step", at.step);
   st.set("tokens", at.tokens);
   st.set("rows_pulled", at.rows_pulled);
+  st.set("held_out_pulled", at.held_out_pulled);
   st.set("input_scale", at.input_scale);
   st.set("d_model", std::int64_t(m.d_model()));
   st.set("d_sae", std::int64_t(m.d_sae()));
@@ -129,7 +133,7 @@ struct restored_run {
   /// The held-out rows: the checked state's tensor (valid while that state lives).
   const row_matrix<T>* held_out = nullptr;
   double scale = 1, last_lr = 0;
-  std::int64_t step = 0, tokens = 0, rows_pulled = 0, adam_steps = 0;
+  std::int64_t step = 0, tokens = 0, rows_pulled = 0, held_out_pulled = 0, adam_steps = 0;
 };
 
 /// Reads and range-checks everything a resume restores, for a run of model `cur`'s shapes
@@ -160,12 +164,23 @@ restored_run<T, F> check_checkpoint(const checkpoint_state<T>& st, const sae<T, 
   const row_matrix<T>& held = st.matrix("held_out");
   if (held.rows() > 0) st.finite_matrix("held_out", held.rows(), d);
   r.held_out = &held;
-  // Rows pulled: the held-out rows, the init sample (at most init_rows), then the training rows.
+  // The held-out rows came from the training source (all of them) or from another one
+  // (none); checkpoints written before the entry existed took them from the training source.
+  const auto held_rows = std::int64_t(held.rows());
+  if (st.meta.count("held_out_pulled") != 0) {
+    r.held_out_pulled = st.get_int("held_out_pulled", 0, held_rows);
+    st.expects(r.held_out_pulled == 0 || r.held_out_pulled == held_rows, "entry 'held_out_pulled' = ",
+               r.held_out_pulled, " must be 0 (a separate held-out source) or the ", held_rows,
+               " held-out rows (read from the training source)");
+  } else {
+    r.held_out_pulled = held_rows;
+  }
+  // Rows pulled: the held-out rows (if from this source), the init sample (at most init_rows), then the training rows.
   r.rows_pulled = st.get_int("rows_pulled", 0, std::numeric_limits<std::int64_t>::max());
-  const std::int64_t before_training = r.rows_pulled - r.tokens - std::int64_t(held.rows());  // no overflow: all >= 0
+  const std::int64_t before_training = r.rows_pulled - r.tokens - r.held_out_pulled;  // no overflow: all >= 0
   st.expects(before_training >= 0 && before_training <= std::max<std::int64_t>(run.init_rows, 0),
-             "entry 'rows_pulled' = ", r.rows_pulled, " disagrees with ", r.tokens, " training rows, ", held.rows(),
-             " held-out rows and init_rows=", run.init_rows);
+             "entry 'rows_pulled' = ", r.rows_pulled, " disagrees with ", r.tokens, " training rows, ",
+             r.held_out_pulled, " held-out rows from the training source and init_rows=", run.init_rows);
   r.adam_steps = st.get_int("adam.steps", 0, r.step);
   r.last_lr = st.get_double("adam.last_lr", 0, std::numeric_limits<double>::max());
   r.model = cur;
