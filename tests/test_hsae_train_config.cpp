@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // hsae-train (tools/hsae_train): the command line and config file parser, the defaults
-// resolved against the data, the input expansion (globs, directories, activations.json),
+// resolved against the data, the input expansion (globs, directories, activations.json,
+// safetensors),
 // and whole runs on small .npy files: the outputs, a --test set, and a run stopped
 // (--max-steps, as on Ctrl-C) and resumed that writes the same weights file byte for byte
 // as the uninterrupted run; a checkpoint of another run is refused naming the option.
@@ -11,6 +12,7 @@
 
 #include <hsae/data/npy.hpp>
 #include <hsae/data/synthetic.hpp>
+#include <hsae/io/safetensors.hpp>
 #include <hsae/io/saelens.hpp>
 #include <hsae/io/sparsify.hpp>
 
@@ -193,6 +195,34 @@ TEST_CASE("hsae-train: inputs, schedules and defaults resolved against the data"
                    [&] { hsae_train::expand_inputs({(tmp / "bad.npy").string()}, "--data"); }),
                Contains("--data: hsae: npy file"));
   }
+  SECTION("safetensors files: the only tensor, or the one --tensor names") {
+    hsae::synthetic_options d;
+    d.d_model = 16;
+    d.n_atoms = 40;
+    hsae::synthetic_source<float> src(d);
+    const hsae::row_matrix<float> x = src.next(300), y = src.next(300);
+    hsae::safetensors_writer w;
+    w.add("activations", x);
+    w.write(tmp / "one.safetensors");
+    hsae::safetensors_writer w2;
+    w2.add("resid", x);
+    w2.add("mlp", y, hsae::safetensors_dtype::f16);
+    w2.write(tmp / "two.safetensors");
+    const auto one = hsae_train::expand_inputs({(tmp / "one.safetensors").string()}, "--data");
+    CHECK(one.rows == 300);
+    CHECK(one.d_model == 16);
+    CHECK(hsae_train::expand_inputs({(tmp / "two.safetensors").string()}, "--data", "mlp").rows == 300);
+    CHECK_THAT(hsae_test::message_of<usage_error>(
+                   [&] { hsae_train::expand_inputs({(tmp / "two.safetensors").string()}, "--data"); }),
+               Contains("--data: ") && Contains("mlp") && Contains("resid"));
+    const fs::path o = tmp / "st_out";
+    const std::vector<std::string> args{"hsae-train", (tmp / "two.safetensors").string(), "--tensor", "mlp",
+                                        "--d-sae", "32", "--k-max", "4", "--batch", "50", "--out", o.string()};
+    std::vector<const char*> cargv;
+    for (const auto& a : args) cargv.push_back(a.c_str());
+    REQUIRE(hsae_train::run(hsae_train::parse_command_line(int(cargv.size()), cargv.data()), nullptr, args) == 0);
+    CHECK(hsae::load_saelens<float>(o).model.d_model() == 16);
+  }
   SECTION("activations.json lists the shards and names the model and hook") {
     write_text(tmp / "acts" / "activations.json",
                R"({"model_name": "tiny-gpt", "hook_name": "blocks.3.hook_resid_post", "layer": 3, "d_model": 16,
@@ -208,16 +238,19 @@ TEST_CASE("hsae-train: inputs, schedules and defaults resolved against the data"
     const auto p = hsae_train::resolve(parse({dir, "--out", out}));
     CHECK(p.cfg.d_sae == 256);
     CHECK(p.cfg.lr == Approx(2e-4 / std::sqrt(256.0 / 16384.0)));
-    CHECK(p.cfg.tokens == 800);
-    CHECK(p.cfg.held_out_rows == 200);
+    CHECK(p.cfg.held_out_rows == 200);  // a quarter of 800 rows
     CHECK(p.eval_rows == 200);
+    CHECK(p.train_rows == 600);  // the last 200 rows by position are held out
+    CHECK(p.cfg.tokens == 600);  // one epoch of the training rows
+    CHECK_THAT(p.held_out_text, Equals("the last 200 rows of the data by position (rows 600..799 of the files in "
+                                       "the order given; never trained on)"));
     CHECK(p.cfg.normalize);
     CHECK(p.schedule.size() == 32);
     CHECK(p.resolved["steps"] == 1);
     CHECK(p.resolved["data"].size() == 2);
     const auto q = hsae_train::resolve(parse({dir, "--out", out, "--expansion", "2", "--epochs", "2.5"}));
     CHECK(q.cfg.d_sae == 32);
-    CHECK(q.cfg.tokens == 2000);
+    CHECK(q.cfg.tokens == 1500);
   }
   SECTION("the resolved config (hsae_train_config.json) is a --config that resolves to itself") {
     const auto p = hsae_train::resolve(parse({dir, "--out", out, "--expansion", "2", "--schedule", "4:1,8:2"}));
@@ -290,7 +323,7 @@ TEST_CASE("hsae-train: a run on .npy files writes the SAE and its report; resume
   CHECK(l.metadata["hsae_final_fvu"].size() == 8);
   CHECK(l.metadata["hsae_input_scale"].get<double>() != 1.0);  // normalised by default, folded
   const std::string report = read_bytes(full / "report.md");
-  CHECK_THAT(report, Catch::Contains("650 rows held out: the first rows of the shuffled stream"));
+  CHECK_THAT(report, Catch::Contains("the last 650 rows of the data by position (rows 1950..2599"));
   CHECK_THAT(report, Catch::Contains("| k | FVU | explained variance | MSE (input units) | L0 |"));
 
   SECTION("stopped by --max-steps (as on Ctrl-C) and resumed: the same weights file, byte for byte") {

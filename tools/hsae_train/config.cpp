@@ -58,8 +58,8 @@ const std::vector<option_entry>& table() {
        text_field{&c::tensor, {}}},
       {{"synthetic", "", "train on the built-in synthetic data of hsae_demo (no files)", "inputs"},
        flag_field{&c::synthetic}},
-      {{"held-out-rows", "H", "rows kept aside for evaluation without --test (default 16384, at most a quarter "
-                              "of the data; ignored with --test)",
+      {{"held-out-rows", "H", "without --test: the last H rows of the data by position are held out, never "
+                              "trained on (default 16384, at most a quarter of the data)",
         "inputs"}, int_field{&c::held_out_rows, 1, int_max}},
       {{"init-rows", "N", "rows for the initialisation (geometric median of b_dec, input scale); default 16384 "
                           "(8192 with --synthetic)",
@@ -114,6 +114,9 @@ const std::vector<option_entry>& table() {
         "training"}, flag_field{&c::normalize}},
       {{"shuffle-buffer", "N", "rows of the shuffle buffer (default 65536; 0: stream order)", "training"},
        int_field{&c::shuffle_buffer, 0, int_max}},
+      {{"shuffle-chunk", "N", "rows of the contiguous chunks shuffled across all files each epoch (default 4096; "
+                              "0: whole files)",
+        "training"}, int_field{&c::shuffle_chunk, 0, int_max}},
       {{"log-every", "N", "progress line / metrics record every N steps (default 100)", "training"},
        int_field{&c::log_every, 1, int_max}},
       // Outputs.

@@ -62,6 +62,7 @@ struct train_config {
   bool deterministic = true;
   bool normalize = true;  ///< default: on for files, off for --synthetic
   std::int64_t shuffle_buffer = 65536;
+  std::int64_t shuffle_chunk = 4096;
   std::int64_t log_every = 100;
   // Outputs.
   std::string model_name;

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 /// \file tools/hsae_train/driver.hpp
-/// The training of hsae-train on any backend: builds the source (synthetic or files) the
-/// same way for a fresh run and a resume, tags the checkpoint with the run's identity
+/// The training of hsae-train on any backend: builds the sources (synthetic, or files with
+/// the held-out rows by position or from --test) the same way for a fresh run and a resume,
+/// tags the checkpoint with the run's identity
 /// (a resumed run must be the same run), trains, evaluates the test files. Included by
 /// run.cpp (cpu_backend) and run_cuda.cu (cuda_backend, cuda_with_storage<...>).
 #pragma once
@@ -83,37 +84,6 @@ class tagged_source {
   const nlohmann::json& run_;
 };
 
-/// The trainer's stream with the held-out rows first: the trainer draws its eval_rows
-/// held-out rows first (one read of `held_rows` rows), and they come from `held` (the
-/// --test files, read in order); every later row comes from `train`. A checkpoint holds
-/// the held-out rows themselves, so the state saved and restored is `train`'s only.
-template <class Held, class Train>
-class held_out_first {
- public:
-  held_out_first(Held& held, Train& train, std::int64_t held_rows) : held_(held), train_(train), left_(held_rows) {}
-  int d_model() const { return train_.d_model(); }
-  void next(Eigen::Index rows, hsae::row_matrix<float>& x) {
-    if (left_ == 0) return train_.next(rows, x);
-    hsae::detail::expects<hsae::config_error>(rows == left_, "hsae-train: the held-out rows were not read first");
-    held_.next(rows, x);
-    left_ = 0;
-  }
-  template <class State>
-  void save_state(State& st) const {
-    train_.save_state(st);
-  }
-  template <class State>
-  void load_state(const State& st) {
-    train_.load_state(st);
-    left_ = 0;  // the checkpoint holds them
-  }
-
- private:
-  Held& held_;
-  Train& train_;
-  std::int64_t left_;
-};
-
 /// Trains on backend handle `be` (trainer's Backend parameter `Backend`).
 template <class Backend, class Handle>
 run_result train_with(const Handle& be, const run_plan& p, const std::atomic<bool>* stop) {
@@ -134,13 +104,15 @@ run_result train_with(const Handle& be, const run_plan& p, const std::atomic<boo
     if (stop != nullptr && stop->load() && !stop_now) stop_now = true;
   };
 
-  auto train = [&](auto& inner) {
+  // `held`: the source of the held-out rows, or null (the first rows of the stream).
+  auto train = [&](auto& inner, auto* held) {
     tagged_source<std::decay_t<decltype(inner)>> src(inner, p.run_identity);
     if (p.cfg.resume) tr.resume(p.checkpoint, src);
     if (p.cfg.max_steps > 0 && tr.steps_done() + 1 >= p.cfg.max_steps) {
       stop_now = true;
       by_max_steps = true;
     }
+    if (held != nullptr) return tr.fit(src, *held);
     return tr.fit(src);
   };
   hsae::train_summary sum;
@@ -148,22 +120,26 @@ run_result train_with(const Handle& be, const run_plan& p, const std::atomic<boo
     hsae::cpu_backend host;
     host.num_threads = int(p.cfg.threads);
     hsae::synthetic_source<float> s(demo_synthetic(std::uint64_t(p.cfg.seed)), host);
-    sum = train(s);
+    sum = train(s, static_cast<hsae::synthetic_source<float>*>(nullptr));
   } else {
     hsae::file_source_options no;
     no.seed = std::uint64_t(p.cfg.seed);
     no.shuffle_buffer_rows = std::size_t(p.cfg.shuffle_buffer);
-    hsae::file_source<float> s(p.train.files, no);
+    no.shuffle_chunk_rows = p.cfg.shuffle_chunk;
+    no.tensor = p.cfg.tensor;
+    // The held-out rows, read in order: the --test files, or the last eval_rows rows of
+    // the data by position, which the training source then leaves out.
+    hsae::file_source_options ho;
+    ho.shuffle_buffer_rows = 0;
+    ho.shuffle_files = false;
+    ho.tensor = p.cfg.tensor;
     if (p.test.files.empty()) {
-      sum = train(s);
-    } else {  // the --test files are the held-out rows, evaluated at every evaluation
-      hsae::file_source_options to;
-      to.shuffle_buffer_rows = 0;
-      to.shuffle_files = false;
-      hsae::file_source<float> t(p.test.files, to);
-      held_out_first<hsae::file_source<float>, hsae::file_source<float>> both(t, s, p.eval_rows);
-      sum = train(both);
+      no.row_end = p.train_rows;
+      ho.row_begin = p.train_rows;
     }
+    hsae::file_source<float> s(p.train.files, no);
+    hsae::file_source<float> held(p.test.files.empty() ? p.train.files : p.test.files, ho);
+    sum = train(s, &held);
   }
 
   run_result r;

@@ -13,7 +13,7 @@
 #include <fstream>
 #include <sstream>
 
-#include <hsae/data/npy.hpp>
+#include <hsae/data/row_file.hpp>
 #include <hsae/io/saelens.hpp>
 #include <hsae/io/sparsify.hpp>
 #include <hsae/version.hpp>
@@ -66,8 +66,12 @@ std::vector<fs::path> directory_files(const fs::path& dir, const std::string& op
   }
   for (const auto& e : fs::directory_iterator(dir))
     if (e.is_regular_file() && e.path().extension() == ".npy") files.push_back(e.path());
+  if (files.empty())  // no .npy file: its .safetensors files
+    for (const auto& e : fs::directory_iterator(dir))
+      if (e.is_regular_file() && e.path().extension() == ".safetensors") files.push_back(e.path());
   std::sort(files.begin(), files.end());
-  if (files.empty()) fail(option, ": the directory ", quote(dir.string()), " holds no activations.json and no .npy file");
+  if (files.empty())
+    fail(option, ": the directory ", quote(dir.string()), " holds no activations.json, .npy or .safetensors file");
   return files;
 }
 
@@ -88,7 +92,7 @@ bool built_with_cuda() {
 #endif
 }
 
-file_set expand_inputs(const std::vector<std::string>& entries, const std::string& option) {
+file_set expand_inputs(const std::vector<std::string>& entries, const std::string& option, const std::string& tensor) {
   file_set out;
   std::vector<fs::path> files;
   for (const std::string& e : entries) {
@@ -129,11 +133,8 @@ file_set expand_inputs(const std::vector<std::string>& entries, const std::strin
   }
   for (const auto& f : files) {
     const std::string s = f.string();
-    if (ends_with(s, ".safetensors"))
-      fail(option, ": ", quote(s),
-           ": safetensors inputs are not supported by this build yet (convert to .npy: numpy.save)");
     try {
-      const hsae::npy_file n(f);
+      const hsae::row_file n(f, tensor);
       if (out.d_model == 0) out.d_model = int(n.cols());
       else if (n.cols() != out.d_model)
         fail(option, ": ", quote(s), " has ", n.cols(), " columns, but ", quote(files.front().string()), " has ",
@@ -203,10 +204,10 @@ run_plan resolve(const train_config& in) {
     p.held_out_text = "the first " + std::to_string(p.eval_rows) +
                       " rows of the synthetic stream (drawn before training, never repeated: the stream is endless)";
   } else {
-    p.train = expand_inputs(c.data, "--data");
+    p.train = expand_inputs(c.data, "--data", c.tensor);
     p.d_model = p.train.d_model;
     if (!c.test.empty()) {
-      p.test = expand_inputs(c.test, "--test");
+      p.test = expand_inputs(c.test, "--test", c.tensor);
       if (p.test.d_model != p.d_model)
         fail("--test: the test files have ", p.test.d_model, " columns, the training files ", p.d_model);
     }
@@ -219,18 +220,20 @@ run_plan resolve(const train_config& in) {
         c.hook_name = a["hook_name"].get<std::string>();
     }
     if (p.test.files.empty()) {
-      // The held-out rows: the first H rows of the shuffled stream, drawn before training.
+      // The held-out rows by position: the last H rows of the files in the order given,
+      // never trained on (the training source ends before them).
       const std::int64_t cap = p.train.rows / 4;
       c.held_out_rows = std::max<std::int64_t>(1, std::min(c.held_out_rows, cap));
       p.eval_rows = c.held_out_rows;
-      p.held_out_text = std::to_string(p.eval_rows) +
-                        " rows held out: the first rows of the shuffled stream, drawn before training (seen again "
-                        "in training from the second epoch on; use --test for files never trained on)";
+      p.train_rows = p.train.rows - p.eval_rows;
+      p.held_out_text = "the last " + std::to_string(p.eval_rows) + " rows of the data by position (rows " +
+                        std::to_string(p.train_rows) + ".." + std::to_string(p.train.rows - 1) +
+                        " of the files in the order given; never trained on)";
     } else {
       p.eval_rows = p.test.rows;
+      p.train_rows = p.train.rows;
       p.held_out_text = std::to_string(p.test.rows) + " rows of the --test files (never trained on)";
     }
-    p.train_rows = p.train.rows;
   }
 
   // Model.

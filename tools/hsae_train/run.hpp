@@ -36,10 +36,12 @@ struct file_set {
 };
 
 /// Expands --data / --test entries: globs (sorted, each must match), directories (their
-/// activations.json shards, else their .npy files, sorted), files; opens each file's
-/// header for its rows and width. `option` names the list in errors ("--data").
+/// activations.json shards, else their .npy files, else their .safetensors files, sorted),
+/// files (.npy, or the tensor `tensor` of .safetensors files: data/row_file.hpp); opens
+/// each file's header for its rows and width. `option` names the list in errors ("--data").
 /// \throws usage_error naming the option and the entry.
-file_set expand_inputs(const std::vector<std::string>& entries, const std::string& option);
+file_set expand_inputs(const std::vector<std::string>& entries, const std::string& option,
+                       const std::string& tensor = {});
 
 /// A schedule from --schedule and --k-max. \throws usage_error naming --schedule.
 hsae::dynamic_k_schedule parse_schedule(const std::string& text, std::int64_t k_max, bool k_max_given);
@@ -51,7 +53,8 @@ struct run_plan {
   int d_model = 0;
   /// Rows of the data the training stream may use (files: all rows but the held-out ones).
   std::int64_t train_rows = 0;
-  /// Held-out rows: the trainer's eval_rows (with --test: all rows of the test files).
+  /// Held-out rows: the trainer's eval_rows (with --test: all rows of the test files; else
+  /// the last eval_rows rows of the data by position, which the training source leaves out).
   std::int64_t eval_rows = 0;
   hsae::dynamic_k_schedule schedule{{1, 1.0}};
   hsae::trainer_options topt;  ///< without metrics path, stop flag or progress stream
