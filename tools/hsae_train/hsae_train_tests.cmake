@@ -4,10 +4,10 @@
 set(_ht "${CMAKE_CURRENT_SOURCE_DIR}/check_run.cmake")
 set(_work "${CMAKE_CURRENT_BINARY_DIR}/test_runs")
 # A small synthetic run (the README's first command at a tenth of a percent of the size).
-set(_small "--synthetic|--tokens|40000|--d-sae|256|--k-max|8|--batch|500|--held-out-rows|2000|--init-rows|2000|--log-every|20")
+set(_small "--synthetic|--tokens|20000|--d-sae|256|--k-max|8|--batch|500|--held-out-rows|1000|--init-rows|1000|--log-every|10")
 add_test(NAME hsae_train_synthetic
   COMMAND "${CMAKE_COMMAND}" -D "TOOL=$<TARGET_FILE:hsae-train>" -D "WORK=${_work}/synthetic" -D MODE=run
-    -D "ARGS=${_small}" -D "STDOUT_REGEX=sparsity-fidelity on the first 2000 rows of the synthetic stream" -P "${_ht}")
+    -D "ARGS=${_small}" -D "STDOUT_REGEX=sparsity-fidelity on the first 1000 rows of the synthetic stream" -P "${_ht}")
 add_test(NAME hsae_train_resume_bitwise
   COMMAND "${CMAKE_COMMAND}" -D "TOOL=$<TARGET_FILE:hsae-train>" -D "WORK=${_work}/resume" -D MODE=resume
     -D "ARGS=${_small}" -P "${_ht}")
@@ -45,6 +45,11 @@ add_test(NAME hsae_train_help COMMAND hsae-train --help)
 set_tests_properties(hsae_train_help PROPERTIES PASS_REGULAR_EXPRESSION "--k-max K")
 list(APPEND _tool_tests hsae_train_help)
 set_tests_properties(${_tool_tests} PROPERTIES LABELS "cpu;tools")
+# The training runs take about a second each in Release but up to a minute at -O0 with the
+# sanitizers: labelled slow, as test_training, so that the sanitizer stage of .ci/run leaves
+# them out; test_hsae_train_config runs the same code paths (whole runs included) there.
+set_tests_properties(hsae_train_synthetic hsae_train_resume_bitwise hsae_train_interrupt
+  PROPERTIES LABELS "cpu;tools;slow")
 
 # The sanitizer stage of .ci/run builds hsae_sanitize_suite and runs every test not
 # labelled slow, example or package: hsae-train is part of it.

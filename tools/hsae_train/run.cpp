@@ -477,6 +477,9 @@ int run(const train_config& c, const std::atomic<bool>* stop, const std::vector<
   if (!r.synthetic) std::printf(", %.2f epochs", r.epochs);
   std::printf("), device %s\n", r.device.c_str());
   if (r.resume) std::printf("resuming from %s\n", p.checkpoint.string().c_str());
+  else if (!p.checkpoint.empty() && fs::exists(p.checkpoint))
+    std::printf("note: the checkpoint %s exists and will be replaced (--resume continues it)\n",
+                p.checkpoint.string().c_str());
   std::printf("\n");
   std::fflush(stdout);
 

@@ -10,7 +10,7 @@ namespace hsae_train {
 
 run_result train_cuda(const run_plan& p, const std::atomic<bool>* stop) {
   if (!hsae::cuda_device_available())
-    throw hsae::config_error("hsae-train: --device cuda: no usable CUDA device (none found, or the driver is "
+    throw hsae::config_error("--device cuda: no usable CUDA device (none found, or the driver is "
                              "older than this build's CUDA runtime)");
   cudaStream_t stream = nullptr;
   HSAE_CUDA_TRY(cudaStreamCreate(&stream));
