@@ -8,6 +8,7 @@
 #include <catch2/catch.hpp>
 
 #include <config.hpp>
+#include <driver.hpp>
 #include <run.hpp>
 
 #include <hsae/data/npy.hpp>
@@ -19,6 +20,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -291,6 +293,40 @@ TEST_CASE("hsae-train: inputs, schedules and defaults resolved against the data"
     CHECK_THAT(resolve_error({dir, "--out", (tmp / "o2").string(), "--checkpoint", (tmp / "c.ckpt").string(),
                               "--resume"}),
                Contains("--resume: the checkpoint '" + (tmp / "c.ckpt").string() + "' does not exist"));
+  }
+}
+
+TEST_CASE("hsae-train: the held-out rows (the last H by position) are never in the training stream",
+          "[hsae_train][held_out]") {
+  hsae_test::temp_dir tmp;
+  // Three files of 700, 500 and 800 rows; column 0 holds the row's global index.
+  std::int64_t next = 0;
+  for (const auto& [name, rows] : std::vector<std::pair<std::string, int>>{{"a.npy", 700}, {"b.npy", 500}, {"c.npy", 800}}) {
+    hsae::row_matrix<float> x = hsae::row_matrix<float>::Random(rows, 4);
+    for (int r = 0; r < rows; ++r) x(r, 0) = float(next++);
+    hsae::write_npy(tmp / name, x, hsae::npy_dtype::f32);
+  }
+  const std::string glob = (tmp / "*.npy").string();
+  const auto p = hsae_train::resolve(
+      parse({glob, "--out", (tmp / "o").string(), "--held-out-rows", "300", "--shuffle-chunk", "64",
+             "--shuffle-buffer", "256"}));
+  REQUIRE(p.eval_rows == 300);
+  REQUIRE(p.train_rows == 1700);
+  hsae::file_source<float> train(p.train.files, hsae_train::train_source_options(p));
+  hsae::file_source<float> held(hsae_train::held_out_files(p), hsae_train::held_out_source_options(p));
+  // The held-out source serves rows 1700..1999 in order.
+  const hsae::row_matrix<float> h = held.next(300);
+  for (int r = 0; r < 300; ++r) REQUIRE(h(r, 0) == float(1700 + r));
+  // Three epochs of training rows: each of rows 0..1699 once per epoch, never a held-out one.
+  for (int epoch = 0; epoch < 3; ++epoch) {
+    const hsae::row_matrix<float> x = train.next(1700);
+    std::set<int> seen;
+    for (int r = 0; r < 1700; ++r) {
+      const int i = int(x(r, 0));
+      REQUIRE(i < 1700);
+      seen.insert(i);
+    }
+    CHECK(seen.size() == 1700);
   }
 }
 

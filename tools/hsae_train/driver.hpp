@@ -84,6 +84,31 @@ class tagged_source {
   const nlohmann::json& run_;
 };
 
+/// The training rows of files: with --test all rows of --data, else all but the last
+/// eval_rows rows by position (row_end = N - H), shuffled in chunks through the buffer.
+inline hsae::file_source_options train_source_options(const run_plan& p) {
+  hsae::file_source_options o;
+  o.seed = std::uint64_t(p.cfg.seed);
+  o.shuffle_buffer_rows = std::size_t(p.cfg.shuffle_buffer);
+  o.shuffle_chunk_rows = p.cfg.shuffle_chunk;
+  o.tensor = p.cfg.tensor;
+  if (p.test.files.empty()) o.row_end = p.train_rows;
+  return o;
+}
+/// The held-out rows, read in order: the --test files, or the last eval_rows rows of the
+/// data by position (row_begin = N - H), which the training source leaves out.
+inline hsae::file_source_options held_out_source_options(const run_plan& p) {
+  hsae::file_source_options o;
+  o.shuffle_buffer_rows = 0;
+  o.shuffle_files = false;
+  o.tensor = p.cfg.tensor;
+  if (p.test.files.empty()) o.row_begin = p.train_rows;
+  return o;
+}
+inline const std::vector<std::filesystem::path>& held_out_files(const run_plan& p) {
+  return p.test.files.empty() ? p.train.files : p.test.files;
+}
+
 /// Trains on backend handle `be` (trainer's Backend parameter `Backend`).
 template <class Backend, class Handle>
 run_result train_with(const Handle& be, const run_plan& p, const std::atomic<bool>* stop) {
@@ -122,23 +147,9 @@ run_result train_with(const Handle& be, const run_plan& p, const std::atomic<boo
     hsae::synthetic_source<float> s(demo_synthetic(std::uint64_t(p.cfg.seed)), host);
     sum = train(s, static_cast<hsae::synthetic_source<float>*>(nullptr));
   } else {
-    hsae::file_source_options no;
-    no.seed = std::uint64_t(p.cfg.seed);
-    no.shuffle_buffer_rows = std::size_t(p.cfg.shuffle_buffer);
-    no.shuffle_chunk_rows = p.cfg.shuffle_chunk;
-    no.tensor = p.cfg.tensor;
-    // The held-out rows, read in order: the --test files, or the last eval_rows rows of
-    // the data by position, which the training source then leaves out.
-    hsae::file_source_options ho;
-    ho.shuffle_buffer_rows = 0;
-    ho.shuffle_files = false;
-    ho.tensor = p.cfg.tensor;
-    if (p.test.files.empty()) {
-      no.row_end = p.train_rows;
-      ho.row_begin = p.train_rows;
-    }
+    const hsae::file_source_options no = train_source_options(p), ho = held_out_source_options(p);
     hsae::file_source<float> s(p.train.files, no);
-    hsae::file_source<float> held(p.test.files.empty() ? p.train.files : p.test.files, ho);
+    hsae::file_source<float> held(held_out_files(p), ho);
     sum = train(s, &held);
   }
 
