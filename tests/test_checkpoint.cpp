@@ -610,6 +610,10 @@ TEST_CASE("trainer: fit(source, held_out) evaluates the held-out source's first 
     CHECK(s.eval.levels[l].fvu == e.levels[l].fvu);
     CHECK(s.eval.levels[l].mse == e.levels[l].mse);
   }
+  // The same object twice is refused.
+  trainer<T, dynamic, schedule> twice(be, sae<T>(24, 96), schedule{}, o);
+  CHECK_THAT(hsae_test::message_of<config_error>([&] { twice.fit(train, train); }),
+             Catch::Contains("got the same object twice"));
   // fit(source) on the same data would have evaluated on training-stream rows instead.
   auto train2 = fx.train();
   const auto plain = run(train2, o);
