@@ -134,7 +134,7 @@ struct file_source_options {
   bool check_finite = true;
   /// The tensor read from each safetensors file; empty: the file's only tensor (a file
   /// with several raises hsae::io_error listing their names). Must be empty for .npy files.
-  std::string tensor;
+  std::string tensor{};
 };
 
 /// Several activation files (.npy, or one tensor of each safetensors file; same last
