@@ -70,7 +70,7 @@ void write_plot_script(const std::filesystem::path& script, const std::filesyste
     << "set output '" << png.string() << "'\n"
     << "set datafile separator ','\n"
     << "set title 'Sparsity-fidelity: HierarchicalTopK vs TopK (" << r.tokens_per_model << " tokens per model)'\n"
-    << "set xlabel 'L0 (active latents per row)'\nset ylabel 'FVU (held-out)'\n"
+    << "set xlabel 'L0 (active latents per row)'\nset ylabel 'FVU on " << r.held_out_rows << " held-out rows'\n"
     << "set logscale y\nset grid\nset key top right\n";
   const std::string file = "'" + csv.string() + "' skip 1 using ";
   f << "plot " << file << "($2 == 1 ? $5 : 1/0):6 with linespoints lw 3 pt 7 ps 0.6 title 'HierarchicalTopK K="
@@ -155,12 +155,30 @@ int main(int argc, char** argv) {
 
     pareto_result res;
     if (npy_files.empty()) {
+      // An endless stream that never repeats: its first eval_rows rows are never trained on.
+      o.held_out_note = "the first rows of the synthetic stream, which never repeats: never trained on";
       res = pareto_study<T>(be, [&] { return synthetic_source<T>(data, be); }, o, report);
     } else {
-      file_source_options no;
-      no.seed = std::uint64_t(seed);
+      // Files repeat each epoch: the held-out rows are the last eval_rows rows of the
+      // files (in the order given) by position, outside the training source's range.
+      file_source_options train;
+      train.seed = std::uint64_t(seed);
+      const std::int64_t n = file_source<T>(npy_files, train).rows_total();
+      o.train.eval_rows = std::min<std::int64_t>(o.train.eval_rows, n / 4);
+      o.train.init_rows = std::max<std::int64_t>(1, std::min<std::int64_t>(o.train.init_rows, n / 4));
+      detail::expects<config_error>(o.train.eval_rows >= 1, "hsae_pareto: the files hold ", n,
+                                    " rows, too few to hold any out");
+      train.row_end = n - o.train.eval_rows;
+      file_source_options held = train;
+      held.row_begin = n - o.train.eval_rows;
+      held.row_end = -1;
+      held.shuffle_buffer_rows = 0;
       o.train.normalize_inputs = true;
-      res = pareto_study<T>(be, [&] { return file_source<T>(npy_files, no); }, o, report);
+      o.held_out_note = detail::concat("the last ", o.train.eval_rows, " of the ", n,
+                                       " rows of the files by position, never trained on");
+      res = pareto_study<T>(
+          be, [&] { return file_source<T>(npy_files, train); }, [&] { return file_source<T>(npy_files, held); }, o,
+          report);
     }
 
     std::filesystem::create_directories(out);

@@ -563,9 +563,8 @@ TEST_CASE("checkpoint: a file_source saved after any step resumes (buffer sizes,
   };
   for (const config c : {config{0, true, true}, config{1, true, false}, config{150, true, true},
                          config{5000, true, true}, config{150, false, false}, config{0, false, false},
-                         config{150, true, true, 64}, config{0, true, true, 50}, config{1, true, false, 64, 100, 1150},
-                         config{150, true, true, 64, 100, 1000}, config{0, true, true, 45, 650, 1200},
-                         config{5000, false, true, 33, 10, 690}}) {
+                         config{150, true, true, 64}, config{1, true, false, 64, 100, 1150},
+                         config{0, true, true, 45, 650, 1200}, config{5000, false, true, 33, 10, 690}}) {
     INFO("shuffle buffer " << c.buffer << ", files " << (c.two_files ? 2 : 1) << ", shuffled " << c.shuffle_files
                            << ", chunks of " << c.chunk << ", rows [" << c.row_begin << ", " << c.row_end << ")");
     file_source_options no;
@@ -675,6 +674,10 @@ TEST_CASE("trainer: fit(source, held_out) evaluates the held-out source's first 
     CHECK(s.eval.levels[l].fvu == e.levels[l].fvu);
     CHECK(s.eval.levels[l].mse == e.levels[l].mse);
   }
+  // The same object twice is refused.
+  trainer<T, dynamic, schedule> twice(be, sae<T>(24, 96), schedule{}, o);
+  CHECK_THAT(hsae_test::message_of<config_error>([&] { twice.fit(train, train); }),
+             Catch::Contains("got the same object twice"));
   // fit(source) on the same data would have evaluated on training-stream rows instead.
   auto train2 = fx.train();
   const auto plain = run(train2, o);

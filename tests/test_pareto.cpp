@@ -124,6 +124,43 @@ TEST_CASE("pareto: every model is evaluated on the same rows at every k; CSV and
   CHECK(md.find("1000 held-out rows") != std::string::npos);
 }
 
+TEST_CASE("pareto: with make_held_out every model is evaluated on a fresh held-out source", "[pareto]") {
+  cpu_backend be;
+  be.num_threads = 1;
+  const synthetic_options data = claim_data(5);
+  pareto_options o = claim_options(5, 4096);
+  o.d_sae = 64;
+  o.k_max = 8;
+  o.ks = {4};
+  o.train.eval_rows = 500;
+  o.held_out_note = "rows of another stream";
+  synthetic_options other = data;
+  other.seed = 77;  // rows no training stream of the study serves
+  const row_matrix<float> held = synthetic_source<float>(other, be).next(500);
+
+  int made = 0;
+  const pareto_result r = pareto_study<float>(
+      be, [&] { return synthetic_source<float>(data, be); },
+      [&] {
+        ++made;
+        return matrix_source<float>(held, 1, /*shuffle=*/false);
+      },
+      o);
+  REQUIRE(r.models.size() == 3);  // hierarchical, TopK 4, TopK 8
+  CHECK(made == 3);
+  // The same rows as a study whose source starts with them: the same total variance.
+  pareto_options o2 = o;
+  o2.train.total_tokens = 500;  // only the held-out rows matter; one short step
+  o2.ks = {8};
+  const pareto_result first_rows =
+      pareto_study<float>(be, [&] { return matrix_source<float>(held, 1, /*shuffle=*/false); }, o2);
+  for (const auto& m : r.models) {
+    CHECK(m.eval.rows == 500);
+    CHECK(m.eval.total_variance == first_rows.hierarchical().eval.total_variance);
+  }
+  CHECK_THAT(pareto_markdown(r), Catch::Contains("FVU on 500 held-out rows (rows of another stream)"));
+}
+
 TEST_CASE("pareto: bad settings raise hsae errors", "[pareto][errors]") {
   cpu_backend be;
   const synthetic_options data = claim_data(1);

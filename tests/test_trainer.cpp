@@ -389,6 +389,32 @@ TEST_CASE("trainer: input normalisation is folded back by export_model", "[train
   CHECK((rec - rec_s / float(s)).cwiseAbs().maxCoeff() < 1e-3 * x.cwiseAbs().maxCoeff());
 }
 
+TEST_CASE("trainer: in_input_units gives the held-out MSE of the exported model on the raw rows", "[trainer]") {
+  const cpu_backend be;
+  synthetic_source<double> src(small_data());
+  const row_matrix<double> probe = src.next(512);
+  fixed_source scaled{row_matrix<float>((probe * 40.0).cast<float>())};
+  trainer_options o = small_run();
+  o.normalize_inputs = true;
+  o.total_tokens = 256 * 5;
+  o.eval_rows = 200;
+  trainer tr(be, sae<float>(24, 48), all_prefixes<4>{}, o);
+  const train_summary sum = tr.fit(scaled);
+  REQUIRE(sum.input_scale < 0.1);  // far from 1: the units differ by 1/s^2 > 100
+  const evaluation user = sum.eval.in_input_units(sum.input_scale);
+  const row_matrix<float> raw = tr.held_out() / float(sum.input_scale);
+  const evaluation direct = evaluate(be, tr.export_model(), cref<float>(raw), all_prefixes<4>{});
+  REQUIRE(user.levels.size() == direct.levels.size());
+  CHECK(user.total_variance == Approx(direct.total_variance).epsilon(1e-4));
+  for (std::size_t l = 0; l < user.levels.size(); ++l) {
+    CHECK(user.levels[l].mse == Approx(direct.levels[l].mse).epsilon(2e-3));
+    CHECK(user.levels[l].fvu == sum.eval.levels[l].fvu);
+    CHECK(user.levels[l].mse * sum.input_scale * sum.input_scale == Approx(sum.eval.levels[l].mse));
+  }
+  CHECK_THROWS_AS(sum.eval.in_input_units(0.0), config_error);
+  CHECK_THROWS_AS(sum.eval.in_input_units(std::nan("")), config_error);
+}
+
 TEST_CASE("trainer: bad settings and bad data raise hsae errors", "[trainer][errors]") {
   const cpu_backend be;
   synthetic_source<float> src(small_data());

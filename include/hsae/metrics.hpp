@@ -53,6 +53,20 @@ struct evaluation {
     detail::throw_error<config_error>("evaluation: k=", k, " is not a level of the evaluated schedule");
   }
   const level_metrics& last() const { return levels.back(); }
+
+  /// These metrics of inputs that were multiplied by `input_scale` before evaluation
+  /// (trainer_options::normalize_inputs, train_summary::input_scale), in the units of the
+  /// inputs as given: MSE and total variance divided by input_scale^2; FVU and L0 have no
+  /// units. \throws hsae::config_error unless input_scale is positive and finite.
+  evaluation in_input_units(double input_scale) const {
+    detail::expects<config_error>(std::isfinite(input_scale) && input_scale > 0,
+                                  "evaluation: input_scale must be positive and finite, got ", input_scale);
+    evaluation e = *this;
+    const double s2 = input_scale * input_scale;
+    e.total_variance /= s2;
+    for (auto& l : e.levels) l.mse /= s2;
+    return e;
+  }
 };
 
 /// Sums the metrics of batches (in double, in batch order: deterministic).

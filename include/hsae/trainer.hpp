@@ -240,9 +240,14 @@ class trainer {
   /// position (file_source_options::row_begin / row_end; docs/DATA.md). A run resumed
   /// from a checkpoint takes its held-out rows from the checkpoint and reads nothing from
   /// `held_out`; `fit(source)` continues it as well.
-  /// \throws as fit(source), and hsae::shape_error when held_out's width is not d_model.
+  /// \throws as fit(source), hsae::shape_error when held_out's width is not d_model, and
+  ///         hsae::config_error when held_out is the training source itself (use fit(source)).
   template <batch_source<T> Source, batch_source<T> HeldOut>
   train_summary fit(Source& source, HeldOut& held_out) {
+    if constexpr (std::is_same_v<Source, HeldOut>)
+      detail::expects<config_error>(&source != &held_out,
+                                    "trainer: fit(source, held_out) got the same object twice; fit(source) takes the "
+                                    "held-out rows from the training stream");
     detail::expects<shape_error>(held_out.d_model() == model().d_model(), "trainer: the held-out source's d_model=",
                                  held_out.d_model(), " differs from the model's d_model=", model().d_model());
     return fit_from<Source, HeldOut>(source, &held_out);

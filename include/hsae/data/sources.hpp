@@ -121,8 +121,9 @@ struct file_source_options {
   /// random permutation into the shuffle buffer, so a buffer of B rows mixes rows from
   /// about B / shuffle_chunk_rows places of the data set: a token-ordered cache (documents
   /// or topics in runs) is mixed globally. Each chunk is read contiguously. 0: every file
-  /// (clipped to the row range) is one chunk.
-  std::int64_t shuffle_chunk_rows = 4096;
+  /// (clipped to the row range) is one chunk. The default buffer holds 64 default chunks,
+  /// measured to mix a sorted cache as well as a shuffled copy (docs/DATA.md).
+  std::int64_t shuffle_chunk_rows = 1024;
   /// The global rows served: [row_begin, row_end) of the files concatenated in the order
   /// given (not the shuffled order); row_end = -1: to the end. A held-out split by position:
   /// training {.row_end = N - H}, evaluation {.row_begin = N - H, .shuffle_buffer_rows = 0}.
@@ -134,7 +135,7 @@ struct file_source_options {
   bool check_finite = true;
   /// The tensor read from each safetensors file; empty: the file's only tensor (a file
   /// with several raises hsae::io_error listing their names). Must be empty for .npy files.
-  std::string tensor;
+  std::string tensor{};
 };
 
 /// Several activation files (.npy, or one tensor of each safetensors file; same last
