@@ -114,8 +114,8 @@ const std::vector<option_entry>& table() {
         "training"}, flag_field{&c::normalize}},
       {{"shuffle-buffer", "N", "rows of the shuffle buffer (default 65536; 0: stream order)", "training"},
        int_field{&c::shuffle_buffer, 0, int_max}},
-      {{"shuffle-chunk", "N", "rows of the contiguous chunks shuffled across all files each epoch (default 4096; "
-                              "0: whole files)",
+      {{"shuffle-chunk", "N", "rows of the contiguous chunks shuffled across all files each epoch (default: "
+                              "file_source's, 1024; 0: whole files; docs/DATA.md)",
         "training"}, int_field{&c::shuffle_chunk, 0, int_max}},
       {{"log-every", "N", "progress line / metrics record every N steps (default 100)", "training"},
        int_field{&c::log_every, 1, int_max}},

@@ -19,6 +19,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include <hsae/data/sources.hpp>
+
 namespace hsae_train {
 
 /// A bad command line or config: one line naming the option or key.
@@ -62,7 +64,7 @@ struct train_config {
   bool deterministic = true;
   bool normalize = true;  ///< default: on for files, off for --synthetic
   std::int64_t shuffle_buffer = 65536;
-  std::int64_t shuffle_chunk = 4096;
+  std::int64_t shuffle_chunk = hsae::file_source_options{}.shuffle_chunk_rows;  ///< the library default
   std::int64_t log_every = 100;
   // Outputs.
   std::string model_name;
