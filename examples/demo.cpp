@@ -5,20 +5,18 @@
 // that single model reconstructs held-out data using only its top-k latents, and how
 // well it recovered the true features.
 //
-// With `--npy FILE` (repeatable) it trains on cached activations instead: .npy files of
-// float32/float16 [..., d_model], streamed by memory mapping through a shuffle buffer.
-// `--dump-npy FILE ROWS` writes ROWS rows of the synthetic data as such a file and exits,
-// which gives a quick way to try the .npy path.
+// The held-out rows are the first rows of the synthetic stream, which never repeats, so
+// they are never trained on. `--dump-npy FILE ROWS` writes ROWS rows of the synthetic
+// data as a .npy file and exits: input for hsae-train (tools/hsae_train), the program
+// that trains on activation files.
 //
 //   hsae_demo [--tokens N] [--d-sae F] [--batch B] [--threads T] [--metrics FILE] [--seed S]
-//             [--npy FILE]... [--dump-npy FILE ROWS]
+//             [--dump-npy FILE ROWS]
 #include <hsae/hsae.hpp>
 
-#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -27,15 +25,13 @@ namespace {
 [[noreturn]] void usage(const char* argv0) {
   std::fprintf(stderr,
                "usage: %s [--tokens N] [--d-sae F] [--batch B] [--threads T] [--metrics FILE] [--seed S]\n"
-               "          [--npy FILE]... [--dump-npy FILE ROWS]\n"
+               "          [--dump-npy FILE ROWS]\n"
                "  --tokens   training tokens (default 4000000)\n"
                "  --d-sae    dictionary width (default 2048)\n"
                "  --batch    rows per step (default 2048)\n"
                "  --threads  CPU threads (default: all)\n"
                "  --metrics  write JSON-lines metrics to FILE\n"
                "  --seed     data and init seed (default 1)\n"
-               "  --npy      train on activations from a .npy file (float32/float16, [..., d_model]);\n"
-               "             repeat for several files (one stream, shuffled)\n"
                "  --dump-npy write ROWS rows of the synthetic data to FILE (.npy, float32) and exit\n",
                argv0);
   std::exit(2);
@@ -50,7 +46,8 @@ std::int64_t parse_int(const char* s, const char* argv0) {
 
 /// Prints the held-out sparsity-fidelity table of a trained model.
 void print_table(const hsae::evaluation& ev) {
-  std::printf("\nsparsity-fidelity on %lld held-out rows: one model, the top-k prefix of its code at every k\n",
+  std::printf("\nsparsity-fidelity on %lld held-out rows (the first rows of the synthetic stream, which never "
+              "repeats: never trained on): one model, the top-k prefix of its code at every k\n",
               (long long)ev.rows);
   std::printf("%5s %9s %10s %11s %7s\n", "k", "FVU", "expl.var", "MSE", "L0");
   for (const auto& l : ev.levels)
@@ -67,7 +64,6 @@ int main(int argc, char** argv) {
 
   std::int64_t tokens = 4'000'000, d_sae = 2048, batch = 2048, threads = 0, seed = 1, dump_rows = 0;
   std::string metrics, dump_path;
-  std::vector<std::filesystem::path> npy_files;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (i + 1 >= argc) usage(argv[0]);
@@ -77,7 +73,6 @@ int main(int argc, char** argv) {
     else if (a == "--threads") threads = parse_int(argv[++i], argv[0]);
     else if (a == "--metrics") metrics = argv[++i];
     else if (a == "--seed") seed = parse_int(argv[++i], argv[0]);
-    else if (a == "--npy") npy_files.emplace_back(argv[++i]);
     else if (a == "--dump-npy") {
       if (i + 2 >= argc) usage(argv[0]);
       dump_path = argv[++i];
@@ -89,16 +84,7 @@ int main(int argc, char** argv) {
     cpu_backend be;
     be.num_threads = int(threads);
 
-    synthetic_options data;
-    data.d_model = 128;
-    data.n_atoms = 256;  // parents
-    data.children_per_atom = 3;
-    data.child_prob = 0.3;
-    data.child_magnitude = 0.6;
-    data.mean_active = 6;
-    data.zipf_exponent = 0.7;
-    data.noise_std = 0.01;
-    data.seed = std::uint64_t(seed);
+    const synthetic_options data = synthetic_options::demo(std::uint64_t(seed));
     synthetic_source<T> src(data, be);
 
     if (!dump_path.empty()) {
@@ -124,33 +110,6 @@ int main(int argc, char** argv) {
     opt.metrics_path = metrics;
 
     std::printf("hsae %s demo: HierarchicalTopK SAE, all prefixes 1..%d\n", version_string, K);
-
-    if (!npy_files.empty()) {
-      // Cached activations. The held-out rows are the first eval_rows of the (shuffled)
-      // stream, read before training starts: unseen during the first epoch, seen again
-      // in later ones. Inputs are scaled so that E||x||^2 = d_model (folded on export).
-      file_source_options no;
-      no.seed = std::uint64_t(seed);
-      file_source<T> files(npy_files, no);
-      opt.eval_rows = std::min<std::int64_t>(opt.eval_rows, files.rows_total() / 4);
-      opt.init_rows = std::max<std::int64_t>(1, std::min<std::int64_t>(opt.init_rows, files.rows_total() / 4));
-      opt.normalize_inputs = true;
-      std::printf("data: %zu .npy file(s), %lld rows of d_model=%d (", npy_files.size(),
-                  (long long)files.rows_total(), files.d_model());
-      for (std::size_t f = 0; f < npy_files.size(); ++f)
-        std::printf("%s%s", f ? ", " : "", npy_files[f].string().c_str());
-      std::printf(")\nmodel: d_sae=%lld, batch %lld, %lld tokens (%lld steps, %.2f epochs), %d threads\n\n",
-                  (long long)d_sae, (long long)batch, (long long)tokens, (long long)opt.steps(),
-                  double(tokens) / double(files.rows_total()), be.threads());
-      std::fflush(stdout);
-      trainer tr(be, sae<T>(files.d_model(), int(d_sae)), schedule{}, opt);
-      const train_summary sum = tr.fit(files);
-      std::printf("\ntrained in %.1f s (%.0f tokens/s)\n", sum.seconds, sum.tokens_per_second);
-      print_table(sum.eval);
-      std::printf("\ndead latents: %.1f%% of %lld\n", 100.0 * tr.dead_latents().dead_fraction(), (long long)d_sae);
-      if (!metrics.empty()) std::printf("metrics: %s (JSON lines)\n", metrics.c_str());
-      return 0;
-    }
 
     std::printf("data: synthetic, d_model=%d, %d true features (%d parents x %d children each), "
                 "power-law frequencies, %.1f active parents per row on average\n",

@@ -130,16 +130,7 @@ int main(int argc, char** argv) {
     o.train.dead_after_tokens = 500'000;
     o.train.progress = progress_mode::never;
 
-    synthetic_options data;  // the demo's hierarchical synthetic data
-    data.d_model = 128;
-    data.n_atoms = 256;
-    data.children_per_atom = 3;
-    data.child_prob = 0.3;
-    data.child_magnitude = 0.6;
-    data.mean_active = 6;
-    data.zipf_exponent = 0.7;
-    data.noise_std = 0.01;
-    data.seed = std::uint64_t(seed);
+    const synthetic_options data = synthetic_options::demo(std::uint64_t(seed));
 
     const std::vector<int> levels = o.levels();
     std::printf("hsae %s: HierarchicalTopK K=%d against TopK at k =", version_string, o.k_max);
@@ -185,10 +176,8 @@ int main(int argc, char** argv) {
     const std::filesystem::path dir(out), csv = dir / "pareto.csv", md = dir / "pareto.md", png = dir / "pareto.png";
     write_pareto_csv(csv, res);
     const std::string table = pareto_markdown(res);
-    {
-      std::ofstream f(md);
-      f << "# HierarchicalTopK K=" << o.k_max << " vs TopK SAEs\n\n" << table;
-    }
+    detail::write_file_atomically(md, detail::concat("# HierarchicalTopK K=", o.k_max, " vs TopK SAEs\n\n", table),
+                                  "hsae_pareto: table");
     std::printf("\n%s\n", table.c_str());
     std::printf("wrote %s and %s\n", csv.string().c_str(), md.string().c_str());
     if (plot) {

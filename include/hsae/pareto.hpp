@@ -29,7 +29,6 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <sstream>
 #include <string>
@@ -38,6 +37,7 @@
 #include <vector>
 
 #include "cpu/backend.hpp"
+#include "detail/files.hpp"
 #include "error.hpp"
 #include "k_schedule.hpp"
 #include "metrics.hpp"
@@ -178,17 +178,7 @@ inline void write_pareto_csv(const std::filesystem::path& path, const pareto_res
     for (const auto& l : m.eval.levels)
       os << '"' << m.name << "\"," << (m.hierarchical ? 1 : 0) << ',' << m.trained_k << ',' << l.k << ',' << l.l0
          << ',' << l.fvu << ',' << l.mse << '\n';
-  const std::filesystem::path tmp = path.string() + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
-    detail::expects<io_error>(bool(f), "pareto: cannot write '", tmp.string(), "'");
-    f << os.str();
-    f.flush();
-    detail::expects<io_error>(bool(f), "pareto: write to '", tmp.string(), "' failed");
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  detail::expects<io_error>(!ec, "pareto: cannot rename '", tmp.string(), "' to '", path.string(), "': ", ec.message());
+  detail::write_file_atomically(path, os.str(), "pareto: CSV");
 }
 
 /// The comparison at each compared k: the hierarchical model's FVU, the TopK SAE

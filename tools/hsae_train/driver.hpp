@@ -22,22 +22,6 @@
 
 namespace hsae_train {
 
-/// The demo's synthetic data (examples/demo.cpp): d_model 128, 256 parents with 3
-/// children each, power-law frequencies.
-inline hsae::synthetic_options demo_synthetic(std::uint64_t seed) {
-  hsae::synthetic_options d;
-  d.d_model = 128;
-  d.n_atoms = 256;
-  d.children_per_atom = 3;
-  d.child_prob = 0.3;
-  d.child_magnitude = 0.6;
-  d.mean_active = 6;
-  d.zipf_exponent = 0.7;
-  d.noise_std = 0.01;
-  d.seed = seed;
-  return d;
-}
-
 /// The source of the training rows wrapped so that a checkpoint records the run it
 /// belongs to ("hsae_train.run": the resolved options that define the run) and a resume
 /// refuses a checkpoint of another run, naming the options that differ.
@@ -144,7 +128,7 @@ run_result train_with(const Handle& be, const run_plan& p, const std::atomic<boo
   if (p.cfg.synthetic) {
     hsae::cpu_backend host;
     host.num_threads = int(p.cfg.threads);
-    hsae::synthetic_source<float> s(demo_synthetic(std::uint64_t(p.cfg.seed)), host);
+    hsae::synthetic_source<float> s(hsae::synthetic_options::demo(std::uint64_t(p.cfg.seed)), host);
     sum = train(s, static_cast<hsae::synthetic_source<float>*>(nullptr));
   } else {
     const hsae::file_source_options no = train_source_options(p), ho = held_out_source_options(p);

@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include <hsae/data/row_file.hpp>
+#include <hsae/detail/files.hpp>
 #include <hsae/io/saelens.hpp>
 #include <hsae/io/sparsify.hpp>
 #include <hsae/version.hpp>
@@ -199,7 +200,7 @@ run_plan resolve(const train_config& in) {
 
   // Data.
   if (c.synthetic) {
-    p.d_model = demo_synthetic(1).d_model;
+    p.d_model = hsae::synthetic_options::demo().d_model;
     p.eval_rows = c.held_out_rows;
     p.held_out_text = "the first " + std::to_string(p.eval_rows) +
                       " rows of the synthetic stream (drawn before training, never repeated: the stream is endless)";
@@ -392,8 +393,8 @@ std::string table_text(const hsae::evaluation& e, double scale, bool markdown) {
     std::snprintf(buf, sizeof buf, "%6s %9s %10s %12s %7s\n", "k", "FVU", "expl.var", "MSE", "L0");
     o << buf;
   }
-  for (const auto& l : e.levels) {
-    const double mse = l.mse / (scale * scale);
+  for (const auto& l : e.in_input_units(scale).levels) {
+    const double mse = l.mse;
     if (markdown)
       std::snprintf(buf, sizeof buf, "| %d | %.4f | %.2f%% | %.4e | %.2f |\n", l.k, l.fvu,
                     100.0 * l.explained_variance(), mse, l.l0);
@@ -406,10 +407,7 @@ std::string table_text(const hsae::evaluation& e, double scale, bool markdown) {
 }
 
 void write_text(const fs::path& path, const std::string& text) {
-  std::ofstream f(path, std::ios::binary | std::ios::trunc);
-  f << text;
-  f.close();
-  if (!f) throw hsae::io_error("hsae-train: cannot write '" + path.string() + "'");
+  hsae::detail::write_file_atomically(path, text, "hsae-train: output");
 }
 
 std::string shell_quote(const std::string& s) {
@@ -455,10 +453,7 @@ int run(const train_config& c, const std::atomic<bool>* stop, const std::vector<
   const train_config& r = p.cfg;
   fs::create_directories(p.out);
   if (::access(p.out.c_str(), W_OK | X_OK) != 0) fail("--out: ", quote(r.out), " is not writable");
-  {
-    std::ofstream f(p.out / "hsae_train_config.json");
-    f << p.resolved.dump(2) << "\n";
-  }
+  write_text(p.out / "hsae_train_config.json", p.resolved.dump(2) + "\n");
 
   const std::int64_t steps = p.resolved["steps"].get<std::int64_t>();
   std::printf("hsae-train %s: HierarchicalTopK SAE, schedule %s\n", hsae::version_string,

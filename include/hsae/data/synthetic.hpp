@@ -51,6 +51,24 @@ struct synthetic_options {
   double child_magnitude = 0.6;
   std::uint64_t seed = 1;
 
+  /// The built-in demo data of hsae-train --synthetic, hsae_demo and hsae_pareto:
+  /// d_model 128, 256 parent features with power-law frequencies (exponent 0.7, 6 active
+  /// per row on average), each with 3 children that fire only with their parent (1024
+  /// true features), noise 0.01.
+  static synthetic_options demo(std::uint64_t seed = 1) {
+    synthetic_options d;
+    d.d_model = 128;
+    d.n_atoms = 256;
+    d.children_per_atom = 3;
+    d.child_prob = 0.3;
+    d.child_magnitude = 0.6;
+    d.mean_active = 6;
+    d.zipf_exponent = 0.7;
+    d.noise_std = 0.01;
+    d.seed = seed;
+    return d;
+  }
+
   /// All atoms: roots and children.
   int total_atoms() const { return n_atoms * (1 + children_per_atom); }
 

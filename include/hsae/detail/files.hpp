@@ -419,6 +419,14 @@ class atomic_file {
   bool committed_ = false;
 };
 
+/// Writes `text` to `path` atomically (atomic_file). \throws hsae::io_error
+/// "<kind> '<path>': <problem>".
+inline void write_file_atomically(const std::filesystem::path& path, std::string_view text, std::string_view kind) {
+  atomic_file f(path, kind);
+  f.write(text);
+  f.commit();
+}
+
 
 /// Replaces the directory `dir` as a whole, so that a reader (or a crash) sees either the
 /// old directory or the new one, never new files beside old ones:
