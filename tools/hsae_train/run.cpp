@@ -419,18 +419,29 @@ std::string shell_quote(const std::string& s) {
   return o + "'";
 }
 
-/// FVU against k: CSV, gnuplot script, and the PNG when gnuplot is installed.
+/// `s` inside a double-quoted gnuplot string: backslashes and double quotes escaped.
+std::string gnuplot_text(const std::string& s) {
+  std::string o;
+  for (char ch : s) {
+    if (ch == '\\' || ch == '"') o += '\\';
+    o += ch;
+  }
+  return o;
+}
+
+/// FVU against k: CSV, gnuplot script, and the PNG when gnuplot is installed; the title
+/// says which rows (`rows_text`) were evaluated.
 std::string write_plot(const fs::path& out, const hsae::evaluation& e, const std::string& rows_text) {
   std::ostringstream csv;
   csv << "k,fvu,l0\n";
   for (const auto& l : e.levels) csv << l.k << "," << l.fvu << "," << l.l0 << "\n";
   write_text(out / "fvu_vs_k.csv", csv.str());
   std::ostringstream gp;
-  gp << "set terminal pngcairo size 900,600 noenhanced\n"
+  gp << "set terminal pngcairo size 1100,650 noenhanced\n"
      << "set output '" << (out / "fvu_vs_k.png").string() << "'\n"
      << "set datafile separator ','\n"
-     << "set title 'FVU against k (one model, its top-k prefix at each k)'\n"
-     << "set xlabel 'k'\nset ylabel 'FVU on " << rows_text << "'\n"
+     << "set title \"FVU against k (one model, its top-k prefix at each k)\\non " << gnuplot_text(rows_text) << "\" font \",10\"\n"
+     << "set xlabel 'k'\nset ylabel 'FVU (held-out rows)'\n"
      << "set logscale y\nset grid\nset key off\n"
      << "plot '" << (out / "fvu_vs_k.csv").string() << "' skip 1 using 1:2 with linespoints lw 3 pt 7 ps 0.6\n";
   write_text(out / "fvu_vs_k.gp", gp.str());
@@ -531,8 +542,7 @@ int run(const train_config& c, const std::atomic<bool>* stop, const std::vector<
   if (r.format == "sparsify") hsae::save_sparsify(p.out, res.model, p.schedule, so);
   else hsae::save_saelens(p.out, res.model, p.schedule, so);
 
-  const std::string rows_text = "the held-out rows";
-  const std::string plot_note = write_plot(p.out, res.eval, rows_text);
+  const std::string plot_note = write_plot(p.out, res.eval, p.held_out_text);
 
   // report.md
   std::ostringstream rep;
