@@ -4,6 +4,7 @@
 # prefix only, run it. MODE=build_tree (build_tree_consumer): build the consumer's version
 # check against HSAE_BUILD_DIR itself (hsae_DIR=<build dir>, nothing installed), run it.
 # WITH_CUDA=ON (a build with the CUDA backend) makes the consumer require the cuda component.
+# PROGRAMS (install mode): programs that must be installed into bin/ and answer --version.
 foreach(var HSAE_BUILD_DIR CONSUMER_SOURCE_DIR WORK_DIR CXX_COMPILER GENERATOR)
   if(NOT DEFINED ${var})
     message(FATAL_ERROR "run_consumer.cmake: ${var} is not set")
@@ -38,6 +39,13 @@ if(MODE STREQUAL "install")
     message(FATAL_ERROR "install did not produce share/hsae/cmake/hsaeConfig.cmake")
   endif()
   list(APPEND consumer_args -D "CMAKE_PREFIX_PATH=${prefix}")
+  # The installed programs (PROGRAMS: a list, e.g. hsae-train) are in bin/ and run.
+  foreach(program IN LISTS PROGRAMS)
+    if(NOT EXISTS "${prefix}/bin/${program}")
+      message(FATAL_ERROR "install did not put ${program} into ${prefix}/bin")
+    endif()
+    run_step("${program} --version" "${prefix}/bin/${program}" --version)
+  endforeach()
 elseif(MODE STREQUAL "build_tree")
   foreach(file hsaeConfig.cmake hsaeConfigVersion.cmake hsaeTargets.cmake)
     if(NOT EXISTS "${HSAE_BUILD_DIR}/${file}")
