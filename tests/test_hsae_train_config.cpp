@@ -161,6 +161,9 @@ TEST_CASE("hsae-train: a JSON config, overridden by the command line", "[hsae_tr
   CHECK_THAT(with(R"({"k-max": 3})"), Contains("(config keys use '_' for '-')"));
   CHECK_THAT(with(R"({"k_max": "64"})"), Equals(pre + "key \"k_max\": \"64\" is not an integer in [1, 2147483647]"));
   CHECK_THAT(with(R"({"k_max": 2.5})"), Contains("key \"k_max\": 2.5 is not an integer"));
+  // 2^64 - 1 is refused, not read back as -1 (which means "default" for warmup_steps).
+  CHECK_THAT(with(R"({"warmup_steps": 18446744073709551615})"),
+             Contains("key \"warmup_steps\": 18446744073709551615 is not an integer"));
   CHECK_THAT(with(R"({"lr": "x"})"), Equals(pre + "key \"lr\": \"x\" is not a number"));
   CHECK_THAT(with(R"({"normalize": 1})"), Equals(pre + "key \"normalize\": 1 is not true or false"));
   CHECK_THAT(with(R"({"data": [1]})"), Contains("key \"data\": [1] is not a list of strings"));
@@ -293,6 +296,19 @@ TEST_CASE("hsae-train: inputs, schedules and defaults resolved against the data"
     CHECK_THAT(resolve_error({dir, "--out", (tmp / "o2").string(), "--checkpoint", (tmp / "c.ckpt").string(),
                               "--resume"}),
                Contains("--resume: the checkpoint '" + (tmp / "c.ckpt").string() + "' does not exist"));
+    // Held-out rows must not be training rows: a --test file that is also a --data file, or
+    // a file given twice.
+    fs::remove_all(tmp / "out" / "sub");
+    const std::string first = (fs::path(dir) / "a.npy").string();
+    CHECK_THAT(resolve_error({dir, "--out", out, "--test", first}),
+               Equals("--test: '" + first + "' is also a training file (--data): its rows would be trained on"));
+    CHECK_THAT(resolve_error({dir, first, "--out", out}), Contains("' is the same file as '"));
+    // A checkpoint is never replaced by a fresh run, nor named like an output.
+    write_text(tmp / "old.ckpt", "x");
+    CHECK_THAT(resolve_error({dir, "--out", out, "--checkpoint", (tmp / "old.ckpt").string()}),
+               Contains("exists: continue its run with --resume"));
+    CHECK_THAT(resolve_error({dir, "--out", out, "--checkpoint", (fs::path(out) / "cfg.json").string()}),
+               Contains("is the name of one of hsae-train's outputs in --out"));
   }
 }
 
@@ -372,6 +388,16 @@ TEST_CASE("hsae-train: a run on .npy files writes the SAE and its report; resume
       run_main(with({"--out", part.string(), "--checkpoint", ckpt.string(), "--resume", "--lr", "0.01"}));
     });
     CHECK_THAT(msg, Catch::Contains("it belongs to another run (lr was "));
+    // The refused resume left the run's config alone, and it repeats the run from the start.
+    const auto saved = nlohmann::json::parse(read_bytes(part / "hsae_train_config.json"));
+    CHECK(saved["lr"] != 0.01);
+    CHECK(saved["resume"] == false);
+    CHECK(saved["max_steps"] == 0);
+    // --max-steps at or below the steps done is refused rather than taking one more step.
+    CHECK_THAT(hsae_test::message_of<usage_error>([&] {
+                 run_main(with({"--out", part.string(), "--checkpoint", ckpt.string(), "--resume", "--max-steps", "13"}));
+               }),
+               Catch::Contains("--max-steps: 13 steps are done already"));
     REQUIRE(run_main(with({"--out", part.string(), "--checkpoint", ckpt.string(), "--resume"})) == 0);
     CHECK(read_bytes(part / "sae_weights.safetensors") == read_bytes(full / "sae_weights.safetensors"));
   }

@@ -271,8 +271,11 @@ void apply_json(train_config& c, const nlohmann::json& j, const std::string& fil
         [&](const auto& f) {
           using F = std::decay_t<decltype(f)>;
           if constexpr (std::is_same_v<F, int_field>) {
-            if (v.is_number_integer()) set_int(c, f, v.get<std::int64_t>(), where, shown);
-            else if (v.is_number_unsigned()) fail(where, ": ", shown, " is not an integer in [", f.lo, ", ", f.hi, "]");
+            // nlohmann's is_number_integer() holds for unsigned values too: test those first,
+            // so that 2^64 - 1 is not read back as -1.
+            if (v.is_number_unsigned() && v.get<std::uint64_t>() > std::uint64_t(std::numeric_limits<std::int64_t>::max()))
+              fail(where, ": ", shown, " is not an integer in [", f.lo, ", ", f.hi, "]");
+            else if (v.is_number_integer()) set_int(c, f, v.get<std::int64_t>(), where, shown);
             else if (v.is_number_float() && std::floor(v.get<double>()) == v.get<double>() &&
                      std::abs(v.get<double>()) < 9e15)
               set_int(c, f, std::int64_t(v.get<double>()), where, shown);

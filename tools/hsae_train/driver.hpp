@@ -117,6 +117,10 @@ run_result train_with(const Handle& be, const run_plan& p, const std::atomic<boo
   auto train = [&](auto& inner, auto* held) {
     tagged_source<std::decay_t<decltype(inner)>> src(inner, p.run_identity);
     if (p.cfg.resume) tr.resume(p.checkpoint, src);
+    if (p.cfg.max_steps > 0 && tr.steps_done() >= p.cfg.max_steps)
+      throw usage_error("--max-steps: " + std::to_string(p.cfg.max_steps) + " steps are done already (the checkpoint is at step " +
+                        std::to_string(tr.steps_done()) + "); give a larger value or leave it out");
+    write_run_config(p);
     if (p.cfg.max_steps > 0 && tr.steps_done() + 1 >= p.cfg.max_steps) {
       stop_now = true;
       by_max_steps = true;

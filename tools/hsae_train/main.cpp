@@ -2,7 +2,7 @@
 // hsae-train: trains a HierarchicalTopK SAE on activation files (or the built-in synthetic
 // data) and writes it in the SAELens or sparsify layout with a report. Options: --help and
 // tools/hsae_train/README.md. Exit status: 0 done, 1 an error during the run, 2 a bad
-// command line or config, 130 interrupted (Ctrl-C; resume with --resume).
+// command line or config, 130 interrupted (Ctrl-C; 143 after SIGTERM; resume with --resume).
 #include <time.h>
 #include <unistd.h>
 
@@ -32,14 +32,19 @@ long long now_ns() {
 /// The first SIGINT/SIGTERM asks the trainer to stop (checkpoint, exit 130); another one
 /// half a second later or more ends the process at once. (Copies of one signal, as
 /// `timeout` sends to the process and its group, arrive together and count once.)
-extern "C" void on_signal(int) {
+std::atomic<int> first_signal{0};
+static_assert(std::atomic<long long>::is_always_lock_free && std::atomic<int>::is_always_lock_free &&
+              std::atomic<bool>::is_always_lock_free);  // used in a signal handler
+
+extern "C" void on_signal(int sig) {
   const long long t = now_ns();
   long long first = 0;
   if (first_signal_ns.compare_exchange_strong(first, t)) {
+    first_signal.store(sig);
     stop_requested.store(true);
     return;
   }
-  if (t - first > 500'000'000) ::_exit(130);
+  if (t - first > 500'000'000) ::_exit(128 + sig);
 }
 
 }  // namespace
@@ -59,7 +64,8 @@ int main(int argc, char** argv) {
     }
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
-    return run(c, &stop_requested, args);
+    const int rc = run(c, &stop_requested, args);
+    return rc == 130 && first_signal.load() == SIGTERM ? 128 + SIGTERM : rc;  // 143 after SIGTERM
   } catch (const usage_error& e) {
     std::fprintf(stderr, "hsae-train: %s\n", e.what());
     return 2;

@@ -3,6 +3,7 @@
 #include "run.hpp"
 
 #include <glob.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,6 +12,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
+#include <map>
 #include <sstream>
 
 #include <hsae/data/row_file.hpp>
@@ -38,8 +41,16 @@ std::string quote(const std::string& s) { return "'" + s + "'"; }
 
 bool has_glob_chars(const std::string& s) { return s.find_first_of("*?[") != std::string::npos; }
 
-bool ends_with(const std::string& s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+/// What hsae-train writes into --out (the checkpoint must not take one of these names).
+constexpr const char* output_files[] = {"cfg.json",       "sae_weights.safetensors", "sae.safetensors",
+                                        "report.md",      "metrics.jsonl",           "hsae_train_config.json",
+                                        "fvu_vs_k.csv",   "fvu_vs_k.gp",             "fvu_vs_k.png"};
+
+/// The identity of an existing file (device, inode), to find one file given twice.
+std::pair<dev_t, ino_t> file_id(const fs::path& f) {
+  struct ::stat st {};
+  if (::stat(f.c_str(), &st) != 0) return {0, 0};
+  return {st.st_dev, st.st_ino};
 }
 
 /// The files of a directory input: its activations.json shards, else its .npy files.
@@ -132,10 +143,23 @@ file_set expand_inputs(const std::vector<std::string>& entries, const std::strin
       files.emplace_back(e);
     }
   }
+  // A file given twice (two globs, a directory and one of its files) would be read twice
+  // per epoch, and with the held-out rows by position, its held-out rows trained on.
+  std::map<std::pair<dev_t, ino_t>, fs::path> seen;
+  for (const auto& f : files) {
+    const auto [it, fresh] = seen.emplace(file_id(f), f);
+    if (!fresh)
+      fail(option, ": ", quote(f.string()), " is the same file as ", quote(it->second.string()), " (given twice)");
+  }
+  out.ids.reserve(seen.size());
+  for (const auto& [id, f] : seen) out.ids.push_back(id);
   for (const auto& f : files) {
     const std::string s = f.string();
     try {
       const hsae::row_file n(f, tensor);
+      if (n.cols() > std::numeric_limits<int>::max())
+        fail(option, ": ", quote(s), " has ", n.cols(), " columns, more than hsae's limit ",
+             std::numeric_limits<int>::max());
       if (out.d_model == 0) out.d_model = int(n.cols());
       else if (n.cols() != out.d_model)
         fail(option, ": ", quote(s), " has ", n.cols(), " columns, but ", quote(files.front().string()), " has ",
@@ -211,6 +235,9 @@ run_plan resolve(const train_config& in) {
       p.test = expand_inputs(c.test, "--test", c.tensor);
       if (p.test.d_model != p.d_model)
         fail("--test: the test files have ", p.test.d_model, " columns, the training files ", p.d_model);
+      for (const auto& f : p.test.files)
+        if (std::find(p.train.ids.begin(), p.train.ids.end(), file_id(f)) != p.train.ids.end())
+          fail("--test: ", quote(f.string()), " is also a training file (--data): its rows would be trained on");
     }
     if (p.train.rows < 8) fail("--data: only ", p.train.rows, " rows");
     if (!p.train.activations.is_null()) {
@@ -259,7 +286,9 @@ run_plan resolve(const train_config& in) {
     if (c.synthetic) c.tokens = 4'000'000;
     else {
       const double e = c.epochs > 0 ? c.epochs : 1.0;
-      c.tokens = std::max<std::int64_t>(1, std::llround(e * double(p.train_rows)));
+      const double t = e * double(p.train_rows);
+      if (!(t < 9.2e18)) fail("--epochs: ", c.epochs, " epochs of ", p.train_rows, " rows exceed 2^63 tokens");
+      c.tokens = std::max<std::int64_t>(1, std::llround(t));
     }
   }
   c.epochs = c.synthetic ? 0.0 : double(c.tokens) / double(p.train_rows);
@@ -314,19 +343,42 @@ run_plan resolve(const train_config& in) {
         if (e.is_directory())
           fail("--out: ", quote(c.out), " holds the subdirectory ", quote(e.path().filename().string()),
                " (the SAE is written into --out, which must hold files only)");
+    // The SAE directory is replaced as a whole (io/sae_types.hpp): through a sibling
+    // staging directory, so --out's parent must be writable and on the same file system.
+    const fs::path parent = fs::absolute(p.out).lexically_normal().parent_path();
+    fs::create_directories(parent, ec);
+    if (::access(parent.c_str(), W_OK | X_OK) != 0)
+      fail("--out: the SAE is saved through a temporary directory beside ", quote(c.out), ", but ",
+           quote(parent.string()), " is not writable; give a directory inside a writable one");
+    if (fs::is_directory(st) && file_id(p.out).first != file_id(parent).first)
+      fail("--out: ", quote(c.out), " is a mount point; the SAE is saved through a temporary directory beside it, "
+           "on the same file system: give a directory inside it");
   }
   if (!c.checkpoint.empty()) {
     p.checkpoint = c.checkpoint;
     std::error_code ec;
-    if (fs::is_directory(p.checkpoint, ec) || ends_with(c.checkpoint, "/"))
+    const fs::path outabs = fs::absolute(p.out).lexically_normal();
+    if (fs::is_directory(p.checkpoint, ec) || c.checkpoint.ends_with("/") ||
+        fs::absolute(p.checkpoint).lexically_normal() == outabs)
       p.checkpoint /= "hsae_checkpoint.safetensors";
-    const fs::path parent = fs::absolute(p.checkpoint).parent_path();
-    const fs::path outabs = fs::absolute(p.out);
+    const fs::path parent = fs::absolute(p.checkpoint).lexically_normal().parent_path();
     if (parent != outabs && parent.string().rfind(outabs.string() + "/", 0) == 0)
       fail("--checkpoint: ", quote(p.checkpoint.string()), " lies in a subdirectory of --out (put it in --out itself "
            "or elsewhere)");
+    if (parent == outabs)
+      for (const char* name : output_files)
+        if (p.checkpoint.filename() == name)
+          fail("--checkpoint: ", quote(p.checkpoint.string()), " is the name of one of hsae-train's outputs in --out");
     if (c.resume && !fs::exists(p.checkpoint))
       fail("--resume: the checkpoint ", quote(p.checkpoint.string()), " does not exist");
+    if (!c.resume && !c.print_config && fs::exists(p.checkpoint))
+      fail("--checkpoint: ", quote(p.checkpoint.string()),
+           " exists: continue its run with --resume, or remove it (or give another path) to start afresh");
+    if (!c.print_config) {
+      fs::create_directories(parent, ec);
+      if (::access(parent.c_str(), W_OK | X_OK) != 0)
+        fail("--checkpoint: cannot write into ", quote(parent.string()));
+    }
   }
 
   p.resolved = to_json(c);
@@ -455,6 +507,13 @@ std::string write_plot(const fs::path& out, const hsae::evaluation& e, const std
 
 }  // namespace
 
+void write_run_config(const run_plan& p) {
+  nlohmann::json j = p.resolved;
+  j["resume"] = false;
+  j["max_steps"] = 0;
+  write_text(p.out / "hsae_train_config.json", j.dump(2) + "\n");
+}
+
 int run(const train_config& c, const std::atomic<bool>* stop, const std::vector<std::string>& argv) {
   const run_plan p = resolve(c);
   if (c.print_config) {
@@ -464,7 +523,7 @@ int run(const train_config& c, const std::atomic<bool>* stop, const std::vector<
   const train_config& r = p.cfg;
   fs::create_directories(p.out);
   if (::access(p.out.c_str(), W_OK | X_OK) != 0) fail("--out: ", quote(r.out), " is not writable");
-  write_text(p.out / "hsae_train_config.json", p.resolved.dump(2) + "\n");
+
 
   const std::int64_t steps = p.resolved["steps"].get<std::int64_t>();
   std::printf("hsae-train %s: HierarchicalTopK SAE, schedule %s\n", hsae::version_string,
@@ -483,9 +542,6 @@ int run(const train_config& c, const std::atomic<bool>* stop, const std::vector<
   if (!r.synthetic) std::printf(", %.2f epochs", r.epochs);
   std::printf("), device %s\n", r.device.c_str());
   if (r.resume) std::printf("resuming from %s\n", p.checkpoint.string().c_str());
-  else if (!p.checkpoint.empty() && fs::exists(p.checkpoint))
-    std::printf("note: the checkpoint %s exists and will be replaced (--resume continues it)\n",
-                p.checkpoint.string().c_str());
   std::printf("\n");
   std::fflush(stdout);
 

@@ -5,11 +5,14 @@
 /// backend (driver.hpp; the CUDA one in run_cuda.cu), and the outputs (`run`).
 #pragma once
 
+#include <sys/types.h>
+
 #include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -33,6 +36,8 @@ struct file_set {
   int d_model = 0;
   /// activations.json of a directory input (the first one), or null.
   nlohmann::json activations;
+  /// (device, inode) of each file, to refuse a test file that is also a training file.
+  std::vector<std::pair<dev_t, ino_t>> ids;
 };
 
 /// Expands --data / --test entries: globs (sorted, each must match), directories (their
@@ -67,6 +72,11 @@ struct run_plan {
 
 /// Resolves `c` against its data. \throws usage_error naming the option.
 run_plan resolve(const train_config& c);
+
+/// Writes OUT/hsae_train_config.json (atomically): the resolved config as a `--config` that
+/// repeats the run from the start (resume and max_steps cleared). Called once training
+/// starts, after a resume's checks passed, so a refused resume leaves the run's file alone.
+void write_run_config(const run_plan& p);
 
 /// What training returns.
 struct run_result {
