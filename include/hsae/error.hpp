@@ -44,6 +44,13 @@ class io_error : public error {
   using error::error;
 };
 
+/// A failed collective between processes or devices (comm/): the message names the
+/// collective, the rank and the library's own error text.
+class comm_error : public error {
+ public:
+  using error::error;
+};
+
 namespace detail {
 
 template <class... Args>

@@ -3,7 +3,8 @@
 # HSAE_BUILD_DIR into a fresh prefix under WORK_DIR, build the consumer project against that
 # prefix only, run it. MODE=build_tree (build_tree_consumer): build the consumer's version
 # check against HSAE_BUILD_DIR itself (hsae_DIR=<build dir>, nothing installed), run it.
-# WITH_CUDA=ON (a build with the CUDA backend) makes the consumer require the cuda component.
+# WITH_CUDA=ON (a build with the CUDA backend) makes the consumer require the cuda component;
+# WITH_MPI=ON (a build with hsae::mpi) the mpi component, whose program runs as one process.
 # PROGRAMS (install mode): programs that must be installed into bin/ and answer --version.
 foreach(var HSAE_BUILD_DIR CONSUMER_SOURCE_DIR WORK_DIR CXX_COMPILER GENERATOR)
   if(NOT DEFINED ${var})
@@ -33,6 +34,9 @@ if(WITH_CUDA)
     list(APPEND consumer_args -D "CUDAToolkit_ROOT=${CUDA_TOOLKIT_ROOT}")
   endif()
 endif()
+if(WITH_MPI)
+  list(APPEND consumer_args -D "HSAE_CONSUMER_MPI=ON")
+endif()
 if(MODE STREQUAL "install")
   run_step("install" "${CMAKE_COMMAND}" --install "${HSAE_BUILD_DIR}" --prefix "${prefix}")
   if(NOT EXISTS "${prefix}/share/hsae/cmake/hsaeConfig.cmake")
@@ -61,3 +65,6 @@ run_step("configure consumer" "${CMAKE_COMMAND}" -S "${CONSUMER_SOURCE_DIR}" -B 
   -G "${GENERATOR}" -D "CMAKE_CXX_COMPILER=${CXX_COMPILER}" -D "CMAKE_BUILD_TYPE=Release" ${consumer_args})
 run_step("build consumer" "${CMAKE_COMMAND}" --build "${build}")
 run_step("run consumer" "${build}/hsae_consumer")
+if(WITH_MPI)
+  run_step("run the mpi consumer (one process)" "${build}/hsae_consumer_mpi")
+endif()
