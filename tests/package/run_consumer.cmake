@@ -4,7 +4,8 @@
 # prefix only, run it. MODE=build_tree (build_tree_consumer): build the consumer's version
 # check against HSAE_BUILD_DIR itself (hsae_DIR=<build dir>, nothing installed), run it.
 # WITH_CUDA=ON (a build with the CUDA backend) makes the consumer require the cuda component;
-# WITH_MPI=ON (a build with hsae::mpi) the mpi component, whose program runs as one process.
+# WITH_MPI=ON (a build with hsae::mpi) the mpi component, whose program runs as one process;
+# WITH_NCCL=ON the nccl component (configure-time only, as cuda).
 # PROGRAMS (install mode): programs that must be installed into bin/ and answer --version.
 foreach(var HSAE_BUILD_DIR CONSUMER_SOURCE_DIR WORK_DIR CXX_COMPILER GENERATOR)
   if(NOT DEFINED ${var})
@@ -36,6 +37,9 @@ if(WITH_CUDA)
 endif()
 if(WITH_MPI)
   list(APPEND consumer_args -D "HSAE_CONSUMER_MPI=ON")
+endif()
+if(WITH_NCCL)
+  list(APPEND consumer_args -D "HSAE_CONSUMER_NCCL=ON")
 endif()
 if(MODE STREQUAL "install")
   run_step("install" "${CMAKE_COMMAND}" --install "${HSAE_BUILD_DIR}" --prefix "${prefix}")
