@@ -18,6 +18,29 @@ using namespace hsae;
 using hsae_test::local_topk;
 using hsae_test::tie_rows;
 
+// The concept asks for every collective: a type without split (or without one element
+// type's sum) is not a communicator.
+struct no_split {
+  int rank() const { return 0; }
+  int size() const { return 1; }
+  template <comm_scalar T> void all_gather(const T*, std::size_t, T*) {}
+  template <comm_scalar T> void all_reduce_sum(T*, std::size_t, reduction = reduction::native) {}
+  template <comm_scalar T> void reduce_scatter_sum(const T*, std::size_t, T*, reduction = reduction::native) {}
+  template <comm_scalar T> void broadcast(T*, std::size_t, int) {}
+  void barrier() {}
+};
+struct float_only : no_split {
+  float_only split(int, int) { return {}; }
+  void all_reduce_sum(float*, std::size_t, reduction = reduction::native) {}
+};
+struct with_split : no_split {
+  with_split split(int, int) { return {}; }
+};
+static_assert(!communicator<no_split>);
+static_assert(!communicator<float_only>);
+static_assert(communicator<with_split>);
+static_assert(communicator<single_process_communicator>);
+
 TEST_CASE("latent_slice: contiguous, as even as possible, the first F mod S one longer", "[comm]") {
   CHECK(latent_slice(10, 3, 0) == latent_range{0, 4});
   CHECK(latent_slice(10, 3, 1) == latent_range{4, 3});
