@@ -32,6 +32,8 @@ function(layer_of path out)
     set(l cpu)
   elseif(path MATCHES "^comm/")
     set(l comm)
+  elseif(path MATCHES "^distributed/")
+    set(l distributed)
   elseif(path MATCHES "^detail/")
     set(l detail)
   elseif(path MATCHES "^io/")
@@ -55,6 +57,9 @@ set(allowed_cpu cpu vocabulary detail)
 # comm/: the communicators and the sharded top-k; no backend, so CPU and CUDA code share
 # them. A comm/ .cuh header (the NCCL communicator) may also use cuda/.
 set(allowed_comm comm vocabulary detail)
+# distributed/: the grid, the shards and the distributed CPU step and engine, composed from
+# the CPU kernels and the communicators; not in the umbrella (its users pick a communicator).
+set(allowed_distributed distributed cpu comm vocabulary detail)
 set(allowed_vocabulary vocabulary detail)
 set(allowed_io io vocabulary detail)
 set(allowed_data data vocabulary detail)

@@ -41,6 +41,13 @@ class dead_latent_tracker {
         }
   }
 
+  /// Counts `tokens` seen tokens; latent f fired (restarts its count) where
+  /// `fired[f] != 0`, for f in [0, d_sae). A distributed step passes the firings of every
+  /// replica's rows, summed, and the global batch's row count.
+  void update_fired(std::int64_t tokens, const std::int32_t* fired) {
+    for (std::size_t f = 0; f < since_.size(); ++f) since_[f] = fired[f] != 0 ? 0 : since_[f] + tokens;
+  }
+
   bool is_dead(index_t f) const { return since_[std::size_t(f)] >= dead_after_; }
   /// Dead latents in ascending order.
   std::vector<index_t> dead_latents() const {

@@ -91,7 +91,15 @@ namespace detail {
 template <class Engine>
 cpu_backend host_backend_of(const Engine& e) {
   if constexpr (std::is_same_v<typename Engine::backend_type, cpu_backend>) return e.backend();
+  else if constexpr (requires { { e.backend().cpu } -> std::convertible_to<cpu_backend>; }) return e.backend().cpu;
   else return {};
+}
+/// Whether this process writes the run's files (checkpoints, metrics, progress): always,
+/// but on the ranks of a distributed engine other than its root.
+template <class Engine>
+bool writes_files(const Engine& e) {
+  if constexpr (requires { { e.writes_files() } -> std::convertible_to<bool>; }) return e.writes_files();
+  else return true;
 }
 }  // namespace detail
 
@@ -350,7 +358,7 @@ class trainer {
                             engine_.model(),
                             engine_.optimizer(), engine_.dead_latents(), eval_x_);
     if constexpr (requires { source.save_state(st); }) source.save_state(st);
-    write_checkpoint(path, st);
+    if (detail::writes_files(engine_)) write_checkpoint(path, st);
   }
 
   /// Restores a run from a checkpoint written by `save_checkpoint` (or by `fit` with
@@ -469,9 +477,10 @@ class trainer {
 
   /// The progress line and the metrics file of a fit (appended to after `resume`).
   detail::training_log_options log_options() const {
-    return {.progress = opt_.progress,
+    const bool writes = detail::writes_files(engine_);
+    return {.progress = writes ? opt_.progress : progress_mode::never,
             .stream = opt_.progress_stream,
-            .metrics_path = opt_.metrics_path,
+            .metrics_path = writes ? opt_.metrics_path : std::string(),
             .append = resumed_,
             .log_every_steps = opt_.log_every_steps,
             .steps = opt_.steps(),

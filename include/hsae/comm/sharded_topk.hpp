@@ -103,33 +103,28 @@ void merge_topk_lists(const T* values, const index_t* indices, Eigen::Index rows
 struct sharded_topk_workspace {
   std::vector<std::uint8_t> send, recv;
   std::vector<char> unpacked;
+  std::vector<int> counts;
 };
 
-/// The global sorted top-`k` of the rows whose latents are split over `comm`'s ranks by
-/// `latent_slice(d_sae, comm.size(), rank)`. `local` is this rank's local top-k:
-/// [B, min(k, slice width)], sorted, with global latent indices (its slice's first
-/// latent added to `topk`'s). Every rank must pass the same B, k and d_sae. `out`
-/// (resized to [B, k]) is the same on every rank and equals the single-process `topk`
-/// of the whole rows bit for bit. One all-gather of B k (sizeof(T) + 4) bytes per rank.
-/// \throws hsae::config_error unless 1 <= k <= d_sae, hsae::shape_error when `local`
-///         does not have min(k, slice width) columns, or an index is outside the slice.
+/// The merged sorted top-`k` of per-rank sorted lists: rank s contributes `counts[s]`
+/// entries per row (every rank passes the same counts; they add up to at least k), with
+/// global indices inside `mine` (this rank's latents). `local` is [B, counts[rank]].
+/// `out` ([B, k]) is the same on every rank. One all-gather of B k (sizeof(T) + 4) bytes
+/// per rank. `sharded_topk` is this with the counts of `latent_slice`; AuxK's top-k among
+/// dead latents passes each shard's dead count.
+/// \throws hsae::shape_error when `local` is not [B, counts[rank]] or names a latent
+///         outside `mine`, hsae::config_error when the counts add up to fewer than k.
 template <cpu_scalar T, communicator Comm>
-void sharded_topk(Comm& comm, index_t d_sae, const sparse_code<T>& local, int k, sparse_code<T>& out,
-                  sharded_topk_workspace& ws) {
+void gather_topk(Comm& comm, const sparse_code<T>& local, int k, const int* counts, latent_range mine,
+                 sparse_code<T>& out, sharded_topk_workspace& ws) {
   const int S = comm.size(), me = comm.rank();
-  detail::expects<config_error>(k >= 1 && k <= d_sae, "sharded_topk: k=", k, " must be in [1, ", d_sae,
-                                "] (d_sae)");
-  std::vector<int> counts(static_cast<std::size_t>(S));
-  for (int s = 0; s < S; ++s) counts[std::size_t(s)] = int(std::min<index_t>(index_t(k), latent_slice(d_sae, S, s).count));
-  const latent_range mine = latent_slice(d_sae, S, me);
-  const int kc = counts[std::size_t(me)];
+  const int kc = counts[me];
   const Eigen::Index B = local.values.rows();
   detail::expects<shape_error>(local.values.cols() == kc && local.indices.rows() == B && local.indices.cols() == kc,
                                "sharded_topk: rank ", me, " holds latents [", mine.first, ", ",
                                mine.first + mine.count, ") and expects its local top-k as [", B, ", ", kc,
-                               "] (min(k, slice width)), got values [", local.values.rows(), ", ",
-                               local.values.cols(), "] and indices [", local.indices.rows(), ", ",
-                               local.indices.cols(), "]");
+                               "], got values [", local.values.rows(), ", ", local.values.cols(),
+                               "] and indices [", local.indices.rows(), ", ", local.indices.cols(), "]");
   // Pack: values [B, k] then indices [B, k], in slots of k (the unused tail zeroed).
   const std::size_t per = std::size_t(B) * std::size_t(k);
   const std::size_t bytes = per * (sizeof(T) + sizeof(index_t));
@@ -157,7 +152,28 @@ void sharded_topk(Comm& comm, index_t d_sae, const sparse_code<T>& local, int k,
     std::memcpy(values + std::size_t(s) * per, src, per * sizeof(T));
     std::memcpy(indices + std::size_t(s) * per, src + per * sizeof(T), per * sizeof(index_t));
   }
-  merge_topk_lists<T>(values, indices, B, S, counts.data(), k, out);
+  merge_topk_lists<T>(values, indices, B, S, counts, k, out);
+}
+
+/// The global sorted top-`k` of the rows whose latents are split over `comm`'s ranks by
+/// `latent_slice(d_sae, comm.size(), rank)`. `local` is this rank's local top-k:
+/// [B, min(k, slice width)], sorted, with global latent indices (its slice's first
+/// latent added to `topk`'s). Every rank must pass the same B, k and d_sae. `out`
+/// (resized to [B, k]) is the same on every rank and equals the single-process `topk`
+/// of the whole rows bit for bit. One all-gather of B k (sizeof(T) + 4) bytes per rank.
+/// \throws hsae::config_error unless 1 <= k <= d_sae, hsae::shape_error when `local`
+///         does not have min(k, slice width) columns, or an index is outside the slice.
+template <cpu_scalar T, communicator Comm>
+void sharded_topk(Comm& comm, index_t d_sae, const sparse_code<T>& local, int k, sparse_code<T>& out,
+                  sharded_topk_workspace& ws) {
+  const int S = comm.size();
+  detail::expects<config_error>(k >= 1 && k <= d_sae, "sharded_topk: k=", k, " must be in [1, ", d_sae,
+                                "] (d_sae)");
+  ws.counts.resize(static_cast<std::size_t>(S));
+  for (int s = 0; s < S; ++s)
+    ws.counts[std::size_t(s)] = int(std::min<index_t>(index_t(k), latent_slice(d_sae, S, s).count));
+  const latent_range mine = latent_slice(d_sae, S, comm.rank());
+  gather_topk(comm, local, k, ws.counts.data(), mine, out, ws);
 }
 
 /// `sharded_topk` with its own workspace (allocates per call).

@@ -119,18 +119,25 @@ void check_loss_inputs(const sae<T, F>& m, cref<T> x, const sparse_code<T>& code
 /// caller has checked the batch, the code (`check_loss_inputs`) and, for `Backward`,
 /// the decoder-side gradients' shapes (`check_gradients`). The statistics go to `st`,
 /// whose vectors keep their capacity: nothing allocates once the shapes settle.
+/// `norm_rows` x `norm_cols` (0: the batch's B x D) is the element count the loss is a
+/// mean over: a distributed step passes the global batch and d_model while `x` and `m`
+/// hold its rows and decoder columns (the loss is a sum over both, docs/DISTRIBUTED.md);
+/// `st.loss` is then this part's share.
 template <bool Backward, class T, int F, class S>
 void schedule_loss_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> x, const sparse_code<T>& code,
-                             const S& schedule, sae_gradients<T, F>* grads, loss_workspace<T>& ws, loss_stats& st) {
+                             const S& schedule, sae_gradients<T, F>* grads, loss_workspace<T>& ws, loss_stats& st,
+                             double norm_rows = 0, double norm_cols = 0) {
   const Eigen::Index B = x.rows();
   const int D = m.d_model(), K = schedule.k_max(), kc = code.k();
+  if (norm_rows <= 0) norm_rows = double(B);
+  if (norm_cols <= 0) norm_cols = double(D);
   const std::size_t levels = schedule.size();
   normalized_rank_weights(schedule, ws.omega);
   const std::vector<double>& omega = ws.omega;
   ws.level_of.assign(std::size_t(K), -1);
   std::vector<int>& level_of = ws.level_of;
   for (std::size_t l = 0; l < levels; ++l) level_of[std::size_t(schedule.k(l) - 1)] = int(l);
-  const double c = 2.0 / (double(B) * double(D));
+  const double c = 2.0 / (norm_rows * norm_cols);
 
   ws.level_err.resize(B, Eigen::Index(levels));
   ws.residual.resize(B, D);
@@ -236,7 +243,7 @@ HSAE_SIMD_SUM(dot)
     for (std::size_t l = 0; l < levels; ++l) st.level_sse[l] += ws.level_err(b, Eigen::Index(l));
   // The normalised level weights w_l / W, as the backward used them (no overflow of W).
   for (std::size_t l = 0; l < levels; ++l)
-    st.loss += omega[std::size_t(schedule.k(l) - 1)] * st.level_sse[l] / (double(B) * double(D));
+    st.loss += omega[std::size_t(schedule.k(l) - 1)] * st.level_sse[l] / (norm_rows * norm_cols);
   if constexpr (Backward) grads->b_dec.noalias() += ws.bias_rows.colwise().sum().transpose();
 }
 
