@@ -7,13 +7,18 @@
 # MODE resume:    a full run; the same stopped with --max-steps and a checkpoint, then
 #                 --resume: the two weights files are equal byte for byte.
 # MODE interrupt: SIGINT after 2 s (timeout): exit 130, a checkpoint, the resume command.
+# MODE same_table: one process, then the same run under LAUNCH: the same sparsity-fidelity
+#                 table, digit for digit.
+# MODE fails:     exit nonzero, stderr matching STDERR_REGEX (under LAUNCH: any rank's).
+# -D LAUNCH=mpirun|-np|2|... runs TOOL under that launcher (every mode but same_table's first run).
 cmake_minimum_required(VERSION 3.25)
 string(REPLACE "|" ";" args "${ARGS}")
+string(REPLACE "|" ";" launch "${LAUNCH}")
 file(REMOVE_RECURSE "${WORK}")
 file(MAKE_DIRECTORY "${WORK}")
 
 function(run_tool out_rc out_stdout out_stderr)
-  execute_process(COMMAND "${TOOL}" ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE o ERROR_VARIABLE e)
+  execute_process(COMMAND ${launch} "${TOOL}" ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE o ERROR_VARIABLE e)
   set(${out_rc} "${rc}" PARENT_SCOPE)
   set(${out_stdout} "${o}" PARENT_SCOPE)
   set(${out_stderr} "${e}" PARENT_SCOPE)
@@ -70,6 +75,33 @@ elseif(MODE STREQUAL "interrupt")
   if(NOT rc EQUAL 130 OR NOT o MATCHES "interrupted at step [0-9]+ of [0-9]+; checkpoint .*resume with:\n  hsae-train .*--resume"
      OR NOT EXISTS "${WORK}/run.ckpt")
     message(FATAL_ERROR "expected exit 130, a checkpoint and the resume command, got exit ${rc}:\n${o}\n${e}")
+  endif()
+elseif(MODE STREQUAL "same_table")
+  execute_process(COMMAND "${TOOL}" ${args} --out "${WORK}/one" RESULT_VARIABLE rc OUTPUT_VARIABLE o1 ERROR_VARIABLE e)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "the single-process run exited with ${rc}:\n${e}")
+  endif()
+  run_tool(rc o2 e ${args} ${GRID_ARGS} --out "${WORK}/grid")
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "the run under '${LAUNCH}' exited with ${rc}:\n${o2}\n${e}")
+  endif()
+  foreach(i 1 2)
+    string(FIND "${o${i}}" "sparsity-fidelity on" at)
+    string(FIND "${o${i}}" "dead latents:" end)
+    if(at LESS 0 OR end LESS at)
+      message(FATAL_ERROR "no sparsity-fidelity table in run ${i}:\n${o${i}}")
+    endif()
+    math(EXPR len "${end} - ${at}")
+    string(SUBSTRING "${o${i}}" ${at} ${len} table${i})
+  endforeach()
+  if(NOT table1 STREQUAL table2)
+    message(FATAL_ERROR "the tables differ:\none process:\n${table1}\nunder '${LAUNCH}' ${GRID_ARGS}:\n${table2}")
+  endif()
+  message(STATUS "the same table:\n${table2}")
+elseif(MODE STREQUAL "fails")
+  run_tool(rc o e ${args})
+  if(rc EQUAL 0 OR NOT e MATCHES "${STDERR_REGEX}")
+    message(FATAL_ERROR "expected a failure with '${STDERR_REGEX}', got exit ${rc} and:\n${o}\n${e}")
   endif()
 else()
   message(FATAL_ERROR "check_run.cmake: unknown MODE '${MODE}'")

@@ -101,6 +101,12 @@ const std::vector<option_entry>& table() {
        int_field{&c::seed, 0, int_max}},
       {{"threads", "T", "CPU threads (default: all; results do not depend on it)", "training"},
        int_field{&c::threads, 0, 4096}},
+      {{"shards", "S", "under mpirun: split each model over S ranks by latents (exact top-k); the N ranks "
+                       "form N/S data replicas x S shards (default 1: data parallel only; docs/DISTRIBUTED.md)",
+        "training"}, int_field{&c::shards, 1, 4096}},
+      {{"rank-timeout", "SEC", "under mpirun: end every rank when one waits longer than SEC seconds in a "
+                               "collective (a dead or stuck rank; default 600)",
+        "training"}, int_field{&c::rank_timeout, 1, 1 << 30}},
       {{"eval-every", "N", "evaluate on the held-out rows every N steps (default 0: at the end)", "training"},
        int_field{&c::eval_every, 0, int_max}},
       {{"device", "D", "cpu (default) | cuda (when built with CUDA)", "training"},
@@ -411,6 +417,8 @@ void validate(const train_config& c) {
   if (c.synthetic && c.epochs > 0) fail("--epochs: the synthetic stream is endless; use --tokens");
   if (c.device != "cuda" && c.was_given("storage") && c.storage != "f32")
     fail("--storage: ", c.storage, " is a GPU storage precision (needs --device cuda)");
+  if (c.shards > 1 && c.device == "cuda")
+    fail("--shards: distributed runs train on the CPU (--device cpu); hsae-train has no multi-GPU path yet");
   if (!c.print_config && c.out.empty()) fail("--out: required (the output directory)");
   if (c.resume && c.checkpoint.empty()) fail("--resume: needs --checkpoint PATH (the run's checkpoint)");
   if (c.checkpoint_every > 0 && c.checkpoint.empty()) fail("--checkpoint-every: needs --checkpoint PATH");

@@ -58,6 +58,8 @@ struct train_config {
   std::int64_t dead_tokens = 0;  ///< 0: min(10M, tokens / 8)
   std::int64_t seed = 1;
   std::int64_t threads = 0;
+  std::int64_t shards = 1;         ///< latent shards of a distributed run (mpirun)
+  std::int64_t rank_timeout = 600;  ///< seconds a rank waits in a collective before the job ends
   std::int64_t eval_every = 0;
   std::string device = "cpu";
   std::string storage = "f32";

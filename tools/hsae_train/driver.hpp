@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <type_traits>
 
@@ -94,8 +95,11 @@ inline const std::vector<std::filesystem::path>& held_out_files(const run_plan& 
 }
 
 /// Trains on backend handle `be` (trainer's Backend parameter `Backend`).
+/// `any_rank`, in a distributed run, combines each rank's stop request (Ctrl-C reaches the
+/// ranks at different steps) so that every rank stops after the same step.
 template <class Backend, class Handle>
-run_result train_with(const Handle& be, const run_plan& p, const std::atomic<bool>* stop) {
+run_result train_with(const Handle& be, const run_plan& p, const std::atomic<bool>* stop,
+                      const std::function<bool(bool)>& any_rank = {}) {
   using trainer_t = hsae::trainer<float, hsae::dynamic, hsae::dynamic_k_schedule, Backend>;
   hsae::trainer_options o = p.topt;
   o.metrics_path = (p.out / "metrics.jsonl").string();
@@ -110,7 +114,9 @@ run_result train_with(const Handle& be, const run_plan& p, const std::atomic<boo
       stop_now = true;
       by_max_steps = true;
     }
-    if (stop != nullptr && stop->load() && !stop_now) stop_now = true;
+    bool requested = stop != nullptr && stop->load();
+    if (any_rank) requested = any_rank(requested);
+    if (requested && !stop_now) stop_now = true;
   };
 
   // `held`: the source of the held-out rows, or null (the first rows of the stream).
@@ -120,7 +126,7 @@ run_result train_with(const Handle& be, const run_plan& p, const std::atomic<boo
     if (p.cfg.max_steps > 0 && tr.steps_done() >= p.cfg.max_steps)
       throw usage_error("--max-steps: " + std::to_string(p.cfg.max_steps) + " steps are done already (the checkpoint is at step " +
                         std::to_string(tr.steps_done()) + "); give a larger value or leave it out");
-    write_run_config(p);
+    if (launch().rank == 0) write_run_config(p);
     if (p.cfg.max_steps > 0 && tr.steps_done() + 1 >= p.cfg.max_steps) {
       stop_now = true;
       by_max_steps = true;

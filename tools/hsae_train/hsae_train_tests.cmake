@@ -41,6 +41,45 @@ if(NOT HSAE_WITH_CUDA)
       -D "STDERR_REGEX=^hsae-train: --device: cuda: this hsae-train was built without CUDA" -P "${_ht}")
   list(APPEND _tool_tests hsae_train_no_cuda)
 endif()
+# torchrun-style variables without an MPI launcher: refused, whatever the build.
+add_test(NAME hsae_train_torchrun_env
+  COMMAND "${CMAKE_COMMAND}" -E env WORLD_SIZE=2 RANK=0
+    "${CMAKE_COMMAND}" -D "TOOL=$<TARGET_FILE:hsae-train>" -D "WORK=${_work}/torchrun" -D MODE=usage
+    -D "ARGS=--synthetic|--out|x"
+    -D "STDERR_REGEX=^hsae-train: started as one of WORLD_SIZE=2 ranks .torchrun-style variables. but not by an MPI launcher"
+    -P "${_ht}")
+list(APPEND _tool_tests hsae_train_torchrun_env)
+if(TARGET hsae_mpi)
+  # Distributed runs (labels mpi, tools): docs/DISTRIBUTED.md. The same table as one
+  # process on 2 and 3 latent shards (3: uneven slices of the 256 latents and 128 columns),
+  # a stopped and resumed 2 x 2 grid equal to an uninterrupted one, a configuration that
+  # differs between ranks, and a grid the ranks cannot form.
+  list(JOIN HSAE_MPIEXEC_FLAGS "|" _mpi_flags)
+  set(_mpi "${MPIEXEC_EXECUTABLE}|${MPIEXEC_NUMPROC_FLAG}")
+  set(_small_mpi "--synthetic|--tokens|20000|--d-sae|256|--k-max|8|--batch|500|--held-out-rows|1000|--init-rows|1000|--log-every|10|--dead-tokens|2000|--rank-timeout|60")
+  foreach(np 2 3)
+    add_test(NAME hsae_train_mpi_shards${np}
+      COMMAND "${CMAKE_COMMAND}" -D "TOOL=$<TARGET_FILE:hsae-train>" -D "WORK=${_work}/mpi_shards${np}" -D MODE=same_table
+        -D "LAUNCH=${_mpi}|${np}|${_mpi_flags}" -D "ARGS=${_small_mpi}" -D "GRID_ARGS=--shards;${np}" -P "${_ht}")
+    set_tests_properties(hsae_train_mpi_shards${np} PROPERTIES PROCESSORS ${np})
+  endforeach()
+  add_test(NAME hsae_train_mpi_resume_2x2
+    COMMAND "${CMAKE_COMMAND}" -D "TOOL=$<TARGET_FILE:hsae-train>" -D "WORK=${_work}/mpi_resume" -D MODE=resume
+      -D "LAUNCH=${_mpi}|4|${_mpi_flags}" -D "ARGS=${_small_mpi}|--shards|2" -P "${_ht}")
+  set_tests_properties(hsae_train_mpi_resume_2x2 PROPERTIES PROCESSORS 4)
+  add_test(NAME hsae_train_mpi_mismatch
+    COMMAND "${CMAKE_COMMAND}" -D "TOOL=${MPIEXEC_EXECUTABLE}" -D "WORK=${_work}/mpi_mismatch" -D MODE=fails
+      -D "ARGS=${_mpi_flags}|${MPIEXEC_NUMPROC_FLAG}|1|$<TARGET_FILE:hsae-train>|${_small_mpi}|--k-max|8|--out|${_work}/mpi_mismatch/o|:|${MPIEXEC_NUMPROC_FLAG}|1|$<TARGET_FILE:hsae-train>|${_small_mpi}|--k-max|16|--out|${_work}/mpi_mismatch/o"
+      -D "STDERR_REGEX='k_max' differs between ranks" -P "${_ht}")
+  add_test(NAME hsae_train_mpi_bad_grid
+    COMMAND "${CMAKE_COMMAND}" -D "TOOL=$<TARGET_FILE:hsae-train>" -D "WORK=${_work}/mpi_bad_grid" -D MODE=fails
+      -D "LAUNCH=${_mpi}|3|${_mpi_flags}" -D "ARGS=${_small_mpi}|--shards|2|--out|${_work}/mpi_bad_grid/o"
+      -D "STDERR_REGEX=--shards: 2 shards do not divide the 3 ranks" -P "${_ht}")
+  set_tests_properties(hsae_train_mpi_mismatch PROPERTIES PROCESSORS 2)
+  set_tests_properties(hsae_train_mpi_bad_grid PROPERTIES PROCESSORS 3)
+  set_tests_properties(hsae_train_mpi_shards2 hsae_train_mpi_shards3 hsae_train_mpi_resume_2x2 hsae_train_mpi_mismatch
+    hsae_train_mpi_bad_grid PROPERTIES LABELS "cpu;tools;mpi" TIMEOUT 300)
+endif()
 add_test(NAME hsae_train_help COMMAND hsae-train --help)
 set_tests_properties(hsae_train_help PROPERTIES PASS_REGULAR_EXPRESSION "--k-max K")
 list(APPEND _tool_tests hsae_train_help)

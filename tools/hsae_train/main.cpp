@@ -3,6 +3,7 @@
 // data) and writes it in the SAELens or sparsify layout with a report. Options: --help and
 // tools/hsae_train/README.md. Exit status: 0 done, 1 an error during the run, 2 a bad
 // command line or config, 130 interrupted (Ctrl-C; 143 after SIGTERM; resume with --resume).
+// Under mpirun it trains a distributed grid (--shards); an error on one rank ends every rank.
 #include <time.h>
 #include <unistd.h>
 
@@ -47,6 +48,12 @@ extern "C" void on_signal(int sig) {
   if (t - first > 500'000'000) ::_exit(128 + sig);
 }
 
+/// "rank R of N: " in a distributed run, else nothing.
+std::string rank_prefix() {
+  const hsae_train::launch_info& l = hsae_train::launch();
+  return l.size > 1 ? "rank " + std::to_string(l.rank) + " of " + std::to_string(l.size) + ": " : std::string();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -62,18 +69,20 @@ int main(int argc, char** argv) {
       std::printf("hsae-train %s (%s)\n", hsae::version_string, built_with_cuda() ? "CPU and CUDA" : "CPU only");
       return 0;
     }
+    launch_begin(argc, argv);  // MPI, under mpirun
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);
     const int rc = run(c, &stop_requested, args);
+    launch_end();
     return rc == 130 && first_signal.load() == SIGTERM ? 128 + SIGTERM : rc;  // 143 after SIGTERM
   } catch (const usage_error& e) {
-    std::fprintf(stderr, "hsae-train: %s\n", e.what());
-    return 2;
+    std::fprintf(stderr, "hsae-train: %s%s\n", rank_prefix().c_str(), e.what());
+    return launch_fail(2);
   } catch (const hsae::error& e) {
-    std::fprintf(stderr, "hsae-train: %s\n", e.what());
-    return 1;
+    std::fprintf(stderr, "hsae-train: %s%s\n", rank_prefix().c_str(), e.what());
+    return launch_fail(1);
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "hsae-train: %s\n", e.what());
-    return 1;
+    std::fprintf(stderr, "hsae-train: %s%s\n", rank_prefix().c_str(), e.what());
+    return launch_fail(1);
   }
 }

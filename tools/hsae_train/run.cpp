@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <initializer_list>
 #include <limits>
 #include <map>
 #include <sstream>
@@ -397,13 +398,66 @@ run_plan resolve(const train_config& in) {
   // What a resumed run must share with the checkpoint's run.
   p.run_identity = p.resolved;
   for (const char* k : {"out", "format", "dtype", "model_name", "hook_name", "checkpoint", "checkpoint_every",
-                        "resume", "max_steps", "threads", "log_every", "eval_every", "device", "storage",
+                        "resume", "max_steps", "threads", "shards", "rank_timeout", "log_every", "eval_every", "device", "storage",
                         "deterministic", "hsae_version", "epochs", "epochs_trained"})
     p.run_identity.erase(k);
   return p;
 }
 
+launch_info& launch_state() {
+  static launch_info l;
+  return l;
+}
+const launch_info& launch() { return launch_state(); }
+
+namespace {
+/// The first of `names` set in the environment, as an integer (0 when none is).
+long env_int(std::initializer_list<const char*> names, const char** which = nullptr) {
+  for (const char* n : names)
+    if (const char* v = std::getenv(n); v != nullptr && *v != 0) {
+      if (which != nullptr) *which = n;
+      return std::strtol(v, nullptr, 10);
+    }
+  return 0;
+}
+}  // namespace
+
+/// The ranks an MPI launcher started (0 when none did): Open MPI, MPICH/Hydra and Slurm's
+/// PMI, PMIx, MVAPICH.
+long mpi_launch_size() {
+  return env_int({"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE"});
+}
+
+/// Refuses a launch this build cannot join: torchrun-style variables without an MPI
+/// launcher, or an MPI launch of several ranks without MPI in this build.
+void check_launch(bool built_with_mpi) {
+  const long mpi = mpi_launch_size();
+  const char* which = nullptr;
+  const long ws = env_int({"WORLD_SIZE"}, &which);
+  if (mpi == 0 && ws > 1)
+    throw usage_error("started as one of WORLD_SIZE=" + std::to_string(ws) +
+                      " ranks (torchrun-style variables) but not by an MPI launcher: hsae-train's ranks talk over "
+                      "MPI; start it with mpirun -np " + std::to_string(ws) + " hsae-train ...");
+  if (mpi > 1 && !built_with_mpi)
+    throw usage_error("started by an MPI launcher as one of " + std::to_string(mpi) +
+                      " ranks, but this hsae-train was built without MPI (install libopenmpi-dev and reconfigure; "
+                      "HSAE_MPI)");
+}
+
+#if !defined(HSAE_TRAIN_WITH_MPI)
+void launch_begin(int&, char**&) { check_launch(false); }
+void launch_end() {}
+int launch_fail(int code) { return code; }
+run_result train_distributed(const run_plan&, const std::atomic<bool>*) {
+  fail("--shards: this hsae-train was built without MPI (install libopenmpi-dev and reconfigure; HSAE_MPI)");
+}
+#endif
+
 run_result train_cpu(const run_plan& p, const std::atomic<bool>* stop) {
+  if (launch().mpi) return train_distributed(p, stop);
+  if (p.cfg.shards > 1)
+    fail("--shards: ", p.cfg.shards, " shards need as many ranks (or a multiple): start hsae-train under mpirun, "
+         "e.g. mpirun -np ", p.cfg.shards, " hsae-train --shards ", p.cfg.shards, " ...");
   hsae::cpu_backend be;
   be.num_threads = int(p.cfg.threads);
   return train_with<hsae::cpu_backend>(be, p, stop);
@@ -570,6 +624,8 @@ int run(const train_config& c, const std::atomic<bool>* stop, const std::vector<
                   (long long)steps, p.checkpoint.string().c_str(), cmd.c_str());
     return res.stopped_by_max_steps ? 0 : 130;
   }
+
+  if (launch().rank != 0) return 0;  // the root writes the outputs
 
   // The SAE, for the user's inputs (the input scale folded into the biases).
   hsae::sae_save_options so;

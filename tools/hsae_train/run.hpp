@@ -95,6 +95,32 @@ run_result train_cuda(const run_plan& p, const std::atomic<bool>* stop);
 /// The CPU path.
 run_result train_cpu(const run_plan& p, const std::atomic<bool>* stop);
 
+/// This process's place in a distributed launch: rank 0 of 1 without one.
+struct launch_info {
+  int rank = 0, size = 1;
+  int local_size = 1;  ///< ranks on this machine
+  bool mpi = false;    ///< MPI is running (launch_begin started it)
+};
+const launch_info& launch();
+/// The same, writable (launch_begin sets it).
+launch_info& launch_state();
+/// Starts MPI when the process was started by an MPI launcher (mpirun, srun: their
+/// environment variables) and this build has MPI; silences stdout on ranks other than 0.
+/// \throws usage_error when launched as one of several ranks by a launcher this build
+///         cannot join (no MPI, or torchrun-style variables without an MPI launcher).
+void launch_begin(int& argc, char**& argv);
+/// Ends MPI (MPI_Finalize) after a run that every rank finished.
+void launch_end();
+/// After an error: with MPI running on several ranks, ends every rank (MPI_Abort with
+/// `code`: the others would wait in their next collective); otherwise returns `code`.
+int launch_fail(int code);
+/// The ranks an MPI launcher started, from its environment variables (0: none).
+long mpi_launch_size();
+/// \throws usage_error on a launch this build cannot join (see launch_begin).
+void check_launch(bool built_with_mpi);
+/// The distributed CPU path (run_mpi.cpp): a grid of launch().size / shards replicas.
+run_result train_distributed(const run_plan& p, const std::atomic<bool>* stop);
+
 /// The whole program after parsing: resolve, train, write the outputs. Returns the exit
 /// status (0, or 130 when interrupted). \throws usage_error, hsae::error.
 int run(const train_config& c, const std::atomic<bool>* stop, const std::vector<std::string>& argv);
