@@ -58,8 +58,9 @@ set(allowed_cpu cpu vocabulary detail)
 # them. A comm/ .cuh header (the NCCL communicator) may also use cuda/.
 set(allowed_comm comm vocabulary detail)
 # distributed/: the grid, the shards and the distributed CPU step and engine, composed from
-# the CPU kernels and the communicators; not in the umbrella (its users pick a communicator).
-set(allowed_distributed distributed cpu comm vocabulary detail)
+# the CPU kernels and the communicators, with the trainer's checkpoint entries; not in the
+# umbrella (its users pick a communicator).
+set(allowed_distributed distributed cpu comm vocabulary detail trainer)
 set(allowed_vocabulary vocabulary detail)
 set(allowed_io io vocabulary detail)
 set(allowed_data data vocabulary detail)

@@ -354,11 +354,20 @@ class trainer {
   template <class Source>
   void save_checkpoint(const std::filesystem::path& path, const Source& source) const {
     checkpoint_state<T> st;
-    detail::fill_checkpoint(st, {step_, tokens_, rows_pulled_, held_out_pulled_, scale_}, checkpoint_terms(), schedule_,
-                            engine_.model(),
-                            engine_.optimizer(), engine_.dead_latents(), eval_x_);
-    if constexpr (requires { source.save_state(st); }) source.save_state(st);
-    if (detail::writes_files(engine_)) write_checkpoint(path, st);
+    const detail::checkpoint_position at{step_, tokens_, rows_pulled_, held_out_pulled_, scale_};
+    if constexpr (requires { engine_.save_shards(path, st, [] {}); }) {
+      // A distributed engine: the ranks write their shards' files, then the root this file
+      // (everything else, and the grid), and every rank returns once all are written; no
+      // rank gathers the model.
+      detail::fill_checkpoint_common(st, at, checkpoint_terms(), schedule_, engine_.dead_latents(), eval_x_);
+      if constexpr (requires { source.save_state(st); }) source.save_state(st);
+      engine_.save_shards(path, st, [&] { write_checkpoint(path, st); });
+    } else {
+      detail::fill_checkpoint(st, at, checkpoint_terms(), schedule_, engine_.model(), engine_.optimizer(),
+                              engine_.dead_latents(), eval_x_);
+      if constexpr (requires { source.save_state(st); }) source.save_state(st);
+      write_checkpoint(path, st);
+    }
   }
 
   /// Restores a run from a checkpoint written by `save_checkpoint` (or by `fit` with
@@ -376,7 +385,20 @@ class trainer {
   template <batch_source<T> Source>
   void resume(const std::filesystem::path& path, Source& source) {
     const checkpoint_state<T> st = read_checkpoint<T>(path);
-    detail::restored_run<T, F> r = detail::check_checkpoint(st, engine_.model(), schedule_, checkpoint_terms());
+    // A distributed engine reads its shards' files (engine_.check_shards), all of them
+    // checked on every rank before anything changes.
+    constexpr bool sharded = requires(detail::restored_run<T, F>& rr) {
+      engine_.check_shards(path, st, rr);
+      engine_.restore_shards(opt_.adam, rr, std::int64_t(0));
+    };
+    detail::restored_run<T, F> r;
+    if constexpr (sharded) {
+      detail::check_checkpoint_common(st, Eigen::Index(d_model_), Eigen::Index(engine_.model().d_sae()), schedule_,
+                                      checkpoint_terms(), r);
+      engine_.check_shards(path, st, r);
+    } else {
+      r = detail::check_checkpoint(st, engine_.model(), schedule_, checkpoint_terms());
+    }
     if constexpr (requires { source.load_state(st); }) {
       source.load_state(st);
     } else {  // replay: read and drop the rows the run had pulled
@@ -387,8 +409,11 @@ class trainer {
         left -= n;
       }
     }
-    engine_.restore(std::move(r.model), opt_.adam, r.adam_steps, std::move(r.m1), std::move(r.m2), r.last_lr,
-                    opt_.dead_after_tokens, std::move(r.since));
+    if constexpr (sharded)
+      engine_.restore_shards(opt_.adam, r, opt_.dead_after_tokens);
+    else
+      engine_.restore(std::move(r.model), opt_.adam, r.adam_steps, std::move(r.m1), std::move(r.m2), r.last_lr,
+                      opt_.dead_after_tokens, std::move(r.since));
     eval_x_ = *r.held_out;
     scale_ = r.scale;
     step_ = r.step;

@@ -93,24 +93,37 @@ void get_params(const checkpoint_state<T>& st, const std::string& prefix, W& W_e
   take("b_dec", b_dec, 1, b_dec.size());
 }
 
-/// Writes a run's state into `st`: `at`, `run`, the schedule, the model, the optimizer
-/// state (anything with first_moment(), second_moment(), steps() and last_lr(), as Adam's),
-/// the dead-latent tracker and the held-out rows.
-template <cpu_scalar T, int F, k_schedule_like S, class Optimizer>
-void fill_checkpoint(checkpoint_state<T>& st, const checkpoint_position& at, const checkpoint_run& run,
-                     const S& schedule, const sae<T, F>& m, const Optimizer& optim,
-                     const dead_latent_tracker& tracker, const row_matrix<T>& held_out) {
+/// Writes the entries of a run's state that do not depend on how its parameters are held:
+/// `at`, `run`, the schedule, the dead-latent tracker and the held-out rows. A distributed
+/// engine adds the rest (its shards) itself; `fill_checkpoint` adds the whole model.
+template <cpu_scalar T, k_schedule_like S>
+void fill_checkpoint_common(checkpoint_state<T>& st, const checkpoint_position& at, const checkpoint_run& run,
+                            const S& schedule, const dead_latent_tracker& tracker, const row_matrix<T>& held_out) {
   st.set("step", at.step);
   st.set("tokens", at.tokens);
   st.set("rows_pulled", at.rows_pulled);
   st.set("held_out_pulled", at.held_out_pulled);
   st.set("input_scale", at.input_scale);
-  st.set("d_model", std::int64_t(m.d_model()));
-  st.set("d_sae", std::int64_t(m.d_sae()));
   st.set("k_max", std::int64_t(schedule.k_max()));
   st.set("schedule", schedule_text(schedule));
   st.set("total_tokens", run.total_tokens);
   st.set("batch_size", run.batch_size);
+  const auto& since = tracker.tokens_since_fired();
+  st.arrays["dead.tokens_since_fired"] = std::vector<double>(since.begin(), since.end());
+  st.set("dead.after_tokens", tracker.dead_after_tokens());
+  st.matrices["held_out"] = held_out;
+}
+
+/// Writes a run's state into `st`: `fill_checkpoint_common`, the model's shapes, the model
+/// and the optimizer state (anything with first_moment(), second_moment(), steps() and
+/// last_lr(), as Adam's).
+template <cpu_scalar T, int F, k_schedule_like S, class Optimizer>
+void fill_checkpoint(checkpoint_state<T>& st, const checkpoint_position& at, const checkpoint_run& run,
+                     const S& schedule, const sae<T, F>& m, const Optimizer& optim,
+                     const dead_latent_tracker& tracker, const row_matrix<T>& held_out) {
+  fill_checkpoint_common(st, at, run, schedule, tracker, held_out);
+  st.set("d_model", std::int64_t(m.d_model()));
+  st.set("d_sae", std::int64_t(m.d_sae()));
   put_params(st, "model.", m.W_enc, m.b_enc, m.W_dec, m.b_dec);
   const auto& m1 = optim.first_moment();
   const auto& m2 = optim.second_moment();
@@ -118,10 +131,6 @@ void fill_checkpoint(checkpoint_state<T>& st, const checkpoint_position& at, con
   put_params(st, "adam.v.", m2.W_enc, m2.b_enc, m2.W_dec, m2.b_dec);
   st.set("adam.steps", optim.steps());
   st.set("adam.last_lr", optim.last_lr());
-  const auto& since = tracker.tokens_since_fired();
-  st.arrays["dead.tokens_since_fired"] = std::vector<double>(since.begin(), since.end());
-  st.set("dead.after_tokens", tracker.dead_after_tokens());
-  st.matrices["held_out"] = held_out;
 }
 
 /// The checkpoint's values, each checked against the run before any is used.
@@ -136,14 +145,12 @@ struct restored_run {
   std::int64_t step = 0, tokens = 0, rows_pulled = 0, held_out_pulled = 0, adam_steps = 0;
 };
 
-/// Reads and range-checks everything a resume restores, for a run of model `cur`'s shapes
-/// under `schedule` and `run`; nothing outside the result is touched.
+/// Reads and range-checks the entries `fill_checkpoint_common` writes and the optimizer's
+/// counters, for a run of d_model `d` and d_sae `f`, into `r` (all but its parameters).
 /// \throws hsae::io_error naming the checkpoint and the entry.
 template <cpu_scalar T, int F, k_schedule_like S>
-restored_run<T, F> check_checkpoint(const checkpoint_state<T>& st, const sae<T, F>& cur, const S& schedule,
-                                    const checkpoint_run& run) {
-  restored_run<T, F> r;
-  const Eigen::Index d = cur.d_model(), f = cur.d_sae();
+void check_checkpoint_common(const checkpoint_state<T>& st, Eigen::Index d, Eigen::Index f, const S& schedule,
+                             const checkpoint_run& run, restored_run<T, F>& r) {
   st.expects(st.get_int("d_model") == d && st.get_int("d_sae") == f, "shapes d_model=", st.get_int("d_model"),
              " d_sae=", st.get_int("d_sae"), " differ from this trainer's model (", d, ", ", f, ")");
   const std::string sched = schedule_text(schedule);
@@ -183,6 +190,20 @@ restored_run<T, F> check_checkpoint(const checkpoint_state<T>& st, const sae<T, 
              r.held_out_pulled, " held-out rows from the training source and init_rows=", run.init_rows);
   r.adam_steps = st.get_int("adam.steps", 0, r.step);
   r.last_lr = st.get_double("adam.last_lr", 0, std::numeric_limits<double>::max());
+  // A latent's count of tokens since it fired never exceeds the tokens trained on.
+  r.since = st.int_array("dead.tokens_since_fired", 0, r.tokens);
+  st.expects(std::int64_t(r.since.size()) == f, "dead-latent counters for ", r.since.size(), " latents, expected ",
+             f);
+}
+
+/// Reads and range-checks everything a resume restores, for a run of model `cur`'s shapes
+/// under `schedule` and `run`; nothing outside the result is touched.
+/// \throws hsae::io_error naming the checkpoint and the entry.
+template <cpu_scalar T, int F, k_schedule_like S>
+restored_run<T, F> check_checkpoint(const checkpoint_state<T>& st, const sae<T, F>& cur, const S& schedule,
+                                    const checkpoint_run& run) {
+  restored_run<T, F> r;
+  check_checkpoint_common(st, cur.d_model(), cur.d_sae(), schedule, run, r);
   r.model = cur;
   r.m1.zeros_like(cur);
   r.m2.zeros_like(cur);
@@ -193,10 +214,6 @@ restored_run<T, F> check_checkpoint(const checkpoint_state<T>& st, const sae<T, 
     const row_matrix<T>& v = st.matrix(std::string("adam.v.") + name);
     st.expects((v.array() >= T(0)).all(), "tensor 'adam.v.", name, "' holds a negative second moment");
   }
-  // A latent's count of tokens since it fired never exceeds the tokens trained on.
-  r.since = st.int_array("dead.tokens_since_fired", 0, r.tokens);
-  st.expects(std::int64_t(r.since.size()) == f, "dead-latent counters for ", r.since.size(), " latents, expected ",
-             f);
   return r;
 }
 

@@ -17,7 +17,9 @@
 #include <hsae/distributed/engine.hpp>
 #include <hsae/trainer.hpp>
 
+#include <atomic>
 #include <cmath>
+#include <filesystem>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -247,6 +249,84 @@ TEST_CASE("distributed engine: the trainer's FVU table equals one process's", "[
     }
     CHECK(max_abs_diff(tr.model(), ref.model()) < 1e-5);
     CHECK(same_on_every_rank(grid.world(), tr.model()));
+  }
+}
+
+TEST_CASE("distributed engine: sharded checkpoints resume on the same shards and gather into one model",
+          "[distributed]") {
+  const int n = world().size();
+  synthetic_options data = synthetic_options::demo(9);
+  const auto schedule = dynamic_k_schedule::all_prefixes(8);
+  // One directory for every rank (rank 0 makes it; the others see it after a barrier).
+  const std::filesystem::path dir = std::filesystem::temp_directory_path() / "hsae_test_distributed_ckpt";
+  {
+    mpi_communicator w = world();
+    if (w.rank() == 0) {
+      std::filesystem::remove_all(dir);
+      std::filesystem::create_directories(dir);
+    }
+    w.barrier();
+  }
+  auto options = [&](std::int64_t tokens) {
+    trainer_options o;
+    o.batch_size = 128;
+    o.total_tokens = 128 * 12;
+    o.eval_rows = 256;
+    o.init_rows = 256;
+    o.progress = progress_mode::never;
+    o.checkpoint_path = (dir / "run.ckpt").string();
+    (void)tokens;
+    return o;
+  };
+  for (int shards : shard_counts(n)) {
+    INFO("grid " << n / shards << " replicas x " << shards << " shards");
+    process_grid<mpi_communicator> grid(world(), shards);
+    using backend = distributed_cpu_backend<mpi_communicator>;
+    // The whole run, and the same stopped after 5 steps and resumed.
+    trainer full(backend{cpu_backend{}, &grid}, sae<float>(data.d_model, 96), schedule, options(0));
+    synthetic_source<float> s1(data);
+    full.fit(s1);
+    const sae<float> whole = full.model();
+    // The checkpoint of the finished run gathers, in one process, into the trained model.
+    if (grid.rank() == 0) CHECK(bitwise_equal(gather_checkpoint_model<float>(dir / "run.ckpt"), whole));
+    grid.world().barrier();
+
+    std::atomic<bool> stop{false};
+    trainer_options o = options(0);
+    o.stop_requested = &stop;
+    trainer part(backend{cpu_backend{}, &grid}, sae<float>(data.d_model, 96), schedule, o);
+    part.on_step = [&](const step_record& r) { stop = r.step + 1 >= 5; };
+    synthetic_source<float> s2(data);
+    CHECK(part.fit(s2).interrupted);
+    trainer resumed(backend{cpu_backend{}, &grid}, sae<float>(data.d_model, 96), schedule, options(0));
+    synthetic_source<float> s3(data);
+    resumed.resume(dir / "run.ckpt", s3);
+    resumed.fit(s3);
+    CHECK(bitwise_equal(resumed.model(), whole));
+
+    if (n > 1) {
+      // Another number of shards is refused on every rank, naming both.
+      const int other = shards == n ? 1 : n;
+      process_grid<mpi_communicator> g2(world(), other);
+      trainer t2(backend{cpu_backend{}, &g2}, sae<float>(data.d_model, 96), schedule, options(0));
+      synthetic_source<float> s4(data);
+      REQUIRE_THROWS_WITH(t2.resume(dir / "run.ckpt", s4),
+                          Catch::Contains("latent shards, this run has " + std::to_string(other)));
+    }
+    // A missing shard file fails every rank; the rank that misses it names the file.
+    grid.world().barrier();
+    if (grid.rank() == 0) std::filesystem::remove(shard_checkpoint_file(dir / "run.ckpt", shards - 1, shards));
+    grid.world().barrier();
+    trainer t3(backend{cpu_backend{}, &grid}, sae<float>(data.d_model, 96), schedule, options(0));
+    synthetic_source<float> s5(data);
+    const std::string missing = shard_checkpoint_file(dir / "run.ckpt", shards - 1, shards).filename().string();
+    if (grid.shard() == shards - 1)
+      REQUIRE_THROWS_WITH(t3.resume(dir / "run.ckpt", s5), Catch::Contains(missing));
+    else
+      REQUIRE_THROWS_WITH(t3.resume(dir / "run.ckpt", s5), Catch::Contains("other rank(s) could not read their shard"));
+    grid.world().barrier();
+    if (grid.rank() == 0) std::filesystem::remove(dir / "run.ckpt");
+    grid.world().barrier();
   }
 }
 
