@@ -87,7 +87,7 @@ const char* name_of(hsae::dp_reduction d) {
 /// counted byte total differs from the formula.
 void expect_bytes(const char* what, std::int64_t got, std::int64_t want) {
   hsae::detail::expects<hsae::comm_error>(got == want, "bench_distributed: ", what, ": counted ", got,
-                                          " bytes received per step, the formula gives ", want);
+                                          " bytes received, the formula gives ", want);
 }
 
 struct result {
@@ -95,7 +95,8 @@ struct result {
   hsae_bench::message_table per_step;  // this rank's, per step
   std::int64_t sent = 0, received = 0;  // this rank's, per step
   std::int64_t max_sent = 0, max_received = 0;  // over the ranks
-  hsae::dp_reduction_info dp;
+  hsae::dp_reduction_info dp;  // the last step's
+  std::int64_t dp_bytes_expected = 0;  // dp_reduction_info's bytes of the method used, summed over the timed steps
   double aux_steps = 0;
 };
 
@@ -131,13 +132,15 @@ result run_grid(hsae::mpi_communicator& control, int shards, hsae::dp_reduction 
     if (i >= s.warmup) {
       seconds += std::chrono::duration<double>(t1 - t0).count();
       r.aux_steps += st.aux_loss > 0 ? 1 : 0;
+      r.dp_bytes_expected += ws.dp.used == hsae::dp_reduction::sparse ? ws.dp.sparse_bytes : ws.dp.dense_bytes;
     }
   }
   double worst = seconds / s.steps;
   std::vector<double> all(std::size_t(control.size()));
   control.all_gather(&worst, 1, all.data());
   r.ms = 1e3 * *std::max_element(all.begin(), all.end());
-  for (auto [k, c] : grid.world().counts().messages) {
+  const hsae_bench::message_table& total = grid.world().counts().messages;  // over the timed steps
+  for (auto [k, c] : total) {
     c.calls /= s.steps;
     c.sent /= s.steps;
     c.received /= s.steps;
@@ -154,11 +157,12 @@ result run_grid(hsae::mpi_communicator& control, int shards, hsae::dp_reduction 
   }
   r.dp = ws.dp;
 
-  // docs/DISTRIBUTED.md's formulas against the counts (this rank's; B_r its replica's rows).
+  // docs/DISTRIBUTED.md's formulas against the counts (this rank's, per step: the totals
+  // over the timed steps divided exactly; B_r is its replica's rows).
   const std::int64_t S = grid.shards(), R = grid.replicas(), Br = rows.count, K = s.K;
   auto received = [&](const char* group, const char* op, int bytes, std::int64_t n) {
-    const auto it = r.per_step.find(hsae_bench::message_key{group, op, bytes, n});
-    return it == r.per_step.end() ? std::int64_t(0) : it->second.received;
+    const auto it = total.find(hsae_bench::message_key{group, op, bytes, n});
+    return it == total.end() ? std::int64_t(0) : it->second.received / s.steps;
   };
   if (S > 1) {
     expect_bytes("top-K all-gather, (S - 1) B_r K 8", received("shard", "all_gather", 1, Br * K * 8),
@@ -176,7 +180,7 @@ result run_grid(hsae::mpi_communicator& control, int shards, hsae::dp_reduction 
     // The data-parallel sum: the replica group's all-gathers (sparse) or its ordered fp32
     // all-reduces but b_dec's (dense); the group's other sums are fp64 or native.
     std::int64_t dp_bytes = 0;
-    for (const auto& [k, c] : r.per_step) {
+    for (const auto& [k, c] : total) {
       const auto& [group, op, bytes, count] = k;
       if (group == "replica" &&
           (op == "all_gather" || (op == "all_reduce_sum ordered" && bytes == 4 && count != s.D)))
@@ -185,7 +189,7 @@ result run_grid(hsae::mpi_communicator& control, int shards, hsae::dp_reduction 
     const bool sparse = r.dp.used == hsae::dp_reduction::sparse;
     expect_bytes(sparse ? "sparse data-parallel sum, (R - 1) (16 + 4 U_max + 4 V_max)"
                         : "dense data-parallel sum, (R - 1) (F_s (D + 1) + F D_s) 4",
-                 dp_bytes, sparse ? r.dp.sparse_bytes : r.dp.dense_bytes);
+                 dp_bytes, r.dp_bytes_expected);
     expect_bytes("b_dec gradient, (R - 1) D 4", received("replica", "all_reduce_sum ordered", 4, s.D),
                  (R - 1) * s.D * 4);
   }
@@ -199,7 +203,7 @@ void print(const char* grid, const char* dp, const result& r, int ranks) {
               "%lld B\n",
               (long long)r.sent, (long long)r.received, ranks, (long long)r.max_sent, (long long)r.max_received);
   if (r.dp.touched_max > 0)
-    std::printf("dp: used %s; touched latents U = %lld (max over replicas %lld of F), V_max = %lld values; received "
+    std::printf("dp: used %s; last step: touched latents U = %lld (max over replicas %lld of F), V_max = %lld values; received "
                 "dense %lld B (what it would be), sparse %lld B\n",
                 name_of(r.dp.used), (long long)r.dp.touched, (long long)r.dp.touched_max, (long long)r.dp.values_max,
                 (long long)r.dp.dense_bytes, (long long)r.dp.sparse_bytes);
