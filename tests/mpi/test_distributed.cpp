@@ -122,7 +122,8 @@ run_result single_run(const sae<T>& m0, const std::vector<row_matrix<T>>& batche
 template <class T, class S>
 std::pair<run_result, sae<T>> grid_run(process_grid<mpi_communicator>& grid, const sae<T>& m0,
                                        const std::vector<row_matrix<T>>& batches, const S& schedule,
-                                       const step_options& so, std::int64_t dead_after) {
+                                       const step_options& so, std::int64_t dead_after,
+                                       std::vector<dp_reduction_info>* dp = nullptr) {
   cpu_backend be;
   sae_shard<T> sh = shard_of(m0, grid.shards(), grid.shard());
   adam_options ao;
@@ -138,6 +139,7 @@ std::pair<run_result, sae<T>> grid_run(process_grid<mpi_communicator>& grid, con
     sharded_train_step(grid, be, sh, opt, dead, cref<T>(x.middleRows(rows.first, rows.count)), x.rows(), schedule, ws,
                        st, so);
     r.stats.push_back(st);
+    if (dp) dp->push_back(ws.dp);
   }
   sae<T> m;
   gather_model(grid.shard_group(), sh, m);
@@ -211,6 +213,69 @@ TEMPLATE_TEST_CASE("sharded_train_step: every grid trains like one process on th
       aux_ran = aux_ran || ref.stats[i].aux_loss > 0;
     }
     CHECK(aux_ran);
+  }
+}
+
+TEMPLATE_TEST_CASE("sharded_train_step: the sparse data-parallel sum equals the dense one bit for bit",
+                   "[distributed]", float, double) {
+  using T = TestType;
+  const int n = world().size();
+  // Three shapes: the other tests' (AuxK runs), a wide dictionary with few rows per
+  // replica (most gradient rows untouched: automatic goes sparse), and a narrow one that
+  // every replica's code covers (dense is then smaller, having no ids to send).
+  struct shape {
+    int d_sae;
+    std::int64_t rows;
+    dp_reduction automatic_picks;  // at the last step; `automatic` for either
+  };
+  for (const shape sp : {shape{80, 66, dp_reduction::automatic}, shape{1536, 26, dp_reduction::sparse},
+                         shape{16, 264, dp_reduction::dense}}) {
+    INFO("d_sae " << sp.d_sae << ", " << sp.rows << " rows a step");
+    const auto sample = rows_of<T>(512, 3);
+    const sae<T> m0 = initial_model<T>(sp.d_sae, sample);
+    std::vector<row_matrix<T>> batches;
+    for (int i = 0; i < 4; ++i) batches.push_back(rows_of<T>(sp.rows, 300 + std::uint64_t(i)));
+    step_options so;
+    so.auxk.k_aux = 6;
+    const std::int64_t dead_after = sp.rows;  // a latent that misses one batch is dead: AuxK runs
+    const dynamic_k_schedule schedule = dynamic_k_schedule::all_prefixes(8);
+    for (int shards : shard_counts(n)) {
+      if (n / shards < 2) continue;  // one replica: nothing to sum
+      INFO("grid " << n / shards << " replicas x " << shards << " shards");
+      std::vector<dp_reduction_info> id, is, ia;
+      process_grid<mpi_communicator> dense(world(), shards, reduction::ordered, dp_reduction::dense);
+      const auto [a, ma] = grid_run(dense, m0, batches, schedule, so, dead_after, &id);
+      process_grid<mpi_communicator> sparse(world(), shards, reduction::ordered, dp_reduction::sparse);
+      const auto [b, mb] = grid_run(sparse, m0, batches, schedule, so, dead_after, &is);
+      process_grid<mpi_communicator> automatic(world(), shards);
+      const auto [c, mc] = grid_run(automatic, m0, batches, schedule, so, dead_after, &ia);
+      CHECK(bitwise_equal(ma, mb));
+      CHECK(bitwise_equal(ma, mc));
+      CHECK(same_on_every_rank(sparse.world(), mb));
+      bool aux_ran = false;
+      for (std::size_t i = 0; i < a.stats.size(); ++i) {
+        INFO("step " << i);
+        CHECK(b.stats[i].loss == a.stats[i].loss);
+        CHECK(b.stats[i].aux_loss == a.stats[i].aux_loss);
+        CHECK(b.stats[i].grad_norm == a.stats[i].grad_norm);
+        aux_ran = aux_ran || a.stats[i].aux_loss > 0;
+        CHECK(id[i].used == dp_reduction::dense);
+        CHECK(is[i].used == dp_reduction::sparse);
+        CHECK(is[i].touched > 0);
+        CHECK(is[i].touched <= is[i].touched_max);
+        CHECK(is[i].touched_max <= sp.d_sae);
+        // automatic takes the method with fewer bytes, from counts that equal the sparse run's
+        CHECK(ia[i].touched == is[i].touched);
+        CHECK(ia[i].used == (ia[i].sparse_bytes < ia[i].dense_bytes ? dp_reduction::sparse : dp_reduction::dense));
+      }
+      if (sp.automatic_picks == dp_reduction::dense) {
+        CHECK(ia.back().touched_max == sp.d_sae);
+        CHECK(ia.back().used == dp_reduction::dense);
+      } else {
+        CHECK(aux_ran);  // the sums include AuxK's gradient rows
+        if (sp.automatic_picks == dp_reduction::sparse) CHECK(ia.back().used == dp_reduction::sparse);
+      }
+    }
   }
 }
 

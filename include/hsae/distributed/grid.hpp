@@ -18,6 +18,18 @@
 
 HSAE_NAMESPACE_BEGIN
 
+/// How `sharded_train_step` sums the replicas' gradients over a replica group
+/// (docs/DISTRIBUTED.md, "Data parallel"). A replica's gradient is nonzero only on the
+/// latents its code touched (its rows' top-K and AuxK codes):
+/// - `dense`: one all-reduce of the whole gradient of the shard (2 F D / S values);
+/// - `sparse`: the touched latent ids and their gradient rows are all-gathered (padded to
+///   the largest replica's count) and summed in replica order: O(B K D / S) values;
+/// - `automatic` (the default): `sparse` when its gathered bytes are below the dense
+///   all-reduce's (decided from the replicas' counts, the same on every rank of the group).
+/// With `reduction::ordered` both sums give the same bits (tested); b_dec's gradient (D
+/// values) is always all-reduced densely.
+enum class dp_reduction { automatic, dense, sparse };
+
 /// A `replicas` x `shards` grid over the ranks of a communicator.
 template <communicator Comm>
 class process_grid {
@@ -25,11 +37,13 @@ class process_grid {
   /// Splits `world` (every rank passes the same `shards`) into shard and replica groups.
   /// `red` is how the step sums over ranks: `reduction::ordered` (the default) gives the
   /// same bits on every rank and in every run on this grid; `native` uses the library's
-  /// all-reduce. \throws hsae::config_error unless shards >= 1 divides world.size().
-  process_grid(Comm world, int shards, reduction red = reduction::ordered)
+  /// all-reduce. `dp` is how replicas sum their gradients (`dp_reduction`; every rank
+  /// passes the same). \throws hsae::config_error unless shards >= 1 divides world.size().
+  process_grid(Comm world, int shards, reduction red = reduction::ordered, dp_reduction dp = dp_reduction::automatic)
       : world_(std::move(world)),
         shards_(checked_shards(world_, shards)),
         red_(red),
+        dp_(dp),
         replicas_(world_.size() / shards_),
         replica_(world_.rank() / shards_),
         shard_(world_.rank() % shards_),
@@ -45,6 +59,10 @@ class process_grid {
   /// Rank 0 of the world: the one that writes files and prints.
   bool is_root() const { return world_.rank() == 0; }
   reduction sums() const { return red_; }
+  /// How the replicas' gradients are summed (`dp_reduction`).
+  dp_reduction data_parallel() const { return dp_; }
+  /// Changes it for the following steps; every rank of the grid must change it alike.
+  void set_data_parallel(dp_reduction dp) { dp_ = dp; }
   Comm& world() { return world_; }
   Comm& shard_group() { return shard_group_; }
   Comm& replica_group() { return replica_group_; }
@@ -96,6 +114,7 @@ class process_grid {
   Comm world_;
   int shards_;
   reduction red_;
+  dp_reduction dp_;
   int replicas_, replica_, shard_;
   Comm shard_group_, replica_group_;
 };

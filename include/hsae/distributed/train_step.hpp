@@ -39,6 +39,21 @@
 
 HSAE_NAMESPACE_BEGIN
 
+/// What the data-parallel sum of the last `sharded_train_step` did (`sharded_workspace::dp`;
+/// all zero on a grid of one replica). The byte counts are what this rank receives by
+/// each method: `dense_bytes` for the all-reduce of the shard's W_enc, b_enc and W_dec
+/// gradients (the ordered sum's all-gather, (R - 1) n sizeof(T), or a ring all-reduce's
+/// 2 (R - 1) / R n sizeof(T) with `reduction::native`); `sparse_bytes` for the sparse
+/// gathers, (R - 1) (16 + 4 U_max + V_max sizeof(T)), known only when the touched latents
+/// were counted (`dp_reduction::sparse` or `automatic`). b_dec's all-reduce is in neither.
+struct dp_reduction_info {
+  dp_reduction used = dp_reduction::dense;  ///< `dense` or `sparse`, never `automatic`
+  std::int64_t touched = 0;      ///< latents this replica touched (U)
+  std::int64_t touched_max = 0;  ///< U_max: the most over the replica group
+  std::int64_t values_max = 0;   ///< V_max: the most gradient values a replica sends
+  std::int64_t dense_bytes = 0, sparse_bytes = 0;
+};
+
 /// Adam's state for one shard: the moments have the shard's shapes (b_dec's whole, the
 /// same on every rank of the group).
 template <cpu_scalar T>
@@ -75,6 +90,12 @@ struct sharded_workspace {
   std::vector<double> rows_d, cols_d;
   row_matrix<T> q, aux_grad;
   std::vector<T> gathered;
+  // The data-parallel sum (step 10).
+  std::vector<std::uint8_t> touched;  ///< [F]: latents this replica's codes touched
+  std::vector<std::int32_t> dp_ids, dp_all_ids;
+  std::vector<std::int64_t> dp_counts;
+  std::vector<T> dp_send, dp_recv;
+  dp_reduction_info dp;  ///< what the last step's data-parallel sum did
 };
 
 namespace distributed::detail {
@@ -144,6 +165,126 @@ void encode(Comm& group, const cpu_backend& be, const sae_shard<T>& sh, cref<T> 
   sharded_topk(group, sh.d_sae, ws.local, K, ws.code, ws.topk);
 }
 
+/// Bytes a rank receives in an all-reduce of n values of `bytes` each over R ranks: the
+/// ordered sum's all-gather, or a ring's reduce-scatter and all-gather.
+inline std::int64_t all_reduce_received_bytes(std::int64_t n, std::int64_t bytes, int R, reduction red) {
+  if (R <= 1) return 0;
+  return red == reduction::ordered ? (R - 1) * n * bytes : 2 * (R - 1) * n * bytes / R;
+}
+
+/// Step 10: sums the gradients of the shard (ws.grads) over the replica group.
+///
+/// Sparse: a replica's gradient is zero outside the latents its codes touched (every
+/// W_dec and W_enc row, b_enc entry the loss, AuxK and encoder backward write is the
+/// latent of a nonzero code value). Each rank sends the sorted ids of those latents, then
+/// their W_dec rows [U, columns] followed by the W_enc rows and b_enc of the ones in its
+/// slice (a contiguous run of the sorted ids) [U_enc, D + 1], padded to the group's
+/// largest counts (one all-gather of the counts first: equal-count all-gathers only).
+/// Each rank then zeroes its touched rows (the whole gradient is then zero) and adds
+/// every replica's rows in replica order.
+///
+/// Equality with the dense ordered all-reduce, bit for bit: that one computes
+/// ((g_0 + g_1) + g_2) + ... per element; this one (((0 + g_0) + g_1) + ...) leaving out
+/// the replicas that did not touch the element, whose g_r is +0. Adding +0 changes no
+/// value but -0, and 0 + g_0 == g_0 but for -0; the gradients are sums accumulated from
+/// +0 (never -0 in round-to-nearest: x + y is -0 only when both are), so no -0 occurs.
+template <class T, communicator Comm>
+void data_parallel_sum(process_grid<Comm>& grid, const cpu_backend& be, const sparse_code<T>& code,
+                       const sparse_code<T>* aux_code, sharded_workspace<T>& ws) {
+  const reduction red = grid.sums();
+  Comm& rg = grid.replica_group();
+  sae_shard<T>& g = ws.grads;
+  const int R = rg.size(), D = g.d_model;
+  const index_t Fw = g.d_sae, first = g.latents.first, Fs = g.latents.count;
+  const std::int64_t C = g.columns.count;
+  const std::int64_t n_dense = std::int64_t(Fs) * (D + 1) + std::int64_t(Fw) * C;
+  dp_reduction_info& info = ws.dp;
+  info.dense_bytes = all_reduce_received_bytes(n_dense, std::int64_t(sizeof(T)), R, red);
+  const dp_reduction mode = grid.data_parallel();
+
+  bool sparse = mode != dp_reduction::dense;
+  std::int64_t U = 0, Ue = 0, V = 0, lo = 0;
+  if (sparse) {
+    // The touched latents, sorted; those of this slice are the run [lo, lo + Ue).
+    ws.touched.assign(std::size_t(Fw), 0);
+    auto mark = [&](const sparse_code<T>& c) {
+      for (Eigen::Index b = 0; b < c.rows(); ++b)
+        for (int t = 0; t < c.k(); ++t)
+          if (c.values(b, t) != T(0)) ws.touched[std::size_t(c.indices(b, t))] = 1;
+    };
+    mark(code);
+    if (aux_code) mark(*aux_code);
+    ws.dp_ids.clear();
+    for (index_t f = 0; f < Fw; ++f)
+      if (ws.touched[std::size_t(f)]) ws.dp_ids.push_back(f);
+    U = std::int64_t(ws.dp_ids.size());
+    lo = std::lower_bound(ws.dp_ids.begin(), ws.dp_ids.end(), first) - ws.dp_ids.begin();
+    Ue = (std::lower_bound(ws.dp_ids.begin(), ws.dp_ids.end(), first + Fs) - ws.dp_ids.begin()) - lo;
+    V = U * C + Ue * (D + 1);
+    const std::int64_t mine[2] = {U, V};
+    ws.dp_counts.resize(2 * std::size_t(R));
+    rg.all_gather(mine, 2, ws.dp_counts.data());
+    for (int r = 0; r < R; ++r) {
+      info.touched_max = std::max(info.touched_max, ws.dp_counts[2 * std::size_t(r)]);
+      info.values_max = std::max(info.values_max, ws.dp_counts[2 * std::size_t(r) + 1]);
+    }
+    info.touched = U;
+    info.sparse_bytes =
+        std::int64_t(R - 1) * (16 + 4 * info.touched_max + info.values_max * std::int64_t(sizeof(T)));
+    // The same decision on every rank of the group: it depends on the gathered counts only.
+    if (mode == dp_reduction::automatic) sparse = info.sparse_bytes < info.dense_bytes;
+  }
+
+  if (!sparse) {
+    info.used = dp_reduction::dense;
+    all_reduce(rg, g.W_enc.data(), std::size_t(g.W_enc.size()), red);
+    all_reduce(rg, g.b_enc.data(), std::size_t(g.b_enc.size()), red);
+    all_reduce(rg, g.dec.W_dec.data(), std::size_t(g.dec.W_dec.size()), red);
+    all_reduce(rg, g.b_dec.data(), std::size_t(D), red);
+    return;
+  }
+  info.used = dp_reduction::sparse;
+  const std::int64_t Umax = info.touched_max, Vmax = info.values_max;
+  // Pack this replica's rows, then zero them: the whole gradient is zero afterwards.
+  ws.dp_ids.resize(std::size_t(Umax), 0);
+  ws.dp_send.assign(std::size_t(Vmax), T(0));
+  cpu::detail::parallel_for(be, U, [&](std::ptrdiff_t u) {
+    auto row = g.dec.W_dec.row(ws.dp_ids[std::size_t(u)]);
+    std::copy_n(row.data(), C, ws.dp_send.data() + u * C);
+    row.setZero();
+  });
+  cpu::detail::parallel_for(be, Ue, [&](std::ptrdiff_t e) {
+    const index_t lf = ws.dp_ids[std::size_t(lo + e)] - first;
+    T* dst = ws.dp_send.data() + U * C + e * (D + 1);
+    std::copy_n(g.W_enc.row(lf).data(), D, dst);
+    dst[D] = g.b_enc[lf];
+    g.W_enc.row(lf).setZero();
+    g.b_enc[lf] = T(0);
+  });
+  ws.dp_all_ids.resize(std::size_t(R * Umax));
+  ws.dp_recv.resize(std::size_t(R * Vmax));
+  rg.all_gather(ws.dp_ids.data(), std::size_t(Umax), ws.dp_all_ids.data());
+  rg.all_gather(ws.dp_send.data(), std::size_t(Vmax), ws.dp_recv.data());
+  // Every replica's rows, added in replica order (within a replica the ids are distinct).
+  for (int r = 0; r < R; ++r) {
+    const std::int64_t Ur = ws.dp_counts[2 * std::size_t(r)];
+    const std::int32_t* ids = ws.dp_all_ids.data() + std::size_t(r) * std::size_t(Umax);
+    const T* vals = ws.dp_recv.data() + std::size_t(r) * std::size_t(Vmax);
+    const std::int64_t lr = std::lower_bound(ids, ids + Ur, first) - ids;
+    const std::int64_t Uer = (std::lower_bound(ids, ids + Ur, first + Fs) - ids) - lr;
+    cpu::detail::parallel_for(be, Ur, [&](std::ptrdiff_t u) {
+      g.dec.W_dec.row(ids[u]) += Eigen::Map<const vector<T>>(vals + u * C, C).transpose();
+    });
+    cpu::detail::parallel_for(be, Uer, [&](std::ptrdiff_t e) {
+      const index_t lf = ids[lr + e] - first;
+      const T* src = vals + Ur * C + e * (D + 1);
+      g.W_enc.row(lf) += Eigen::Map<const vector<T>>(src, D).transpose();
+      g.b_enc[lf] += src[D];
+    });
+  }
+  all_reduce(rg, g.b_dec.data(), std::size_t(D), red);
+}
+
 }  // namespace distributed::detail
 
 /// One training step of a replicas x shards grid. Every rank of the grid calls it with its
@@ -202,6 +343,7 @@ void sharded_train_step(process_grid<Comm>& grid, const cpu_backend& be, sae_sha
 
   // 7. AuxK over the dead latents, merged like the main top-K.
   st.aux_loss = 0;
+  bool aux_ran = false;  // ws.aux_code holds this step's AuxK code
   if (aux) {
     const int k_aux = so.auxk.resolved_k_aux(D);
     const int k = int(std::min<std::int64_t>(k_aux, n_dead));
@@ -220,6 +362,7 @@ void sharded_train_step(process_grid<Comm>& grid, const cpu_backend& be, sae_sha
     for (double e : ws.rows_d) tv += e;
     dd::all_reduce(rg, &tv, 1, red);
     if (tv > 0) {
+      aux_ran = true;
       dead.dead_latents(ws.dead);
       ws.my_dead.clear();
       for (index_t f : ws.dead)
@@ -290,13 +433,9 @@ void sharded_train_step(process_grid<Comm>& grid, const cpu_backend& be, sae_sha
   dd::all_reduce(sg, ws.grads.b_dec.data(), std::size_t(D), red);
   ws.grads.dec.W_dec.swap(ws.dec_grads.W_dec);
 
-  // 10. Data parallel: the replicas' gradients summed (dense).
-  if (grid.replicas() > 1) {
-    dd::all_reduce(rg, ws.grads.W_enc.data(), std::size_t(ws.grads.W_enc.size()), red);
-    dd::all_reduce(rg, ws.grads.b_enc.data(), std::size_t(ws.grads.b_enc.size()), red);
-    dd::all_reduce(rg, ws.grads.dec.W_dec.data(), std::size_t(ws.grads.dec.W_dec.size()), red);
-    dd::all_reduce(rg, ws.grads.b_dec.data(), std::size_t(D), red);
-  }
+  // 10. Data parallel: the replicas' gradients summed, dense or sparse (grid.data_parallel()).
+  ws.dp = {};
+  if (grid.replicas() > 1) dd::data_parallel_sum(grid, be, ws.code, aux_ran ? &ws.aux_code : nullptr, ws);
 
   // Statistics of the global batch.
   const std::size_t levels = st.levels.level_sse.size();
