@@ -94,6 +94,12 @@ cpu_backend host_backend_of(const Engine& e) {
   else if constexpr (requires { { e.backend().cpu } -> std::convertible_to<cpu_backend>; }) return e.backend().cpu;
   else return {};
 }
+/// Engines whose checkpoints are sharded (the distributed engine, `sharded_checkpoints =
+/// true`): they write and read their shards' files themselves (save_shards, check_shards,
+/// restore_shards); the trainer's file holds the rest.
+template <class Engine>
+concept shards_checkpoints = bool(Engine::sharded_checkpoints);
+
 /// Whether this process writes the run's files (checkpoints, metrics, progress): always,
 /// but on the ranks of a distributed engine other than its root.
 template <class Engine>
@@ -355,7 +361,7 @@ class trainer {
   void save_checkpoint(const std::filesystem::path& path, const Source& source) const {
     checkpoint_state<T> st;
     const detail::checkpoint_position at{step_, tokens_, rows_pulled_, held_out_pulled_, scale_};
-    if constexpr (requires { engine_.save_shards(path, st, [] {}); }) {
+    if constexpr (detail::shards_checkpoints<engine_type>) {
       // A distributed engine: the ranks write their shards' files, then the root this file
       // (everything else, and the grid), and every rank returns once all are written; no
       // rank gathers the model.
@@ -387,10 +393,7 @@ class trainer {
     const checkpoint_state<T> st = read_checkpoint<T>(path);
     // A distributed engine reads its shards' files (engine_.check_shards), all of them
     // checked on every rank before anything changes.
-    constexpr bool sharded = requires(detail::restored_run<T, F>& rr) {
-      engine_.check_shards(path, st, rr);
-      engine_.restore_shards(opt_.adam, rr, std::int64_t(0));
-    };
+    constexpr bool sharded = detail::shards_checkpoints<engine_type>;
     detail::restored_run<T, F> r;
     if constexpr (sharded) {
       detail::check_checkpoint_common(st, Eigen::Index(d_model_), Eigen::Index(engine_.model().d_sae()), schedule_,

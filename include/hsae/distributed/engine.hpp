@@ -112,6 +112,8 @@ class training_engine<distributed_cpu_backend<Comm>, T, F> {
   using backend_type = distributed_cpu_backend<Comm>;
   static constexpr bool borrows_backend = false;
   static constexpr bool prefetch_by_default = false;
+  /// The trainer's checkpoints go through save_shards / check_shards / restore_shards.
+  static constexpr bool sharded_checkpoints = true;
 
   /// \throws hsae::config_error without a grid.
   training_engine(const backend_type& be, sae<T, F> model) : be_(be), full_(std::move(model)) {
