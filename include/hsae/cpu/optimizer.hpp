@@ -50,6 +50,33 @@ double gradient_norm(const cpu_backend& be, const sae_gradients<T, F>& g) {
   return gradient_norm(be, g, rows);
 }
 
+namespace cpu::detail {
+
+/// Adam's update of step `t` (counted from 1) at learning rate `lr`, the gradient scaled by
+/// `clip`: `w -= lr * (m / bc1) / (sqrt(v / bc2) + eps)` on arrays of weights, gradients and
+/// moments (Eigen array expressions, updated in place). `adam::step` and the distributed
+/// step use this one rule.
+template <class T>
+struct adam_rule {
+  T b1, b2, eps, gs, step_size, inv_sqrt_bc2;
+
+  adam_rule(const adam_options& o, std::int64_t t, double lr, double clip)
+      : b1(T(o.beta1)), b2(T(o.beta2)), eps(T(o.eps)), gs(T(clip)) {
+    const double bc1 = 1.0 - std::pow(o.beta1, double(t));
+    const double bc2 = 1.0 - std::pow(o.beta2, double(t));
+    step_size = T(lr / bc1);
+    inv_sqrt_bc2 = T(1.0 / std::sqrt(bc2));
+  }
+  template <class W, class G, class M, class V>
+  void operator()(W w, G gr, M mm, V vv) const {
+    mm = b1 * mm + (T(1) - b1) * gs * gr;
+    vv = b2 * vv + (T(1) - b2) * (gs * gr).square();
+    w -= step_size * mm / (vv.sqrt() * inv_sqrt_bc2 + eps);
+  }
+};
+
+}  // namespace cpu::detail
+
 /// Adam on the CPU for one `sae<T, F>`: the state (`adam_state`) and the update.
 template <cpu_scalar T, int F = dynamic>
 class adam : public adam_state<T, F> {
@@ -81,16 +108,7 @@ class adam : public adam_state<T, F> {
                                   " cannot grow further");
     const double lr = opt_.lr_at(t_, m.d_sae());
     ++t_;
-    const double bc1 = 1.0 - std::pow(opt_.beta1, double(t_));
-    const double bc2 = 1.0 - std::pow(opt_.beta2, double(t_));
-    const T b1 = T(opt_.beta1), b2 = T(opt_.beta2), eps = T(opt_.eps), gs = T(clip);
-    // w -= lr * (m / bc1) / (sqrt(v / bc2) + eps)
-    const T step_size = T(lr / bc1), inv_sqrt_bc2 = T(1.0 / std::sqrt(bc2));
-    auto update = [&](auto w, auto gr, auto mm, auto vv) {
-      mm = b1 * mm + (T(1) - b1) * gs * gr;
-      vv = b2 * vv + (T(1) - b2) * (gs * gr).square();
-      w -= step_size * mm / (vv.sqrt() * inv_sqrt_bc2 + eps);
-    };
+    const cpu::detail::adam_rule<T> update(opt_, t_, lr, clip);
     cpu::detail::parallel_for(be, m.W_dec.rows(), [&](std::ptrdiff_t f) {
       update(m.W_enc.row(f).array(), g.W_enc.row(f).array(), m_.W_enc.row(f).array(), v_.W_enc.row(f).array());
       update(m.W_dec.row(f).array(), g.W_dec.row(f).array(), m_.W_dec.row(f).array(), v_.W_dec.row(f).array());

@@ -150,8 +150,8 @@ class training_engine<distributed_cpu_backend<Comm>, T, F> {
     const int S = grid().shards(), s = grid().shard();
     shard_ = shard_of(full_, S, s);
     opt_ = sharded_adam<T>(shard_, ao);
-    opt_.m1 = shard_of(as_model(std::move(m1)), S, s);
-    opt_.m2 = shard_of(as_model(std::move(m2)), S, s);
+    opt_.m1 = shard_of(move_params<sae<T, F>>(std::move(m1)), S, s);
+    opt_.m2 = shard_of(move_params<sae<T, F>>(std::move(m2)), S, s);
     opt_.steps = steps;
     opt_.last_lr = last_lr;
     dead_ = dead_latent_tracker(full_.d_sae(), dead_after_tokens);
@@ -265,7 +265,7 @@ class training_engine<distributed_cpu_backend<Comm>, T, F> {
       sae<T, F> g1, g2;
       gather_model(grid().shard_group(), opt_.m1, g1);
       gather_model(grid().shard_group(), opt_.m2, g2);
-      a.set_state(opt_.steps, as_gradients(std::move(g1)), as_gradients(std::move(g2)), opt_.last_lr);
+      a.set_state(opt_.steps, move_params<sae_gradients<T, F>>(std::move(g1)), move_params<sae_gradients<T, F>>(std::move(g2)), opt_.last_lr);
       full_opt_ = std::move(a);
       opt_fresh_ = true;
     }
@@ -275,21 +275,15 @@ class training_engine<distributed_cpu_backend<Comm>, T, F> {
   const sae_shard<T>& shard() const { return shard_; }
 
  private:
-  static sae<T, F> as_model(sae_gradients<T, F>&& g) {
-    sae<T, F> m;
-    m.W_enc = std::move(g.W_enc);
-    m.b_enc = std::move(g.b_enc);
-    m.W_dec = std::move(g.W_dec);
-    m.b_dec = std::move(g.b_dec);
-    return m;
-  }
-  static sae_gradients<T, F> as_gradients(sae<T, F>&& m) {
-    sae_gradients<T, F> g;
-    g.W_enc = std::move(m.W_enc);
-    g.b_enc = std::move(m.b_enc);
-    g.W_dec = std::move(m.W_dec);
-    g.b_dec = std::move(m.b_dec);
-    return g;
+  /// The four arrays of a model or its gradients, moved into the other type.
+  template <class To, class From>
+  static To move_params(From&& from) {
+    To to;
+    to.W_enc = std::move(from.W_enc);
+    to.b_enc = std::move(from.b_enc);
+    to.W_dec = std::move(from.W_dec);
+    to.b_dec = std::move(from.b_dec);
+    return to;
   }
 
   /// Every rank learns whether any failed: this rank's exception (`err`) is rethrown here;

@@ -25,6 +25,7 @@
 #include "../cpu/backend.hpp"
 #include "../cpu/latent_pairs.hpp"
 #include "../cpu/loss.hpp"
+#include "../cpu/optimizer.hpp"
 #include "../cpu/topk.hpp"
 #include "../dead_latents.hpp"
 #include "../error.hpp"
@@ -497,15 +498,7 @@ void sharded_train_step(process_grid<Comm>& grid, const cpu_backend& be, sae_sha
                                 " cannot grow further");
   const double lr = ao.lr_at(opt.steps, int(Fw));
   ++opt.steps;
-  const double bc1 = 1.0 - std::pow(ao.beta1, double(opt.steps));
-  const double bc2 = 1.0 - std::pow(ao.beta2, double(opt.steps));
-  const T b1 = T(ao.beta1), b2 = T(ao.beta2), eps = T(ao.eps), gs = T(clip);
-  const T step_size = T(lr / bc1), inv_sqrt_bc2 = T(1.0 / std::sqrt(bc2));
-  auto update = [&](auto w, auto gr, auto mm, auto vv) {
-    mm = b1 * mm + (T(1) - b1) * gs * gr;
-    vv = b2 * vv + (T(1) - b2) * (gs * gr).square();
-    w -= step_size * mm / (vv.sqrt() * inv_sqrt_bc2 + eps);
-  };
+  const cpu::detail::adam_rule<T> update(ao, opt.steps, lr, clip);
   cpu::detail::parallel_for(be, sh.latents.count, [&](std::ptrdiff_t f) {
     update(sh.W_enc.row(f).array(), g.W_enc.row(f).array(), opt.m1.W_enc.row(f).array(),
            opt.m2.W_enc.row(f).array());
