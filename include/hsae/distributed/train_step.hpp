@@ -88,9 +88,9 @@ struct sharded_workspace {
   std::vector<int> counts;
   std::vector<std::int32_t> fired;
   std::vector<T> per_latent;  ///< [2 F]: projection dots and squared norms, then norms
-  std::vector<double> rows_d, cols_d;
+  std::vector<double> rows_d;
+  vector<double> cols_d;
   row_matrix<T> q, aux_grad;
-  std::vector<T> gathered;
   // The data-parallel sum (step 10).
   std::vector<std::uint8_t> touched;  ///< [F]: latents this replica's codes touched
   std::vector<std::int32_t> dp_ids, dp_all_ids;
@@ -339,8 +339,21 @@ void sharded_train_step(process_grid<Comm>& grid, const cpu_backend& be, sae_sha
   // 5. The value gradients of every column.
   dd::all_reduce(sg, ws.loss.grad_values.data(), std::size_t(ws.loss.grad_values.size()), red);
 
-  ws.grads.zeros_like(sh);
-  ws.grads.b_dec.segment(sh.columns.first, sh.columns.count) = ws.dec_grads.b_dec;
+  // The encoder side's gradients, zeroed over the threads. The decoder columns' are
+  // ws.dec_grads (swapped in below), zeroed once, before the loss.
+  sae_shard<T>& gz = ws.grads;
+  gz.d_model = sh.d_model;
+  gz.d_sae = sh.d_sae;
+  gz.latents = sh.latents;
+  gz.columns = sh.columns;
+  gz.W_enc.resize(sh.latents.count, D);
+  cpu::detail::parallel_blocks(be, sh.latents.count, 256, [&](std::ptrdiff_t lo, std::ptrdiff_t hi) {
+    gz.W_enc.middleRows(lo, hi - lo).setZero();
+  });
+  gz.b_enc.setZero(sh.latents.count);
+  gz.dec.b_dec.setZero(sh.columns.count);
+  gz.b_dec.setZero(D);
+  gz.b_dec.segment(sh.columns.first, sh.columns.count) = ws.dec_grads.b_dec;
 
   // 7. AuxK over the dead latents, merged like the main top-K.
   st.aux_loss = 0;
@@ -351,9 +364,10 @@ void sharded_train_step(process_grid<Comm>& grid, const cpu_backend& be, sae_sha
     const double scale = std::min(double(n_dead) / double(k_aux), 1.0);
     const auto& res = ws.loss.residual;  // [B, columns]: x - xhat_K on this rank's columns
     const Eigen::Index C = sh.columns.count;
-    vector<double> colsum = res.template cast<double>().colwise().sum().transpose();
-    dd::all_reduce(rg, colsum.data(), std::size_t(C), red);
-    const vector<double> mean = colsum / double(global_rows);
+    vector<double>& mean = ws.cols_d;  // the column sums, then their mean
+    mean.noalias() = res.template cast<double>().colwise().sum().transpose();
+    dd::all_reduce(rg, mean.data(), std::size_t(C), red);
+    mean /= double(global_rows);
     ws.rows_d.assign(std::size_t(B), 0.0);
     cpu::detail::parallel_for(be, B, [&](std::ptrdiff_t b) {
       ws.rows_d[std::size_t(b)] = (res.row(b).template cast<double>() - mean.transpose()).squaredNorm();
@@ -369,11 +383,12 @@ void sharded_train_step(process_grid<Comm>& grid, const cpu_backend& be, sae_sha
       for (index_t f : ws.dead)
         if (f >= sh.latents.first && f < sh.latents.first + sh.latents.count) ws.my_dead.push_back(f);
       ws.counts.assign(std::size_t(grid.shards()), 0);
-      for (index_t f : ws.dead)
-        for (int s = 0; s < grid.shards(); ++s) {
-          const latent_range r = latent_slice(Fw, grid.shards(), s);
-          if (f >= r.first && f < r.first + r.count) ++ws.counts[std::size_t(s)];
-        }
+      int sl = 0;  // the dead list ascends: walk the slices along it
+      for (index_t f : ws.dead) {
+        for (latent_range r = latent_slice(Fw, grid.shards(), sl); f >= r.first + r.count;)
+          r = latent_slice(Fw, grid.shards(), ++sl);
+        ++ws.counts[std::size_t(sl)];
+      }
       for (int& c : ws.counts) c = std::min(c, k);
       const int kmine = ws.counts[std::size_t(grid.shard())];
       const auto nm = std::int64_t(ws.my_dead.size());
