@@ -66,6 +66,20 @@ inline std::size_t workspace_bytes(const hsae::train_workspace<T>& ws) {
   return n;
 }
 
+/// Sets `be`'s encoder GEMM from a benchmark argument: 0 Eigen fp32, 1 oneDNN fp32, 2 bf16
+/// operands (the default library). False (the case skipped, with the reason) for oneDNN in
+/// a build without it. The label names the GEMM that runs.
+inline bool use_gemm(benchmark::State& state, hsae::cpu_backend& be, std::int64_t id) {
+  if (id == 1 && !hsae::onednn_built()) {
+    state.SkipWithError("built without oneDNN (HSAE_ONEDNN)");
+    return false;
+  }
+  be.gemm = id == 0 ? hsae::cpu_gemm::eigen : id == 1 ? hsae::cpu_gemm::onednn : hsae::cpu_gemm::automatic;
+  be.encoder_precision = id == 2 ? hsae::gemm_precision::bf16 : hsae::gemm_precision::fp32;
+  state.SetLabel(hsae::encoder_gemm_info<T>(be));
+  return true;
+}
+
 inline void set_counters(benchmark::State& state, const shape& s, std::size_t ws_bytes = 0) {
   const double gemm_flops = 2.0 * s.B * s.D * s.F;
   state.counters["GEMM_GFLOPs"] =

@@ -11,6 +11,9 @@
 //   Adam                  F*D*2 params, ~28 bytes each read+written = 0.7 GB
 // Counters: GFLOP/s of the GEMM FLOPs (so step/GEMM time ratio = GEMM-rate ratio),
 // workspace MiB (all buffers a step keeps between calls, model and optimizer excluded).
+// The GEMM and the step run with each encoder GEMM (argument "gemm", cpu/gemm.hpp):
+// 0 Eigen fp32, 1 oneDNN fp32, 2 bf16 operands (oneDNN's bf16 matmul where the CPU has
+// one, else the emulation); oneDNN cases skip in a build without it.
 #include <benchmark/benchmark.h>
 #include <hsae/hsae.hpp>
 
@@ -24,9 +27,11 @@ using namespace hsae_bench;
 void BM_encoder_gemm(benchmark::State& state) {
   const shape& s = shape_of(state.range(0));
   fixture f(s);
+  if (!use_gemm(state, f.be, state.range(1))) return;
   hsae::row_matrix<T> pre;
+  hsae::cpu::detail::encoder_gemm(f.be, f.model, f.x, pre);  // make the plan
   for (auto _ : state) {
-    hsae::cpu::detail::encoder_gemm(f.model, f.x, pre);
+    hsae::cpu::detail::encoder_gemm(f.be, f.model, f.x, pre);
     benchmark::DoNotOptimize(pre.data());
   }
   set_counters(state, s);
@@ -36,6 +41,7 @@ template <class Schedule>
 void BM_train_step(benchmark::State& state) {
   const shape& s = shape_of(state.range(0));
   fixture f(s);
+  if (!use_gemm(state, f.be, state.range(1))) return;
   const Schedule sched;
   hsae::train_step(f.be, f.model, f.opt, f.dead, f.x, sched, f.ws);  // warm the workspace
   for (auto _ : state) {
@@ -50,6 +56,7 @@ template <class Schedule>
 void BM_loss_backward(benchmark::State& state) {
   const shape& s = shape_of(state.range(0));
   fixture f(s);
+  if (!use_gemm(state, f.be, state.range(1))) return;
   const Schedule sched;
   hsae::encode(f.be, f.model, f.x, sched.k_max(), f.ws.code, f.ws.pre);
   hsae::zero_gradients(f.be, f.ws.grads, f.model);
@@ -62,15 +69,22 @@ void BM_loss_backward(benchmark::State& state) {
   set_counters(state, s, workspace_bytes(f.ws));
 }
 
+// The default encoder GEMM only (oneDNN fp32 where built, else Eigen).
 void big_and_small(benchmark::internal::Benchmark* b) {
-  b->ArgName("shape")->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime();
+  b->ArgNames({"shape", "gemm"})->Unit(benchmark::kMillisecond)->UseRealTime();
+  for (int shape_id : {0, 1}) b->Args({shape_id, hsae::onednn_built() ? 1 : 0});
+}
+void with_gemms(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"shape", "gemm"})->Unit(benchmark::kMillisecond)->UseRealTime();
+  for (int shape_id : {0, 1})
+    for (int g : {0, 1, 2}) b->Args({shape_id, g});
 }
 
 }  // namespace
 
-BENCHMARK(BM_encoder_gemm)->Apply(big_and_small);
-BENCHMARK_TEMPLATE(BM_train_step, hsae::top_k<64>)->Apply(big_and_small);
-BENCHMARK_TEMPLATE(BM_train_step, hsae::all_prefixes<64>)->Apply(big_and_small);
+BENCHMARK(BM_encoder_gemm)->Apply(with_gemms);
+BENCHMARK_TEMPLATE(BM_train_step, hsae::top_k<64>)->Apply(with_gemms);
+BENCHMARK_TEMPLATE(BM_train_step, hsae::all_prefixes<64>)->Apply(with_gemms);
 BENCHMARK_TEMPLATE(BM_train_step, hsae::top_k<32>)->Apply(big_and_small);
 BENCHMARK_TEMPLATE(BM_train_step, hsae::all_prefixes<32>)->Apply(big_and_small);
 BENCHMARK_TEMPLATE(BM_train_step, hsae::all_prefixes<256>)->Apply(big_and_small);

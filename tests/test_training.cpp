@@ -4,6 +4,10 @@
 #include <catch2/catch.hpp>
 #include <hsae/hsae.hpp>
 
+#include "test_util.hpp"
+
+#include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <vector>
 
@@ -80,4 +84,80 @@ TEST_CASE("an untrained SAE does not recover the dictionary (the metric can fail
   sae<float> m(so.d_model, 128);
   init(cpu_backend{}, m, src.next(256), {.seed = 3});
   CHECK(mean_max_cosine<float>(cpu_backend{}, m.W_dec, src.atoms()) < 0.7);
+}
+
+namespace {
+
+/// The training curve of one seed: the mean training loss over each of `windows` equal
+/// windows of the run, and the final weights.
+struct curve {
+  std::vector<double> loss;
+  hsae::sae<float> model;
+};
+
+curve train_curve(hsae::gemm_precision precision, std::uint64_t seed, int steps, int windows) {
+  using namespace hsae;
+  cpu_backend be;
+  be.encoder_precision = precision;
+  synthetic_options so;
+  so.d_model = 64;
+  so.n_atoms = 128;
+  so.mean_active = 4;
+  so.zipf_exponent = 0.3;
+  so.seed = seed;
+  synthetic_source<float> src(so);
+  sae<float> m(so.d_model, 256);
+  init(be, m, src.next(1024), {.seed = seed + 100});
+  adam_options ao;
+  ao.warmup_steps = 50;
+  ao.lr = 4e-3;
+  adam<float> opt(m, ao);
+  dead_latent_tracker dead(m.d_sae(), 256 * 50);
+  train_workspace<float> ws;
+  row_matrix<float> x;
+  curve c;
+  double sum = 0;
+  const int per = steps / windows;
+  for (int i = 0; i < steps; ++i) {
+    src.next(256, x);
+    sum += train_step(be, m, opt, dead, x, all_prefixes<16>{}, ws).loss;
+    if ((i + 1) % per == 0) {
+      c.loss.push_back(sum / per);
+      sum = 0;
+    }
+  }
+  c.model = m;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("bf16 encoder operands train within the seed spread of fp32", "[training][bf16]") {
+  // The same runs (seeds 1-4: data, dictionary and initialisation) with fp32 and with bf16
+  // encoder operands (fp32 masters). At every window of the curve the bf16 seeds' mean
+  // loss must lie within fp32's spread (max - min over the seeds) of fp32's mean.
+  using namespace hsae;
+  constexpr int seeds = 4, steps = 600, windows = 6;
+  std::vector<curve> f32, b16;
+  for (int s = 1; s <= seeds; ++s) {
+    f32.push_back(train_curve(gemm_precision::fp32, std::uint64_t(s), steps, windows));
+    b16.push_back(train_curve(gemm_precision::bf16, std::uint64_t(s), steps, windows));
+    // The bf16 runs took another path (the comparison is not of a run with itself).
+    CHECK_FALSE(hsae_test::bitwise_equal(f32.back().model.W_enc, b16.back().model.W_enc));
+  }
+  INFO(encoder_gemm_info<float>(cpu_backend{.encoder_precision = gemm_precision::bf16}));
+  for (int w = 0; w < windows; ++w) {
+    double lo = 1e300, hi = -1e300, mean32 = 0, mean16 = 0;
+    for (int s = 0; s < seeds; ++s) {
+      lo = std::min(lo, f32[std::size_t(s)].loss[std::size_t(w)]);
+      hi = std::max(hi, f32[std::size_t(s)].loss[std::size_t(w)]);
+      mean32 += f32[std::size_t(s)].loss[std::size_t(w)] / seeds;
+      mean16 += b16[std::size_t(s)].loss[std::size_t(w)] / seeds;
+    }
+    INFO("window " << w << ": fp32 mean " << mean32 << " spread [" << lo << ", " << hi << "], bf16 mean " << mean16);
+    CHECK(hi > lo);
+    CHECK(std::abs(mean16 - mean32) <= hi - lo);
+  }
+  // ...and the runs trained: the last window is well below the first.
+  CHECK(b16[0].loss.back() < 0.5 * b16[0].loss.front());
 }

@@ -113,6 +113,12 @@ const std::vector<option_entry>& table() {
        text_field{&c::device, {"cpu", "cuda"}}},
       {{"storage", "P", "device storage precision on the GPU: f32 (default) | f16 | bf16", "training"},
        text_field{&c::storage, {"f32", "f16", "bf16"}}},
+      {{"cpu-gemm", "L", "the CPU encoder GEMM: auto (default: oneDNN where hsae was built with it, else Eigen) "
+                         "| eigen | onednn",
+        "training"}, text_field{&c::cpu_gemm, {"auto", "eigen", "onednn"}}},
+      {{"encoder-precision", "P", "operands of the CPU encoder GEMM: f32 (default) | bf16 (fp32 weights, fp32 "
+                                  "accumulation; oneDNN's bf16 matmul on CPUs with AVX512-BF16 or AMX, else emulated)",
+        "training"}, text_field{&c::encoder_precision, {"f32", "bf16"}}},
       {{"deterministic", "", "bitwise reproducible GPU runs (default on; the CPU always is)", "training"},
        flag_field{&c::deterministic}},
       {{"normalize", "", "scale inputs to E||x||^2 = d_model, folded into the saved SAE (default on for files, "
@@ -417,6 +423,10 @@ void validate(const train_config& c) {
   if (c.synthetic && c.epochs > 0) fail("--epochs: the synthetic stream is endless; use --tokens");
   if (c.device != "cuda" && c.was_given("storage") && c.storage != "f32")
     fail("--storage: ", c.storage, " is a GPU storage precision (needs --device cuda)");
+  if (c.device == "cuda" && c.was_given("cpu_gemm"))
+    fail("--cpu-gemm: chooses the CPU encoder GEMM (--device cpu); the GPU's is cuBLAS");
+  if (c.device == "cuda" && c.was_given("encoder_precision") && c.encoder_precision != "f32")
+    fail("--encoder-precision: ", c.encoder_precision, " is the CPU encoder's (--device cpu); on the GPU use --storage");
   if (c.shards > 1 && c.device == "cuda")
     fail("--shards: distributed runs train on the CPU (--device cpu); hsae-train has no multi-GPU path yet");
   if (!c.print_config && c.out.empty()) fail("--out: required (the output directory)");

@@ -63,6 +63,8 @@ struct train_config {
   std::int64_t eval_every = 0;
   std::string device = "cpu";
   std::string storage = "f32";
+  std::string cpu_gemm = "auto";            ///< the CPU encoder GEMM: auto | eigen | onednn
+  std::string encoder_precision = "f32";   ///< the CPU encoder GEMM's operands: f32 | bf16
   bool deterministic = true;
   bool normalize = true;  ///< default: on for files, off for --synthetic
   std::int64_t shuffle_buffer = 65536;

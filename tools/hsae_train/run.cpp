@@ -398,7 +398,7 @@ run_plan resolve(const train_config& in) {
   // What a resumed run must share with the checkpoint's run.
   p.run_identity = p.resolved;
   for (const char* k : {"out", "format", "dtype", "model_name", "hook_name", "checkpoint", "checkpoint_every",
-                        "resume", "max_steps", "threads", "shards", "rank_timeout", "log_every", "eval_every", "device", "storage",
+                        "resume", "max_steps", "threads", "cpu_gemm", "encoder_precision", "shards", "rank_timeout", "log_every", "eval_every", "device", "storage",
                         "deterministic", "hsae_version", "epochs", "epochs_trained"})
     p.run_identity.erase(k);
   return p;
@@ -453,14 +453,27 @@ run_result train_distributed(const run_plan&, const std::atomic<bool>*) {
 }
 #endif
 
+hsae::cpu_backend cpu_backend_of(const train_config& c) {
+  hsae::cpu_backend be;
+  be.num_threads = int(c.threads);
+  be.gemm = c.cpu_gemm == "eigen" ? hsae::cpu_gemm::eigen
+            : c.cpu_gemm == "onednn" ? hsae::cpu_gemm::onednn
+                                     : hsae::cpu_gemm::automatic;
+  be.encoder_precision = c.encoder_precision == "bf16" ? hsae::gemm_precision::bf16 : hsae::gemm_precision::fp32;
+  try {
+    (void)hsae::resolve_encoder_gemm<float>(be);
+  } catch (const hsae::config_error& e) {
+    fail("--cpu-gemm: ", e.what());
+  }
+  return be;
+}
+
 run_result train_cpu(const run_plan& p, const std::atomic<bool>* stop) {
   if (launch().mpi) return train_distributed(p, stop);
   if (p.cfg.shards > 1)
     fail("--shards: ", p.cfg.shards, " shards need as many ranks (or a multiple): start hsae-train under mpirun, "
          "e.g. mpirun -np ", p.cfg.shards, " hsae-train --shards ", p.cfg.shards, " ...");
-  hsae::cpu_backend be;
-  be.num_threads = int(p.cfg.threads);
-  return train_with<hsae::cpu_backend>(be, p, stop);
+  return train_with<hsae::cpu_backend>(cpu_backend_of(p.cfg), p, stop);
 }
 
 #if !defined(HSAE_TRAIN_WITH_CUDA)
@@ -595,6 +608,7 @@ int run(const train_config& c, const std::atomic<bool>* stop, const std::vector<
               (long long)steps);
   if (!r.synthetic) std::printf(", %.2f epochs", r.epochs);
   std::printf("), device %s\n", r.device.c_str());
+  if (r.device == "cpu") std::printf("encoder GEMM: %s\n", hsae::encoder_gemm_info<float>(cpu_backend_of(c)).c_str());
   if (r.resume) std::printf("resuming from %s\n", p.checkpoint.string().c_str());
   std::printf("\n");
   std::fflush(stdout);

@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <hsae/cpu/backend.hpp>
 #include <hsae/k_schedule.hpp>
 #include <hsae/metrics.hpp>
 #include <hsae/model.hpp>
@@ -92,6 +93,9 @@ struct run_result {
 
 /// The CUDA path (run_cuda.cu; throws usage_error when built without CUDA).
 run_result train_cuda(const run_plan& p, const std::atomic<bool>* stop);
+/// The CPU backend a configuration asks for: --threads, --cpu-gemm, --encoder-precision
+/// (throws usage_error for oneDNN in a build without it).
+hsae::cpu_backend cpu_backend_of(const train_config& c);
 /// The CPU path.
 run_result train_cpu(const run_plan& p, const std::atomic<bool>* stop);
 

@@ -71,11 +71,10 @@ run_result train_distributed(const run_plan& p, const std::atomic<bool>* stop) {
   // Every rank must run the same configuration: each resolved key is compared.
   std::vector<std::pair<std::string, std::string>> fields;
   for (auto it = p.resolved.begin(); it != p.resolved.end(); ++it)
-    if (it.key() != "threads") fields.emplace_back(it.key(), it.value().dump());
+    if (it.key() != "threads" && it.key() != "cpu_gemm") fields.emplace_back(it.key(), it.value().dump());
   grid.check_same(fields);
 
-  hsae::cpu_backend cpu;
-  cpu.num_threads = int(p.cfg.threads);
+  hsae::cpu_backend cpu = cpu_backend_of(p.cfg);
   if (cpu.num_threads == 0)  // the machine's cores shared by its ranks
     cpu.num_threads = std::max(1, int(std::thread::hardware_concurrency()) / std::max(1, l.local_size));
   if (l.rank == 0)

@@ -16,11 +16,29 @@
 
 HSAE_NAMESPACE_BEGIN
 
+/// The library behind the CPU encoder GEMM (cpu/gemm.hpp).
+enum class cpu_gemm {
+  automatic,  ///< oneDNN for float where hsae was built with it (HSAE_WITH_ONEDNN), else Eigen
+  eigen,      ///< Eigen's own product (always available; the only one for double)
+  onednn,     ///< oneDNN's matmul; hsae::config_error in a build without oneDNN
+};
+
+/// The operands of the CPU encoder GEMM. The weights stay fp32 masters either way: bf16
+/// rounds copies of `x - b_dec` and `W_enc` to bfloat16 for the product (fp32 accumulation);
+/// the rest of the step (top-k, loss, backward, Adam) is unchanged.
+enum class gemm_precision {
+  fp32,  ///< the default
+  bf16,  ///< float models only; oneDNN's bf16 matmul where the CPU has one, else emulated
+};
+
 /// CPU execution resources.
 ///
 /// Every CPU operation in hsae gives bitwise-identical results for any `num_threads`:
 /// work is split so that each output element is produced by one thread in a fixed
-/// order, and every reduction sums per-row or per-latent partials in index order.
+/// order, and every reduction sums per-row or per-latent partials in index order. The
+/// encoder GEMM is the library's (Eigen or oneDNN, `gemm`); both split their work over
+/// the output, never the inner dimension, at the shapes tests/test_determinism.cpp and
+/// bench/bench_encoder_gemm.cpp check.
 struct cpu_backend {
   /// Threads for hsae's own loops; 0 = OpenMP's default (`omp_get_max_threads()`).
   /// Without OpenMP everything runs on the calling thread.
@@ -29,6 +47,10 @@ struct cpu_backend {
   /// buffer holds one D-vector per (row, rank) pair of a chunk of rows, so peak memory
   /// stays flat in k_max: larger k_max means smaller chunks, not a larger buffer.
   std::size_t scratch_bytes = std::size_t(64) << 20;
+  /// The encoder GEMM's library (cpu/gemm.hpp).
+  cpu_gemm gemm = cpu_gemm::automatic;
+  /// The encoder GEMM's operands: fp32 (default) or bf16 copies of fp32 masters.
+  gemm_precision encoder_precision = gemm_precision::fp32;
 
   int threads() const {
 #if defined(_OPENMP)

@@ -10,6 +10,7 @@
 #include "../model.hpp"
 #include "../sparse_code.hpp"
 #include "backend.hpp"
+#include "gemm.hpp"
 #include "topk.hpp"
 
 HSAE_NAMESPACE_BEGIN
@@ -27,18 +28,23 @@ void check_batch(const sae<T, F>& m, cref<T> x, const char* what = "batch") {
                                        what, " has too many rows (", x.rows(), ")");
 }
 
-/// `pre = (x - b_dec) W_enc^T` (no bias, no ReLU): one GEMM, 2*B*D*F FLOPs.
+/// `pre = (x - b_dec) W_enc^T` (no bias, no ReLU): one GEMM, 2*B*D*F FLOPs (cpu/gemm.hpp).
 template <class T, int F>
-void encoder_gemm(const sae<T, F>& m, cref<T> x, row_matrix<T>& pre) {
-  pre.resize(x.rows(), m.d_sae());
-  // The centred batch is kept per thread so that steps of one shape never allocate
-  // (a fresh 12 MB buffer per step costs page faults). Centring before the product
-  // (rather than subtracting W_enc b_dec after it) avoids cancellation when the
-  // activations have a large mean.
-  thread_local row_matrix<T> xc;
-  xc.resize(x.rows(), x.cols());
-  xc.noalias() = x.rowwise() - m.b_dec.transpose();
-  pre.noalias() = xc * m.W_enc.transpose();
+void encoder_gemm(const cpu_backend& be, const sae<T, F>& m, cref<T> x, row_matrix<T>& pre) {
+  encoder_gemm(be, x, m.b_dec, m.W_enc, pre);
+}
+
+/// The pass after the GEMM: `pre = ReLU(pre + b_enc)` in place and each row's sorted
+/// top-k into `code`, one row at a time while it is in cache.
+template <class T, int F>
+void bias_relu_topk(const cpu_backend& be, const sae<T, F>& m, int k, sparse_code<T>& code, row_matrix<T>& pre) {
+  code.resize(pre.rows(), k);
+  reserve_thread_selectors<T>(be, index_t(m.d_sae()), index_t(k), [] {});
+  parallel_for<true>(be, pre.rows(), [&](std::ptrdiff_t b) {
+    auto r = pre.row(b);
+    r = (r + m.b_enc.transpose()).cwiseMax(T(0));
+    thread_selector<T>().select(r.data(), index_t(r.size()), index_t(k), code.values.row(b).data(), code.indices.row(b).data());
+  });
 }
 
 /// The body of `encode` without its checks: the caller has checked the batch
@@ -46,14 +52,8 @@ void encoder_gemm(const sae<T, F>& m, cref<T> x, row_matrix<T>& pre) {
 template <class T, int F>
 void encode_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> x, int k, sparse_code<T>& code,
                       row_matrix<T>& pre) {
-  encoder_gemm(m, x, pre);
-  code.resize(x.rows(), k);
-  reserve_thread_selectors<T>(be, index_t(m.d_sae()), index_t(k), [] {});
-  parallel_for<true>(be, pre.rows(), [&](std::ptrdiff_t b) {
-    auto r = pre.row(b);
-    r = (r + m.b_enc.transpose()).cwiseMax(T(0));
-    thread_selector<T>().select(r.data(), index_t(r.size()), index_t(k), code.values.row(b).data(), code.indices.row(b).data());
-  });
+  encoder_gemm(be, m, x, pre);
+  bias_relu_topk(be, m, k, code, pre);
 }
 
 /// The body of `decode` without its checks: the caller has checked the model's shapes,
@@ -79,7 +79,7 @@ void decode_unchecked(const cpu_backend& be, const sae<T, F>& m, const sparse_co
 template <cpu_scalar T, int F>
 void pre_activations(const cpu_backend& be, const sae<T, F>& m, cref<T> x, row_matrix<T>& pre) {
   cpu::detail::check_batch(m, x);
-  cpu::detail::encoder_gemm(m, x, pre);
+  cpu::detail::encoder_gemm(be, m, x, pre);
   cpu::detail::parallel_for(be, pre.rows(), [&](std::ptrdiff_t b) {
     auto r = pre.row(b);
     r = (r + m.b_enc.transpose()).cwiseMax(T(0));

@@ -76,7 +76,7 @@ struct sharded_adam {
 /// Everything one sharded step reads and writes besides the shard and its optimizer.
 template <cpu_scalar T>
 struct sharded_workspace {
-  row_matrix<T> xc, pre, xcols;
+  row_matrix<T> pre, xcols;
   sparse_code<T> local, code, aux_local, aux_code;
   sharded_topk_workspace topk;
   sae_shard<T> grads;
@@ -148,10 +148,7 @@ void all_reduce(Comm& c, T* data, std::size_t n, reduction red) {
 template <class T, communicator Comm>
 void encode(Comm& group, const cpu_backend& be, const sae_shard<T>& sh, cref<T> x, int K, sharded_workspace<T>& ws) {
   const Eigen::Index B = x.rows();
-  ws.xc.resize(B, sh.d_model);
-  ws.xc.noalias() = x.rowwise() - sh.b_dec.transpose();
-  ws.pre.resize(B, sh.latents.count);
-  ws.pre.noalias() = ws.xc * sh.W_enc.transpose();
+  cpu::detail::encoder_gemm(be, x, sh.b_dec, sh.W_enc, ws.pre);  // the single-process GEMM on the shard's rows
   const int kl = int(std::min<index_t>(K, sh.latents.count));
   ws.local.resize(B, kl);
   cpu::detail::reserve_thread_selectors<T>(be, sh.latents.count, index_t(std::max(kl, 1)), [] {});
