@@ -80,6 +80,18 @@ if(TARGET hsae_mpi)
   set_tests_properties(hsae_train_mpi_shards2 hsae_train_mpi_shards3 hsae_train_mpi_resume_2x2 hsae_train_mpi_mismatch
     hsae_train_mpi_bad_grid PROPERTIES LABELS "cpu;tools;mpi" TIMEOUT 300)
 endif()
+# The OpenMP wait policy (wait_policy.cpp): passive by default, the user's when given.
+# libgomp prints its settings with OMP_DISPLAY_ENV=VERBOSE (a program executed again prints
+# them twice): its spin count is 0 only when the passive policy took effect (it shows
+# OMP_WAIT_POLICY = 'PASSIVE' when the variable is unset, too).
+add_test(NAME hsae_train_wait_policy
+  COMMAND "${CMAKE_COMMAND}" -E env OMP_DISPLAY_ENV=VERBOSE $<TARGET_FILE:hsae-train> --version)
+set_tests_properties(hsae_train_wait_policy PROPERTIES PASS_REGULAR_EXPRESSION "GOMP_SPINCOUNT = '0'")
+add_test(NAME hsae_train_wait_policy_user
+  COMMAND "${CMAKE_COMMAND}" -E env OMP_DISPLAY_ENV=VERBOSE OMP_WAIT_POLICY=ACTIVE $<TARGET_FILE:hsae-train> --version)
+set_tests_properties(hsae_train_wait_policy_user PROPERTIES PASS_REGULAR_EXPRESSION "OMP_WAIT_POLICY = 'ACTIVE'"
+  FAIL_REGULAR_EXPRESSION "GOMP_SPINCOUNT = '0'")
+list(APPEND _tool_tests hsae_train_wait_policy hsae_train_wait_policy_user)
 add_test(NAME hsae_train_help COMMAND hsae-train --help)
 set_tests_properties(hsae_train_help PROPERTIES PASS_REGULAR_EXPRESSION "--k-max K")
 list(APPEND _tool_tests hsae_train_help)

@@ -58,6 +58,7 @@ std::string rank_prefix() {
 
 int main(int argc, char** argv) {
   using namespace hsae_train;
+  default_wait_policy(argv);  // may execute the program again, before anything has run
   const std::vector<std::string> args(argv, argv + argc);
   try {
     const train_config c = parse_command_line(argc, argv);
