@@ -99,7 +99,8 @@ const std::vector<option_entry>& table() {
         "training"}, int_field{&c::dead_tokens, 0, int_max}},
       {{"seed", "S", "seed of the data order, the initialisation and the synthetic data (default 1)", "training"},
        int_field{&c::seed, 0, int_max}},
-      {{"threads", "T", "CPU threads (default: all; results do not depend on it)", "training"},
+      {{"threads", "T", "CPU threads (default: all; hsae's own loops do not depend on it, nor did oneDNN's GEMM in "
+                     "measurements; Eigen's GEMM does at large shapes)", "training"},
        int_field{&c::threads, 0, 4096}},
       {{"shards", "S", "under mpirun: split each model over S ranks by latents (exact top-k); the N ranks "
                        "form N/S data replicas x S shards (default 1: data parallel only; docs/DISTRIBUTED.md)",

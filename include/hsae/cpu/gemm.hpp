@@ -300,7 +300,7 @@ template <class T, class Bias, class W>
 void encoder_gemm(const cpu_backend& be, cref<T> x, const Bias& b_dec, const W& w, row_matrix<T>& pre) {
   const encoder_gemm_choice c = resolve_encoder_gemm<T>(be);
   const Eigen::Index B = x.rows(), D = x.cols(), F = w.rows();
-  eigen_assert(w.cols() == D && b_dec.size() == D);
+  eigen_assert(w.cols() == D && w.outerStride() == D && b_dec.size() == D);  // contiguous rows
   pre.resize(B, F);
   if (F == 0 || B == 0) return;
   omp_threads_scope scope(be.num_threads);
