@@ -19,19 +19,15 @@ struct run_result {
   double recovery = 0;    // mean max cosine similarity to the true atoms
 };
 
+/// Trains the SAE `m` (width F, initialised with `init_seed`) on the synthetic data `so` in
+/// 256-row batches, Adam at lr 4e-3 after 50 warm-up steps; returns the loss of every step.
 template <class Schedule>
-run_result train_on_synthetic(const Schedule& schedule, int steps) {
+std::vector<double> train_losses(const hsae::cpu_backend& be, const hsae::synthetic_options& so, int F,
+                                 std::uint64_t init_seed, const Schedule& schedule, int steps, hsae::sae<float>& m,
+                                 hsae::synthetic_source<float>& src) {
   using namespace hsae;
-  const cpu_backend be;
-  synthetic_options so;
-  so.d_model = 32;
-  so.n_atoms = 64;
-  so.mean_active = 3;
-  so.zipf_exponent = 0.3;
-  so.seed = 7;
-  synthetic_source<float> src(so);
-  sae<float> m(so.d_model, 128);
-  init(be, m, src.next(1024), {.seed = 3});
+  m = sae<float>(so.d_model, F);
+  init(be, m, src.next(1024), {.seed = init_seed});
   adam_options ao;
   ao.warmup_steps = 50;
   ao.lr = 4e-3;
@@ -44,6 +40,22 @@ run_result train_on_synthetic(const Schedule& schedule, int steps) {
     src.next(256, x);
     losses.push_back(train_step(be, m, opt, dead, x, schedule, ws).loss);
   }
+  return losses;
+}
+
+template <class Schedule>
+run_result train_on_synthetic(const Schedule& schedule, int steps) {
+  using namespace hsae;
+  const cpu_backend be;
+  synthetic_options so;
+  so.d_model = 32;
+  so.n_atoms = 64;
+  so.mean_active = 3;
+  so.zipf_exponent = 0.3;
+  so.seed = 7;
+  synthetic_source<float> src(so);
+  sae<float> m;
+  const std::vector<double> losses = train_losses(be, so, 128, 3, schedule, steps, m, src);
   run_result r;
   r.first_loss = std::accumulate(losses.begin(), losses.begin() + 20, 0.0) / 20;
   r.last_loss = std::accumulate(losses.end() - 50, losses.end(), 0.0) / 50;
@@ -106,27 +118,11 @@ curve train_curve(hsae::gemm_precision precision, std::uint64_t seed, int steps,
   so.zipf_exponent = 0.3;
   so.seed = seed;
   synthetic_source<float> src(so);
-  sae<float> m(so.d_model, 256);
-  init(be, m, src.next(1024), {.seed = seed + 100});
-  adam_options ao;
-  ao.warmup_steps = 50;
-  ao.lr = 4e-3;
-  adam<float> opt(m, ao);
-  dead_latent_tracker dead(m.d_sae(), 256 * 50);
-  train_workspace<float> ws;
-  row_matrix<float> x;
   curve c;
-  double sum = 0;
+  const std::vector<double> losses = train_losses(be, so, 256, seed + 100, all_prefixes<16>{}, steps, c.model, src);
   const int per = steps / windows;
-  for (int i = 0; i < steps; ++i) {
-    src.next(256, x);
-    sum += train_step(be, m, opt, dead, x, all_prefixes<16>{}, ws).loss;
-    if ((i + 1) % per == 0) {
-      c.loss.push_back(sum / per);
-      sum = 0;
-    }
-  }
-  c.model = m;
+  for (int w = 0; w < windows; ++w)
+    c.loss.push_back(std::accumulate(losses.begin() + w * per, losses.begin() + (w + 1) * per, 0.0) / per);
   return c;
 }
 
