@@ -164,15 +164,17 @@ std::vector<hsae::cpu_gemm> gemm_libraries() {
 }
 
 /// The allocations of the encoder GEMM alone at the step's shape, once its plan exists:
-/// zero for Eigen on one thread; oneDNN's `execute` builds a small argument map each call
-/// (6 operator new and 2 malloc with oneDNN 2.6), which hsae cannot avoid. A step may
+/// zero for Eigen on one thread; oneDNN's `execute` allocates a few small blocks of its own
+/// each call (7 with oneDNN 2.6.3's fp32 matmul), which hsae cannot avoid. A step may
 /// allocate exactly this and nothing more.
 allocations gemm_allocations(const hsae::cpu_backend& be, const hsae::sae<float>& m, const hsae::row_matrix<float>& x) {
   hsae::row_matrix<float> pre;
   hsae::cpu::detail::encoder_gemm(be, m, x, pre);
   const auto g = count_allocations([&] { hsae::cpu::detail::encoder_gemm(be, m, x, pre); });
   if (be.gemm == hsae::cpu_gemm::eigen) CHECK(g.total() == 0);
-  CHECK(g.total() <= 16);  // small fixed bookkeeping, not buffers (their count would grow)
+  // Small fixed bookkeeping per executed primitive (the matmul, and for oneDNN's bf16 matmul
+  // the reorder of W_enc), not buffers.
+  CHECK(g.total() <= 32);
   CHECK(g.eigen == 0);
   return g;
 }
