@@ -3,7 +3,7 @@
 // GOMP_SPINCOUNT in the environment). libgomp's default spins idle threads for a while at
 // the end of every parallel region; on a machine another busy process shares, the spinning
 // thread takes the core that the region's slowest thread needs. The demo (1M tokens, 2
-// cores) beside one busy process: 36.9 s with libgomp's default, 25.3 s passive
+// cores) beside one busy process: a median 36.8 s with libgomp's default, 25.4 s passive
 // (bench/RESULTS.md, bench/oversubscription.sh).
 //
 // libgomp reads the environment once, when it is loaded, before main; nothing can change
