@@ -18,6 +18,7 @@
 
 #include "config.hpp"
 #include "run.hpp"
+#include "wait_policy.hpp"
 
 namespace {
 

@@ -93,10 +93,6 @@ struct run_result {
 
 /// The CUDA path (run_cuda.cu; throws usage_error when built without CUDA).
 run_result train_cuda(const run_plan& p, const std::atomic<bool>* stop);
-/// Executes hsae-train again with OMP_WAIT_POLICY=PASSIVE when the environment sets neither
-/// OMP_WAIT_POLICY nor GOMP_SPINCOUNT (wait_policy.cpp); returns when it does not.
-void default_wait_policy(char** argv);
-
 /// The CPU backend a configuration asks for: --threads, --cpu-gemm, --encoder-precision
 /// (throws usage_error for oneDNN in a build without it).
 hsae::cpu_backend cpu_backend_of(const train_config& c);

@@ -15,7 +15,7 @@
 
 #include <cstdlib>
 
-#include "run.hpp"
+#include "wait_policy.hpp"
 
 namespace hsae_train {
 
