@@ -59,8 +59,8 @@ inline std::size_t bytes(const hsae::row_matrix<T_>& m) {
 inline std::size_t workspace_bytes(const hsae::train_workspace<T>& ws) {
   std::size_t n = bytes(ws.pre) + bytes(ws.code.values) + std::size_t(ws.code.indices.size()) * 4;
   n += bytes(ws.loss.grad_values) + bytes(ws.loss.residual) + bytes(ws.loss.bias_rows) +
-       std::size_t(ws.loss.level_err.size()) * 8 + bytes(ws.loss.staging) + bytes(ws.loss.pairs.offsets) +
-       bytes(ws.loss.pairs.pairs) + bytes(ws.loss.cursor);
+       std::size_t(ws.loss.level_err.size()) * 8 + ws.loss.staging.capacity() * sizeof(T) + bytes(ws.loss.pairs.offsets) +
+       bytes(ws.loss.pairs.pairs) + bytes(ws.loss.chunk_offsets) + bytes(ws.loss.slot);
   n += bytes(ws.aux.code.values) + std::size_t(ws.aux.code.indices.size()) * 4 + bytes(ws.aux.grad_values) +
        bytes(ws.aux.q) + bytes(ws.aux.row_err) + bytes(ws.aux.pairs.offsets) + bytes(ws.aux.pairs.pairs);
   return n;

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -644,4 +645,40 @@ TEST_CASE("inconsistent loss inputs are rejected", "[loss]") {
   g.zeros_like(m);
   CHECK_THROWS_AS(hierarchical_loss_backward(be, m, x, bad, all_prefixes<5>{}, g, ws), shape_error);
   CHECK_NOTHROW(hierarchical_loss(be, m, x, code, all_prefixes<5>{}, ws));
+}
+
+TEMPLATE_TEST_CASE("stream_scaled writes a * src at every alignment and length", "[loss][streaming]", float, double) {
+  using T = TestType;
+  hsae::cpu::detail::staging_buffer<T> buf;
+  buf.reserve(300);
+  REQUIRE(buf.capacity() >= 300);
+  CHECK(reinterpret_cast<std::uintptr_t>(buf.data()) % (std::uintptr_t(2) << 20) == 0);
+  std::vector<T> src(300);
+  for (std::size_t i = 0; i < src.size(); ++i) src[i] = T(0.37) * T(i) - T(41.5);
+  const T a = T(-1.7);
+  for (int offset : {0, 1, 3, 5, 8}) {
+    for (int n : {0, 1, 7, 8, 9, 33, 255}) {
+      const T sentinel = T(1234.5);
+      std::fill(buf.data(), buf.data() + 300, sentinel);
+      hsae::cpu::detail::stream_scaled(buf.data() + offset, a, src.data() + 2, n);
+      hsae::cpu::detail::stream_fence();
+      bool same = true;
+      for (int i = 0; i < 300; ++i) {
+        const T want = i >= offset && i < offset + n ? a * src[std::size_t(i - offset + 2)] : sentinel;
+        same = same && buf.data()[i] == want;
+      }
+      INFO("offset " << offset << ", n " << n);
+      CHECK(same);
+    }
+  }
+  // Growing keeps the alignment; a smaller request keeps the buffer.
+  const T* before = buf.data();
+  buf.reserve(10);
+  CHECK(buf.data() == before);
+  buf.reserve(std::size_t(3) << 20);
+  CHECK(buf.capacity() >= (std::size_t(3) << 20));
+  CHECK(reinterpret_cast<std::uintptr_t>(buf.data()) % (std::uintptr_t(2) << 20) == 0);
+  hsae::cpu::detail::staging_buffer<T> moved(std::move(buf));
+  CHECK(buf.data() == nullptr);
+  CHECK(moved.capacity() >= (std::size_t(3) << 20));
 }

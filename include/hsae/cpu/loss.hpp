@@ -10,7 +10,8 @@
 /// schedule, the same order as decoding the top-K code; a level's squared error costs
 /// one extra O(D) pass only at the scheduled ranks. The decoder gradient
 /// `dL/de_f = sum v_t S_t` is staged for a chunk of rows at a time (bounded by
-/// `cpu_backend::scratch_bytes`, so memory is flat in K) and summed per latent.
+/// `cpu_backend::scratch_bytes`, so memory is flat in K), each v_t S_t streamed to a slot
+/// grouped by latent, and then summed per latent, reading the staging front to back.
 /// Every reduction runs in index order: results are bitwise identical for any thread
 /// count.
 #pragma once
@@ -28,6 +29,7 @@
 #include "backend.hpp"
 #include "encode.hpp"
 #include "latent_pairs.hpp"
+#include "streaming.hpp"
 
 HSAE_NAMESPACE_BEGIN
 
@@ -58,10 +60,14 @@ struct loss_workspace {
   row_matrix<T> bias_rows;
   /// Per row and level squared error [B, levels].
   Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor> level_err;
-  /// Staged v_t S_t vectors of one chunk of rows.
-  std::vector<T> staging;
+  /// Staged v_t S_t vectors of one chunk of rows, grouped by latent (slot order).
+  cpu::detail::staging_buffer<T> staging;
+  /// The chunk's pairs grouped by latent: `chunk_offsets[f]..[f+1]` are latent f's slots
+  /// (in row order), `slot[(b - b0) * k + t]` is pair (b, t)'s slot (-1: nothing staged).
+  std::vector<std::int64_t> chunk_offsets;
+  std::vector<std::int64_t> slot;
+  /// The pairs of the whole code grouped by latent (the encoder backward's).
   cpu::latent_pairs pairs;
-  std::vector<std::int64_t> cursor;
   /// Per-rank weights (normalized_rank_weights) and the level of each rank (-1: none).
   std::vector<double> omega;
   std::vector<int> level_of;
@@ -115,6 +121,29 @@ void check_loss_inputs(const sae<T, F>& m, cref<T> x, const sparse_code<T>& code
                                         " exceeds d_sae=", m.d_sae());
 }
 
+/// Groups the pairs of rows [b0, b1) that the decoder backward stages (rank < k_max,
+/// value not 0) by latent: `offsets[f]..offsets[f+1]` are latent f's slots, in row order,
+/// and `slot[(b - b0) * k + t]` is pair (b, t)'s (-1 where nothing is staged). A counting
+/// sort, O((b1 - b0) k + d_sae); `offsets` holds d_sae + 1 entries, `slot` (b1 - b0) k.
+template <class T>
+void group_chunk_pairs(const sparse_code<T>& code, Eigen::Index b0, Eigen::Index b1, int k_max, int d_sae,
+                       std::vector<std::int64_t>& offsets, std::vector<std::int64_t>& slot) {
+  const int kc = code.k();
+  std::fill(offsets.begin(), offsets.begin() + std::ptrdiff_t(d_sae) + 1, std::int64_t(0));
+  for (Eigen::Index b = b0; b < b1; ++b)
+    for (int t = 0; t < k_max; ++t)
+      if (code.values(b, t) != T(0)) ++offsets[std::size_t(code.indices(b, t)) + 1];
+  for (std::size_t f = 0; f < std::size_t(d_sae); ++f) offsets[f + 1] += offsets[f];
+  // The next free slot of each latent, kept in offsets[f] and restored below.
+  for (Eigen::Index b = b0; b < b1; ++b) {
+    std::int64_t* const row = slot.data() + std::size_t(b - b0) * std::size_t(kc);
+    for (int t = 0; t < kc; ++t)
+      row[t] = t < k_max && code.values(b, t) != T(0) ? offsets[std::size_t(code.indices(b, t))]++ : -1;
+  }
+  for (std::size_t f = std::size_t(d_sae); f > 0; --f) offsets[f] = offsets[f - 1];
+  offsets[0] = 0;
+}
+
 /// One pass over the rows; `Backward` adds the decoder-side gradients. Unchecked: the
 /// caller has checked the batch, the code (`check_loss_inputs`) and, for `Backward`,
 /// the decoder-side gradients' shapes (`check_gradients`). The statistics go to `st`,
@@ -144,17 +173,20 @@ void schedule_loss_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> 
   if constexpr (Backward) {
     ws.grad_values.setZero(B, kc);
     ws.bias_rows.resize(B, D);
-    ws.pairs.build(code.indices, m.d_sae());
-    ws.cursor.assign(ws.pairs.offsets.begin(), ws.pairs.offsets.end() - 1);
   }
   const std::size_t per_row = std::size_t(K) * std::size_t(D);
   const Eigen::Index chunk = Backward ? std::max<Eigen::Index>(
                                             1, std::min<Eigen::Index>(B, Eigen::Index(be.scratch_bytes / (per_row * sizeof(T)))))
                                       : B;
-  if constexpr (Backward) ws.staging.resize(std::size_t(chunk) * per_row);
+  if constexpr (Backward) {
+    ws.staging.reserve(std::size_t(chunk) * per_row);
+    ws.slot.resize(std::size_t(chunk) * std::size_t(kc));
+    ws.chunk_offsets.resize(std::size_t(m.d_sae()) + 1);
+  }
 
   for (Eigen::Index b0 = 0; b0 < B; b0 += chunk) {
     const Eigen::Index b1 = std::min(B, b0 + chunk);
+    if constexpr (Backward) group_chunk_pairs(code, b0, b1, K, m.d_sae(), ws.chunk_offsets, ws.slot);
     parallel_for(be, b1 - b0, [&](std::ptrdiff_t rb) {
       const Eigen::Index b = b0 + rb;
       thread_local vector<T> r, s;
@@ -182,24 +214,23 @@ HSAE_SIMD
       if constexpr (Backward) {
         s.setZero(D);
         T* const sp = s.data();
-        T* const stage = ws.staging.data() + std::size_t(rb) * per_row;
+        const std::int64_t* const row_slots = ws.slot.data() + std::size_t(rb) * std::size_t(kc);
         for (int t = K - 1; t >= 0; --t) {
-          // One pass over D per rank: S_t = S_{t+1} + g_t, dL/dv_t = <e_t, S_t>, the
-          // staged v_t S_t, and r_{t-1} = r_t - v_t e_t.
+          // One pass over D per rank: S_t = S_{t+1} + g_t, dL/dv_t = <e_t, S_t> and
+          // r_{t-1} = r_t - v_t e_t; then v_t S_t streams to the pair's slot.
           const T cw = T(c * omega[std::size_t(t)]);
           const T v = code.values(b, t);
           const T* const ep = m.W_dec.row(code.indices(b, t)).data();
           T dot = 0;
           if (v != T(0)) {
-            T* const up = stage + std::size_t(t) * std::size_t(D);
 HSAE_SIMD_SUM(dot)
             for (int d = 0; d < D; ++d) {
               const T sd = sp[d] + cw * rp[d];
               sp[d] = sd;
               dot += ep[d] * sd;
-              up[d] = v * sd;
               rp[d] -= v * ep[d];
             }
+            stream_scaled(ws.staging.data() + std::size_t(row_slots[t]) * std::size_t(D), v, sp, D);
           } else {
 HSAE_SIMD_SUM(dot)
             for (int d = 0; d < D; ++d) {
@@ -211,23 +242,20 @@ HSAE_SIMD_SUM(dot)
           ws.grad_values(b, t) = dot;
         }
         ws.bias_rows.row(b) = s.transpose();
+        stream_fence();
       }
     });
     if constexpr (Backward) {
-      // dL/de_f += sum over this chunk's pairs of latent f of v_t S_t, in row order.
-      const std::int64_t p_end = std::int64_t(b1) * kc;
+      // dL/de_f += sum over this chunk's pairs of latent f of v_t S_t, in row order: the
+      // latent's slots are contiguous, so the staging is read once, front to back.
       parallel_for(be, m.d_sae(), [&](std::ptrdiff_t f) {
-        std::int64_t& cur = ws.cursor[std::size_t(f)];
-        const std::int64_t end = ws.pairs.end(index_t(f));
-        auto g = grads->W_dec.row(f);
-        for (; cur < end && ws.pairs.pairs[std::size_t(cur)] < p_end; ++cur) {
-          const std::int64_t p = ws.pairs.pairs[std::size_t(cur)];
-          const Eigen::Index b = Eigen::Index(p / kc);
-          const int t = int(p % kc);
-          if (t >= K || code.values(b, t) == T(0)) continue;
-          g.noalias() += Eigen::Map<const vector<T>>(
-                             ws.staging.data() + std::size_t(b - b0) * per_row + std::size_t(t) * std::size_t(D), D)
-                             .transpose();
+        const std::int64_t q0 = ws.chunk_offsets[std::size_t(f)], q1 = ws.chunk_offsets[std::size_t(f) + 1];
+        if (q0 == q1) return;
+        T* const gp = grads->W_dec.row(f).data();
+        for (std::int64_t q = q0; q < q1; ++q) {
+          const T* const up = ws.staging.data() + std::size_t(q) * std::size_t(D);
+HSAE_SIMD
+          for (int d = 0; d < D; ++d) gp[d] += up[d];
         }
       });
     }
