@@ -195,6 +195,7 @@ void schedule_loss_unchecked(const cpu_backend& be, const sae<T, F>& m, cref<T> 
       for (int t = 0; t < K; ++t) {
         const T v = code.values(b, t);
         const T* const ep = m.W_dec.row(code.indices(b, t)).data();
+        if (t + 2 < K) prefetch_read(m.W_dec.row(code.indices(b, t + 2)).data(), std::size_t(D) * sizeof(T));
         const int level = level_of[std::size_t(t)];
         if (level >= 0) {
           // r_t = r_{t-1} + v_t e_t and ||r_t||^2 in one pass over D.

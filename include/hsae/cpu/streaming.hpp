@@ -76,6 +76,21 @@ inline void stream_fence() {
 #endif
 }
 
+/// Asks for the cache lines of `[p, p + bytes)` ahead of a read (a hint: no effect on
+/// results). The sparse passes gather one D-vector per selected pair from a matrix larger
+/// than the cache. Asking for the row two ranks ahead measured, at B=4096 D=768 F=16384
+/// K=64 on the 2-core EPYC: the forward gathers alone 34-41 ms against 53-56 ms; the
+/// whole loss with its decoder backward a median 107-119 against 112-125 ms (5 runs each).
+inline void prefetch_read(const void* p, std::size_t bytes) {
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+  const char* const c = static_cast<const char*>(p);
+  for (std::size_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 /// An uninitialised array of `T` for staging, aligned to 2 MiB and advised to the kernel
 /// as huge-page memory (Linux `madvise(MADV_HUGEPAGE)`; transparent huge pages set to
 /// "madvise" or "always" then back it with 2 MiB pages: a scattered write or read of a
