@@ -6,7 +6,7 @@
 /// ordinary stores every staged line is first read from memory (write-allocate) and then
 /// evicted dirty, and the scattered 4 KiB pages miss the TLB. Measured at B=4096 D=768
 /// F=16384 K=64 on a 2-core AVX2 EPYC: the row pass took 196 ms with ordinary stores into
-/// a 64 MiB chunk and 71-74 ms with streaming ones (61 ms with no staging at all);
+/// a 64 MiB chunk and 71-74 ms with streaming ones (49-62 ms with no staging at all);
 /// docs/CPU_STEP.md.
 #pragma once
 
