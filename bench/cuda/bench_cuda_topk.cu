@@ -5,9 +5,10 @@
 //    GB/s, frac_peak = time of the HBM read floor at the nominal peak (memory clock x bus
 //    width x 2 from the device attributes) / measured time, frac_reduce = time of a
 //    read-only reduction over the same buffer in this binary (the achievable floor) /
-//    measured time. The default (streaming) kernel.
-//  - BM_topk_tiled<T>: the same with cuda_topk_kernel::tiled, registered right after, so
-//    the two kernels are timed side by side on the same inputs.
+//    measured time. The streaming kernel.
+//  - BM_topk_tiled<T>: the same with cuda_topk_kernel::tiled, and BM_topk_auto<T> with
+//    the default (cuda_topk_kernel::automatic, whose label names the kernel it runs),
+//    registered right after, so the kernels are timed side by side on the same inputs.
 //  - BM_read_reduce<T>: that reduction alone (GB/s).
 //  - BM_encoder_gemm<T>: the encoder's pre-activations (cuBLASLt GEMM with the fused
 //    bias+ReLU epilogue) at B = 4096, D = 1024, F in {16384, 65536}; TFLOP/s.
@@ -171,6 +172,13 @@ void BM_topk_tiled(benchmark::State& state) {
 }
 
 template <class T>
+void BM_topk_auto(benchmark::State& state) {
+  topk_bench<T, cuda_topk_kernel::automatic>(state);
+  const bool tiled = hsae::cuda::detail::automatic_topk_kernel<T>(state.range(0), state.range(1)) == cuda_topk_kernel::tiled;
+  state.SetLabel(tiled ? "runs tiled" : "runs streaming");
+}
+
+template <class T>
 void BM_read_reduce(benchmark::State& state) {
   const int f = int(state.range(0));
   context& c = context::get();
@@ -233,8 +241,10 @@ void f_args(benchmark::internal::Benchmark* b) {
 
 BENCHMARK_TEMPLATE(BM_topk, float)->Apply(topk_args);
 BENCHMARK_TEMPLATE(BM_topk_tiled, float)->Apply(topk_args);
+BENCHMARK_TEMPLATE(BM_topk_auto, float)->Apply(topk_args);
 BENCHMARK_TEMPLATE(BM_topk, __nv_bfloat16)->Apply(topk_args);
 BENCHMARK_TEMPLATE(BM_topk_tiled, __nv_bfloat16)->Apply(topk_args);
+BENCHMARK_TEMPLATE(BM_topk_auto, __nv_bfloat16)->Apply(topk_args);
 BENCHMARK_TEMPLATE(BM_read_reduce, float)->Apply(f_args);
 BENCHMARK_TEMPLATE(BM_read_reduce, __nv_bfloat16)->Apply(f_args);
 BENCHMARK_TEMPLATE(BM_encoder_gemm, float)->ArgNames({"F"})->Arg(16384)->Arg(65536)->UseManualTime()->Unit(benchmark::kMillisecond);

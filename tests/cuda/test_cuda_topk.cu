@@ -115,7 +115,9 @@ row_matrix<float> upload(const cuda_backend& be, const row_matrix<float>& host, 
 
 constexpr cuda_topk_kernel all_kernels[] = {cuda_topk_kernel::streaming, cuda_topk_kernel::tiled};
 
-const char* name(cuda_topk_kernel k) { return k == cuda_topk_kernel::tiled ? "tiled" : "streaming"; }
+const char* name(cuda_topk_kernel k) {
+  return k == cuda_topk_kernel::tiled ? "tiled" : k == cuda_topk_kernel::streaming ? "streaming" : "automatic";
+}
 
 /// Sizes `code` to [rows, k] and fills it with 0xFF bytes (values NaN, indices -1), so
 /// that a kernel leaving a slot unwritten cannot pass on an earlier run's output.
@@ -217,6 +219,47 @@ TEST_CASE("GPU top-k: the result does not depend on the run", "[cuda][topk]") {
     copy_to_host(be, b.indices, ib);
     CHECK(ia == ib);
     CHECK(std::memcmp(va.data(), vb.data(), std::size_t(va.size()) * sizeof(float)) == 0);
+  }
+}
+
+// The automatic choice is the faster kernel of each shape measured on the H200
+// (bench/RESULTS.md): tiled for fp32 everywhere, streaming for bf16 from n k = 2^24.
+static_assert(hsae::cuda::detail::automatic_topk_kernel<float>(131072, 256) == cuda_topk_kernel::tiled);
+static_assert(hsae::cuda::detail::automatic_topk_kernel<float>(16384, 32) == cuda_topk_kernel::tiled);
+static_assert(hsae::cuda::detail::automatic_topk_kernel<__nv_bfloat16>(16384, 256) == cuda_topk_kernel::tiled);
+static_assert(hsae::cuda::detail::automatic_topk_kernel<__nv_bfloat16>(65536, 128) == cuda_topk_kernel::tiled);
+static_assert(hsae::cuda::detail::automatic_topk_kernel<__nv_bfloat16>(65536, 256) == cuda_topk_kernel::streaming);
+static_assert(hsae::cuda::detail::automatic_topk_kernel<__nv_bfloat16>(131072, 128) == cuda_topk_kernel::streaming);
+static_assert(hsae::cuda::detail::automatic_topk_kernel<__half>(131072, 64) == cuda_topk_kernel::tiled);
+
+TEMPLATE_TEST_CASE("GPU top-k: the automatic choice runs a kernel and equals both, bit for bit", "[cuda][topk]",
+                   float, __half, __nv_bfloat16) {
+  using T = TestType;
+  hsae_test::test_stream stream;
+  const cuda_backend be(stream.s);
+  // (n, k): one shape on each side of the 2-byte crossing (n k = 2^24).
+  for (const auto& [n, k] : {std::pair{20000, 300}, std::pair{65536, 256}}) {
+    INFO("n " << n << ", k " << k << ", automatic runs "
+              << name(hsae::cuda::detail::automatic_topk_kernel<T>(n, k)));
+    device_matrix<T> dev;
+    upload(be, make_rows(pattern::relu, 16, n, 7), dev);
+    device_code a, st, ti;
+    poison(be, a, 16, k);
+    topk(be, dev, k, a);  // the default: automatic
+    run_topk(cuda_topk_kernel::streaming, be, dev, k, st);
+    run_topk(cuda_topk_kernel::tiled, be, dev, k, ti);
+    row_matrix<float> va, vs, vt;
+    index_matrix ia, is, it;
+    copy_to_host(be, a.values, va);
+    copy_to_host(be, st.values, vs);
+    copy_to_host(be, ti.values, vt);
+    copy_to_host(be, a.indices, ia);
+    copy_to_host(be, st.indices, is);
+    copy_to_host(be, ti.indices, it);
+    CHECK(ia == is);
+    CHECK(ia == it);
+    CHECK(std::memcmp(va.data(), vs.data(), std::size_t(va.size()) * sizeof(float)) == 0);
+    CHECK(std::memcmp(va.data(), vt.data(), std::size_t(va.size()) * sizeof(float)) == 0);
   }
 }
 

@@ -24,21 +24,41 @@ HSAE_NAMESPACE_BEGIN
 inline constexpr int cuda_topk_max_k = cuda::detail::topk_max_k;
 inline constexpr int cuda_topk_max_k_aux = cuda::detail::topk_max_k_aux;
 
-/// Which kernel computes the top-k; both give the same result bit for bit.
-///  - `streaming` (default): one 16-byte vector per thread and step; tested and
-///    benchmarked on an H100 (bench/RESULTS.md).
+/// Which kernel computes the top-k; all give the same result bit for bit.
+///  - `automatic` (default): `tiled`, except `streaming` for 2-byte values (bf16, half)
+///    when n * k >= 2^24 (`automatic_topk_kernel`): the faster of the two in each of the
+///    24 shapes measured on an H200 (B = 4096, n = 16384-131072, k = 32-256, fp32 and
+///    bf16; bench/RESULTS.md).
+///  - `streaming`: one 16-byte vector per thread and step; tested and benchmarked on an
+///    H100 and an H200.
 ///  - `tiled`: 16 keys per thread and tile, a float comparison per key in the common
 ///    case, one barrier per tile. Tested on an H200 (bit for bit equal to the CPU);
-///    faster in most shapes but slower for bf16 at large K and F, so not the default
-///    (bench/RESULTS.md, docs/TOPK.md).
-enum class cuda_topk_kernel { streaming, tiled };
+///    1.02-1.48x faster than `streaming` except for bf16 at large k and n, where it is
+///    4-13 % slower (docs/TOPK.md).
+enum class cuda_topk_kernel { automatic, streaming, tiled };
 
 namespace cuda::detail {
 
+/// The kernel `cuda_topk_kernel::automatic` runs for rows of `n` values of T at `k`.
+/// On the H200 the tiled kernel's time grows with k faster than the streaming kernel's,
+/// and for 2-byte values the crossing lies between n k = 2^23 (n = 65536, k = 128:
+/// tiled 691 against 724 us) and 2^24 (n = 65536, k = 256: 914 against 799 us;
+/// n = 131072, k = 128: 1213 against 1103 us). For fp32 tiled was faster in all 12 shapes.
+template <class T>
+constexpr cuda_topk_kernel automatic_topk_kernel(std::int64_t n, std::int64_t k) {
+  return sizeof(T) == 2 && n * k >= (std::int64_t(1) << 24) ? cuda_topk_kernel::streaming : cuda_topk_kernel::tiled;
+}
+
 template <cuda_topk_kernel Kernel, class T>
 void run_topk_rows(const topk_args<T>& a, int rows, cudaStream_t stream) {
-  if constexpr (Kernel == cuda_topk_kernel::tiled) topk_rows_tiled(a, rows, stream);
-  else topk_rows(a, rows, stream);
+  if constexpr (Kernel == cuda_topk_kernel::tiled) {
+    topk_rows_tiled(a, rows, stream);
+  } else if constexpr (Kernel == cuda_topk_kernel::streaming) {
+    topk_rows(a, rows, stream);
+  } else {
+    if (automatic_topk_kernel<T>(a.n, a.k) == cuda_topk_kernel::tiled) topk_rows_tiled(a, rows, stream);
+    else topk_rows(a, rows, stream);
+  }
 }
 
 template <class T>
@@ -60,7 +80,7 @@ void check_topk_input(device_matrix_view<const T> pre, int k, const char* what) 
 /// `Kernel` picks the implementation (cuda_topk_kernel; the result does not depend on it).
 /// \throws hsae::config_error unless 1 <= k <= min(n, cuda_topk_max_k),
 ///         hsae::shape_error on an empty row width.
-template <cuda_topk_kernel Kernel = cuda_topk_kernel::streaming, class T>
+template <cuda_topk_kernel Kernel = cuda_topk_kernel::automatic, class T>
   requires cuda_storage<T>
 void topk(const cuda_backend& be, device_matrix_view<const T> pre, int k, device_code& out) {
   cuda::detail::check_topk_input(pre, k, "cuda topk");
@@ -82,7 +102,7 @@ void topk(const cuda_backend& be, device_matrix_view<const T> pre, int k, device
 /// dead count pass k_aux = min(k_aux, n_dead) to avoid them).
 /// \throws as `topk`, and hsae::config_error unless 1 <= k_aux <= min(n,
 ///         cuda_topk_max_k_aux), hsae::shape_error if the mask is too short.
-template <cuda_topk_kernel Kernel = cuda_topk_kernel::streaming, class T>
+template <cuda_topk_kernel Kernel = cuda_topk_kernel::automatic, class T>
   requires cuda_storage<T>
 void topk_with_auxk(const cuda_backend& be, device_matrix_view<const T> pre, int k,
                     const device_buffer<std::uint32_t>& dead_mask, int k_aux, device_code& out, device_code& aux) {
@@ -110,14 +130,14 @@ void topk_with_auxk(const cuda_backend& be, device_matrix_view<const T> pre, int
 }
 
 /// `topk` on an owning matrix.
-template <cuda_topk_kernel Kernel = cuda_topk_kernel::streaming, class T>
+template <cuda_topk_kernel Kernel = cuda_topk_kernel::automatic, class T>
   requires cuda_storage<T>
 void topk(const cuda_backend& be, const device_matrix<T>& pre, int k, device_code& out) {
   topk<Kernel>(be, pre.view(), k, out);
 }
 
 /// `topk_with_auxk` on an owning matrix.
-template <cuda_topk_kernel Kernel = cuda_topk_kernel::streaming, class T>
+template <cuda_topk_kernel Kernel = cuda_topk_kernel::automatic, class T>
   requires cuda_storage<T>
 void topk_with_auxk(const cuda_backend& be, const device_matrix<T>& pre, int k,
                     const device_buffer<std::uint32_t>& dead_mask, int k_aux, device_code& out, device_code& aux) {
